@@ -1,0 +1,10 @@
+"""Built-in policies; importing this package registers them."""
+from .h2o import H2O
+from .prefixkv import PrefixKV
+from .pyramidkv import PyramidKV
+from .snapkv import SnapKV
+from .streamingllm import StreamingLLM
+from .uniform import Uniform
+from .vlcache import VLCache
+
+__all__ = ["H2O", "PrefixKV", "PyramidKV", "SnapKV", "StreamingLLM", "Uniform", "VLCache"]

@@ -1,0 +1,42 @@
+"""H2O: heavy hitters (most accumulated attention) plus recent tokens, at a fixed size."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvpolicy_kernels import select_keep
+
+from ..policy import FixedSizePolicy, Stats, edge_tokens
+from ..registry import register_policy
+
+
+@register_policy("h2o")
+class H2O(FixedSizePolicy):
+    """Score: attention accumulated from all prompt queries (then from each decoded token).
+    A layer of ``size`` slots holds its ``size - round(heavy_ratio * size)`` most recent
+    tokens and the highest-scoring others; while decoding, the new token overwrites the
+    lowest-scoring slot outside the recent window (Zhang et al., 2023)."""
+
+    queries = "all"
+
+    def __init__(self, heavy_ratio: float = 0.5):
+        if not 0.0 <= heavy_ratio < 1.0:
+            raise ValueError(f"heavy_ratio must be in [0, 1), got {heavy_ratio}")
+        self.heavy_ratio = heavy_ratio
+
+    def recent(self, size: int) -> int:
+        return max(1, size - round(self.heavy_ratio * size))
+
+    def score(self, stats: Stats) -> Tensor:
+        return stats.attn
+
+    def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
+        keep = []
+        for l, size in enumerate(n.tolist()):
+            recent = edge_tokens(stats.valid, 0, self.recent(size))
+            keep.append(select_keep(scores[l], min(size, stats.num_tokens), recent, stats.valid))
+        return keep
+
+    def victim_priority(self, scores: Tensor, positions: Tensor, step_pos: Tensor, size: int):
+        recent = positions > step_pos.view(-1, 1, 1) - self.recent(size)
+        return scores.masked_fill(recent, torch.inf)

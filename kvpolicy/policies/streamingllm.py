@@ -1,0 +1,28 @@
+"""StreamingLLM: attention sinks plus a rolling window of the most recent tokens."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..policy import FixedSizePolicy, Stats
+from ..registry import register_policy
+
+
+@register_policy("streamingllm")
+class StreamingLLM(FixedSizePolicy):
+    """Keep the first ``sinks`` tokens and the most recent ones; while decoding, the new
+    token overwrites the oldest non-sink token (Xiao et al., 2024)."""
+
+    queries = "none"
+
+    def __init__(self, sinks: int = 4):
+        self.sinks = sinks
+
+    def score(self, stats: Stats) -> Tensor:
+        L, B, G, N = stats.attn.shape
+        recency = torch.arange(N, dtype=torch.float32, device=stats.attn.device)
+        return recency.expand(L, B, G, N)
+
+    def victim_priority(self, scores: Tensor, positions: Tensor, step_pos: Tensor, size: int):
+        age = positions.float()
+        return age.masked_fill((positions >= 0) & (positions < self.sinks), torch.inf)

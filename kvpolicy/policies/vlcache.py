@@ -1,0 +1,51 @@
+"""VL-Cache: modality-aware scores and sparsity-aware layer budgets (Tu et al., 2024)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..allocation import apportion
+from ..policy import Policy, Stats, post_vision
+from ..registry import register_policy
+
+
+@register_policy("vlcache")
+class VLCache(Policy):
+    """Score: attention from the post-vision queries (the prompt after the last vision
+    token; the last 8 tokens without one), which are kept. Allocation: layer budgets in
+    proportion to density 1 - sparsity, sparsity being the share of post-vision attention
+    entries below ``tau`` x their row maximum; ``uniform_mix`` of the total is first
+    split equally."""
+
+    queries = "post_vision"
+
+    def __init__(self, tau: float = 0.01, uniform_mix: float = 0.0):
+        if not 0.0 < tau < 1.0:
+            raise ValueError(f"tau must be in (0, 1), got {tau}")
+        if not 0.0 <= uniform_mix <= 1.0:
+            raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix}")
+        self.tau = tau
+        self.uniform_mix = uniform_mix
+
+    def protected(self, stats: Stats) -> Tensor:
+        return post_vision(stats.valid, stats.vision)
+
+    def min_tokens(self) -> int:
+        return 1
+
+    def score(self, stats: Stats) -> Tensor:
+        return stats.attn
+
+    def density(self, stats: Stats) -> Tensor:
+        """float64 [L]: 1 - layer sparsity."""
+        if stats.below is None:
+            raise ValueError("vlcache needs the sparsity counts of the score op (stats.below)")
+        entries = stats.causal_entries().sum().double() * stats.attn.shape[2] * stats.heads_per_group
+        return 1.0 - stats.below.double().sum((1, 2)) / entries.clamp_min(1)
+
+    def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
+        d = self.density(stats)
+        L = stats.num_layers
+        weights = self.uniform_mix / L + (1 - self.uniform_mix) * d / d.sum().clamp_min(1e-12)
+        lo = min(floor + 1, stats.num_tokens)
+        return apportion(weights, total, lo, stats.num_tokens)

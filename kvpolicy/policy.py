@@ -1,0 +1,224 @@
+"""The policy abstraction: score tokens, allocate the budget across layers, evict per layer."""
+from __future__ import annotations
+
+import inspect
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from kvpolicy_kernels import select_keep
+
+from .allocation import apportion
+from .budget import Budget
+
+log = logging.getLogger("kvpolicy")
+
+QuerySet = Literal["all", "window", "post_vision", "none"]
+
+
+@dataclass
+class Stats:
+    """What the score op accumulated at prefill, for all layers of one prompt batch.
+
+    attn: float32 [L, B, G, N]: attention probability each key received, summed over the
+        counted queries and over the query heads of its KV group (0 where nothing counted).
+    queries: bool [B, N]: the prompt positions counted as queries.
+    valid: bool [B, N]: False at (left) padding.
+    heads_per_group: query heads per KV head (H / G).
+    vision: bool [B, N] or None: vision-token positions (VLMs).
+    below: float32 [L, B, G] or None: count of counted probabilities < tau x row max.
+    max_new_tokens: decode steps planned for this generate call.
+    """
+
+    attn: Tensor
+    queries: Tensor
+    valid: Tensor
+    heads_per_group: int = 1
+    vision: Tensor | None = None
+    below: Tensor | None = None
+    max_new_tokens: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return self.attn.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """N: the longest sequence's real length (the padded length minus common padding)."""
+        return int(self.valid.sum(-1).max())
+
+    def causal_entries(self) -> Tensor:
+        """float32 [B]: per query head, the (counted query, visible real key) pairs."""
+        visible = torch.cumsum(self.valid.float(), dim=-1)  # real keys at or before each position
+        return (visible * self.queries).sum(-1)
+
+
+@dataclass
+class Plan:
+    """What the cache does with one prompt: per layer the kept indices and the buffer size.
+
+    keep: per layer int64 [B, G, n_l], sorted, unique, in [0, padded length).
+    capacity: per layer slots to allocate (>= n_l).
+    """
+
+    keep: list[Tensor]
+    capacity: list[int]
+
+    @property
+    def kept(self) -> list[int]:
+        return [k.shape[-1] for k in self.keep]
+
+
+class Policy(ABC):
+    """A KV-cache policy. Subclasses set the class attributes and implement score/allocate.
+
+    Class attributes: ``name`` (registry name), ``queries`` (which prompt queries the
+    score op counts: all, the last ``window``, post-vision, or none), ``tau`` (> 0 asks
+    the score op for sparsity counts), ``decode`` ("append", or "evict" for policies
+    that hold a fixed size while decoding). Constructor parameters are the policy's
+    tunables; ``params()`` lists them with their values.
+    """
+
+    name: ClassVar[str] = ""
+    queries: ClassVar[QuerySet] = "all"
+    tau: ClassVar[float] = 0.0
+    decode: ClassVar[Literal["append", "evict"]] = "append"
+
+    sinks: int = 0
+    window: int = 8
+
+    # ---- the three steps -------------------------------------------------------------
+    @abstractmethod
+    def score(self, stats: Stats) -> Tensor:
+        """float32 [L, B, G, N_pad] token scores, higher = keep."""
+
+    @abstractmethod
+    def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
+        """int64 [L] tokens per layer, floor <= n_l <= N, sum(n) <= total."""
+
+    def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
+        """Per layer int64 [B, G, n_l]: protected tokens, then the top scores."""
+        protected = self.protected(stats)
+        return [select_keep(scores[l], int(n[l]), protected, stats.valid) for l in range(len(n))]
+
+    # ---- what the steps need ---------------------------------------------------------
+    def protected(self, stats: Stats) -> Tensor:
+        """bool [B, N_pad]: the first ``sinks`` and last ``window`` real tokens."""
+        return edge_tokens(stats.valid, self.sinks, self.window)
+
+    def query_mask(self, valid: Tensor, vision: Tensor | None) -> Tensor:
+        """bool [B, N_pad]: the prompt positions the score op counts as queries."""
+        if self.queries == "all":
+            return valid.clone()
+        if self.queries == "window":
+            return edge_tokens(valid, 0, self.window)
+        if self.queries == "none":
+            return torch.zeros_like(valid)
+        return post_vision(valid, vision)
+
+    def min_tokens(self) -> int:
+        """Tokens per layer an int budget must at least hold (the fixed protected ones)."""
+        return self.sinks + self.window
+
+    def total(self, budget: Budget, stats: Stats) -> int:
+        """Total tokens kept over all layers for this prompt."""
+        return budget.total(stats.num_tokens, stats.num_layers)
+
+    def capacity(self, n: Tensor, stats: Stats) -> list[int]:
+        """Per-layer buffer slots for allocation ``n``: kept tokens plus the planned new ones."""
+        return [int(x) + stats.max_new_tokens for x in n]
+
+    def plan(self, stats: Stats, budget: Budget) -> Plan:
+        """Run score -> allocate -> evict for one prompt batch.
+
+        A budget too small for the protected tokens keeps exactly those in every layer,
+        with one warning naming the prompt length and the effective budget.
+        """
+        floor = max(1, int(self.protected(stats).sum(-1).max()))
+        total = self.total(budget, stats)
+        L, N = stats.num_layers, stats.num_tokens
+        if total < floor * L:
+            log.warning(
+                "kvpolicy %s: budget %s of a %d-token prompt cannot hold the %d protected "
+                "tokens per layer; keeping exactly those (effective budget %.3f)",
+                self.name, budget, N, floor, floor / N)
+            total = floor * L
+        n = self.allocate(stats, total, floor)
+        keep = self.evict(self.score(stats), n, stats)
+        return Plan(keep, self.capacity(n, stats))
+
+    # ---- decode hook (policies with decode == "evict") -------------------------------
+    def victim_priority(self, scores: Tensor, positions: Tensor, step_pos: Tensor,
+                        size: int) -> Tensor:
+        """float32 [B, G, S]: which slot a new token overwrites (the lowest); +inf = never.
+
+        scores: float32 [B, G, S] running attention scores of the slots; positions: int64
+        [B, G, S] position id of each slot's token (-1 = empty; the cache fills empty slots
+        first); step_pos: int64 [B], the new token's position id; size: the layer's slots.
+        Fixed shapes, no host syncs: it runs inside the compiled decode step.
+        """
+        raise NotImplementedError(f"{self.name} does not evict while decoding")
+
+    # ---- introspection --------------------------------------------------------------
+    @classmethod
+    def defaults(cls) -> dict[str, object]:
+        """Constructor parameters with their defaults."""
+        sig = inspect.signature(cls.__init__)
+        return {p.name: p.default for p in list(sig.parameters.values())[1:]
+                if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
+
+    def params(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.defaults()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def edge_tokens(valid: Tensor, first: int, last: int) -> Tensor:
+    """bool [B, N]: the first ``first`` and the last ``last`` real tokens of each row."""
+    rank = torch.cumsum(valid.long(), dim=-1) - 1  # index among real tokens
+    count = valid.sum(-1, keepdim=True)
+    return valid & ((rank < first) | (rank >= count - last))
+
+
+def post_vision(valid: Tensor, vision: Tensor | None, fallback: int = 8) -> Tensor:
+    """bool [B, N]: real tokens after each row's last vision token (the last ``fallback``
+    real tokens in rows without one)."""
+    if vision is None:
+        vision = torch.zeros_like(valid)
+    N = valid.shape[-1]
+    pos = torch.arange(N, device=valid.device)
+    last_vision = torch.where(vision, pos, -1).amax(-1, keepdim=True)
+    after = valid & (pos > last_vision) & ~vision
+    has_vision = vision.any(-1, keepdim=True)
+    return torch.where(has_vision, after, edge_tokens(valid, 0, fallback))
+
+
+
+class FixedSizePolicy(Policy):
+    """Base for policies that evict while decoding: each layer holds a fixed number of
+    slots, round(budget * (N + max_new_tokens)) on average, and a new token overwrites the
+    slot with the lowest ``victim_priority`` once the layer is full (empty slots first)."""
+
+    decode = "evict"
+    window = 0
+
+    def total(self, budget: Budget, stats: Stats) -> int:
+        return budget.total(stats.num_tokens + stats.max_new_tokens, stats.num_layers)
+
+    def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
+        hi = stats.num_tokens + stats.max_new_tokens
+        return apportion(torch.ones(stats.num_layers), total, floor, hi)
+
+    def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
+        protected = self.protected(stats)
+        return [select_keep(scores[l], min(int(s), stats.num_tokens), protected, stats.valid)
+                for l, s in enumerate(n)]
+
+    def capacity(self, n: Tensor, stats: Stats) -> list[int]:
+        return [int(x) for x in n]

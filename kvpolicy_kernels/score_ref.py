@@ -1,0 +1,49 @@
+"""PyTorch reference for score accumulation (the CPU path and the kernels' test oracle)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulate_scores_ref(
+    query: Tensor,
+    key: Tensor,
+    scaling: float,
+    key_mask: Tensor | None = None,
+    query_mask: Tensor | None = None,
+    tau: float = 0.0,
+    chunk: int = 128,
+) -> tuple[Tensor, Tensor]:
+    """Attention mass each key receives, summed over counted queries and group heads.
+
+    query: [B, H, Q, D], the last Q positions of the sequence (row i sits at N - Q + i).
+    key: [B, G, N, D], H a multiple of G. key_mask: bool [B, N], False = padding.
+    query_mask: bool [B, Q], False = row not counted. Any float dtype.
+    Returns (scores float32 [B, G, N], below float32 [B, G]) where ``below`` counts the
+    causal, unmasked probabilities smaller than ``tau`` x their row maximum (0 if tau == 0).
+    Rows are processed ``chunk`` at a time, so memory is O(B * H * chunk * N), never N x N.
+    """
+    B, H, Q, D = query.shape
+    G, N = key.shape[1], key.shape[2]
+    g = H // G
+    q = query.float().reshape(B, G, g, Q, D)
+    k = key.float()
+    scores = torch.zeros(B, G, N, dtype=torch.float32, device=key.device)
+    below = torch.zeros(B, G, dtype=torch.float32, device=key.device)
+    key_pos = torch.arange(N, device=key.device)
+    for start in range(0, Q, chunk):
+        stop = min(start + chunk, Q)
+        logits = torch.einsum("bgiqd,bgnd->bgiqn", q[:, :, :, start:stop], k) * scaling
+        q_pos = torch.arange(N - Q + start, N - Q + stop, device=key.device)
+        allowed = (key_pos[None, :] <= q_pos[:, None])[None, None, None]  # [1,1,1,c,N]
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, None, :]
+        if query_mask is not None:
+            allowed = allowed & query_mask[:, None, None, start:stop, None]
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key count nothing
+        scores += probs.sum(dim=(2, 3))
+        if tau > 0:
+            row_max = probs.amax(dim=-1, keepdim=True)
+            below += ((probs < tau * row_max) & allowed).sum(dim=(2, 3, 4)).float()
+    return scores, below
