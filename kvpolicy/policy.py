@@ -79,7 +79,8 @@ class Policy(ABC):
     Class attributes: ``name`` (registry name), ``queries`` (which prompt queries the
     score op counts: all, the last ``window``, post-vision, or none), ``tau`` (> 0 asks
     the score op for sparsity counts), ``decode`` ("append", or "evict" for policies
-    that hold a fixed size while decoding). Constructor parameters are the policy's
+    that hold a fixed size while decoding), ``min_scored`` (a layer's floor above its
+    protected tokens). Constructor parameters are the policy's
     tunables; ``params()`` lists them with their values.
     """
 
@@ -87,6 +88,7 @@ class Policy(ABC):
     queries: ClassVar[QuerySet] = "all"
     tau: ClassVar[float] = 0.0
     decode: ClassVar[Literal["append", "evict"]] = "append"
+    min_scored: ClassVar[int] = 0  # tokens per layer chosen by score beyond the protected
 
     sinks: int = 0
     window: int = 8
@@ -122,7 +124,7 @@ class Policy(ABC):
 
     def min_tokens(self) -> int:
         """Tokens per layer an int budget must at least hold (the fixed protected ones)."""
-        return self.sinks + self.window
+        return max(1, self.sinks + self.window + self.min_scored)
 
     def total(self, budget: Budget, stats: Stats) -> int:
         """Total tokens kept over all layers for this prompt."""
@@ -135,10 +137,12 @@ class Policy(ABC):
     def plan(self, stats: Stats, budget: Budget) -> Plan:
         """Run score -> allocate -> evict for one prompt batch.
 
-        A budget too small for the protected tokens keeps exactly those in every layer,
-        with one warning naming the prompt length and the effective budget.
+        A budget too small for the protected tokens keeps exactly those (plus
+        ``min_scored``) in every layer, with one warning naming the prompt length and the
+        effective budget.
         """
-        floor = max(1, int(self.protected(stats).sum(-1).max()))
+        protected = int(self.protected(stats).sum(-1).max())
+        floor = min(stats.num_tokens, max(1, protected + self.min_scored))
         total = self.total(budget, stats)
         L, N = stats.num_layers, stats.num_tokens
         if total < floor * L:

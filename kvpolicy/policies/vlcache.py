@@ -17,7 +17,9 @@ class VLCache(Policy):
     entries below ``tau`` x their row maximum; ``uniform_mix`` of the total is first
     split equally."""
 
+    min_scored = 1
     queries = "post_vision"
+    window = 0  # the protected tail is the post-vision span, known per prompt
 
     def __init__(self, tau: float = 0.01, uniform_mix: float = 0.0):
         if not 0.0 < tau < 1.0:
@@ -29,9 +31,6 @@ class VLCache(Policy):
 
     def protected(self, stats: Stats) -> Tensor:
         return post_vision(stats.valid, stats.vision)
-
-    def min_tokens(self) -> int:
-        return 1
 
     def score(self, stats: Stats) -> Tensor:
         return stats.attn
@@ -47,5 +46,4 @@ class VLCache(Policy):
         d = self.density(stats)
         L = stats.num_layers
         weights = self.uniform_mix / L + (1 - self.uniform_mix) * d / d.sum().clamp_min(1e-12)
-        lo = min(floor + 1, stats.num_tokens)
-        return apportion(weights, total, lo, stats.num_tokens)
+        return apportion(weights, total, floor, stats.num_tokens)
