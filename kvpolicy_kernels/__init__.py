@@ -1,10 +1,10 @@
-"""Hot-path ops of kvpolicy: each a PyTorch reference (CPU path) and a Triton kernel (CUDA path)."""
+"""Hot-path ops of kvpolicy: each a PyTorch reference (CPU path) and a Triton kernel (CUDA
+path) behind one torch custom op; ``KVPOLICY_BACKEND`` = auto | triton | torch (see backend)."""
 from __future__ import annotations
 
 from torch import Tensor
 
-from .compact_ref import compact_layers_ref
-from .score_ref import accumulate_scores_ref
+from .ops import accumulate_scores_op, compact_layers_op
 from .select import select_keep
 
 __all__ = ["accumulate_scores", "accumulate_scores_sparsity", "compact_layers", "select_keep"]
@@ -15,7 +15,7 @@ def accumulate_scores(
     query_mask: Tensor | None = None,
 ) -> Tensor:
     """float32 [B, G, N]: attention each key receives from the counted queries (see score_ref)."""
-    return accumulate_scores_ref(query, key, scaling, key_mask, query_mask)[0]
+    return accumulate_scores_op(query, key, scaling, 0.0, key_mask, query_mask)[0]
 
 
 def accumulate_scores_sparsity(
@@ -24,9 +24,14 @@ def accumulate_scores_sparsity(
 ) -> tuple[Tensor, Tensor]:
     """(scores float32 [B, G, N], below float32 [B, G]): scores plus the count of
     probabilities below tau x row max, in the same pass."""
-    return accumulate_scores_ref(query, key, scaling, key_mask, query_mask, tau)
+    return accumulate_scores_op(query, key, scaling, tau, key_mask, query_mask)
 
 
 def compact_layers(keys, values, keep, dst_keys, dst_values) -> None:
-    """Gather kept rows of all layers into their buffers in one call (see compact_ref)."""
-    compact_layers_ref(keys, values, keep, dst_keys, dst_values)
+    """Gather kept rows of all layers into their buffers in one call, in place.
+
+    Per layer l: keys[l], values[l] [B, G, N_l, D]; keep[l] int64 [B, G, n_l];
+    dst_keys[l], dst_values[l] contiguous [B, G, C_l, D], C_l >= n_l. Writes
+    dst[:, :, :n_l]; dst[:, :, n_l:] is left untouched (see compact_ref, compact_triton).
+    """
+    compact_layers_op(list(keys), list(values), list(keep), list(dst_keys), list(dst_values))

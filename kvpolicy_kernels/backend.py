@@ -21,12 +21,17 @@ def backend() -> str:
     return choice
 
 
+def is_interpreted(kernel: object) -> bool:
+    """True when ``kernel`` was jitted under TRITON_INTERPRET=1 (runs on CPU tensors)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
 def use_triton(device: torch.device, kernel: object) -> bool:
     """True when an op on ``device`` should launch the Triton ``kernel`` (a jitted function)."""
     choice = backend()
     if choice == "torch" or (choice == "auto" and device.type != "cuda"):
         return False
-    if device.type != "cuda" and type(kernel).__name__ != "InterpretedFunction":
+    if device.type != "cuda" and not is_interpreted(kernel):
         raise RuntimeError(
             "KVPOLICY_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 in the environment "
             "before kvpolicy_kernels (and triton) are imported"

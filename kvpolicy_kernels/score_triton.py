@@ -7,6 +7,11 @@ tile, loops over the g query heads of its KV head and the query tiles that can s
 recomputes the logits and adds the column sums of exp(logit - lse): every output element has
 a single writer, so no atomics. The same pass counts probabilities below tau x row maximum
 into one partial per program, summed afterwards. Memory O(B * H * Q + B * G * N).
+
+Tiles enter ``tl.dot`` in DOT_DTYPE with fp32 accumulation: the input dtype, except bf16
+under TRITON_INTERPRET=1, whose interpreter computes bf16 dots on raw bit patterns
+(triton-lang/triton#11584), so there tiles are upcast to fp32 first (same products: bf16 x
+bf16 is exact in fp32). Everything else is the same code on CUDA and in the interpreter.
 """
 from __future__ import annotations
 
@@ -16,8 +21,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from .backend import is_interpreted
+
 BLOCK_Q = 64
 BLOCK_N = 64
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -38,7 +46,7 @@ def _row_stats_kernel(
     q_ptr, k_ptr, key_mask_ptr, query_mask_ptr, lse_ptr, max_ptr,
     s_qb, s_qh, s_qq, s_qd, s_kb, s_kg, s_kn, s_kd,
     H, G, Q, N, D, scaling,
-    HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_q = tl.program_id(0), tl.program_id(1)
@@ -47,14 +55,14 @@ def _row_stats_kernel(
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     dims = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_qq + dims[None, :] * s_qd,
-                mask=(rows < Q)[:, None] & (dims < D)[None, :], other=0.0)
+                mask=(rows < Q)[:, None] & (dims < D)[None, :], other=0.0).to(DOT_DTYPE)
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     causal_end = tl.minimum(N, N - Q + (pid_q + 1) * BLOCK_Q)
     for start in range(0, causal_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_ptr + b * s_kb + kv * s_kg + cols[:, None] * s_kn + dims[None, :] * s_kd,
-                    mask=(cols < N)[:, None] & (dims < D)[None, :], other=0.0)
+                    mask=(cols < N)[:, None] & (dims < D)[None, :], other=0.0).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
         vis = _visible(rows, cols, b, Q, N, key_mask_ptr, query_mask_ptr, HAS_KEY_MASK, HAS_QUERY_MASK)
         s = tl.where(vis, s, float("-inf"))
@@ -62,7 +70,7 @@ def _row_stats_kernel(
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows stay finite
         l_i = l_i * tl.exp(m_i - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
         m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
     tl.store(lse_ptr + pid_bh * Q + rows, lse, mask=rows < Q)
     tl.store(max_ptr + pid_bh * Q + rows, m_i, mask=rows < Q)
 
@@ -72,8 +80,8 @@ def _column_sums_kernel(
     q_ptr, k_ptr, key_mask_ptr, query_mask_ptr, lse_ptr, max_ptr, scores_ptr, below_ptr,
     s_qb, s_qh, s_qq, s_qd, s_kb, s_kg, s_kn, s_kd,
     H, G, Q, N, D, scaling, tau,
-    HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, COUNT_BELOW: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    COUNT_BELOW: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bg, pid_n = tl.program_id(0), tl.program_id(1)
     b, kv = pid_bg // G, pid_bg % G
@@ -81,7 +89,7 @@ def _column_sums_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     k = tl.load(k_ptr + b * s_kb + kv * s_kg + cols[:, None] * s_kn + dims[None, :] * s_kd,
-                mask=(cols < N)[:, None] & (dims < D)[None, :], other=0.0)
+                mask=(cols < N)[:, None] & (dims < D)[None, :], other=0.0).to(DOT_DTYPE)
     acc = tl.zeros([BLOCK_N], tl.float32)
     below = tl.zeros([BLOCK_N], tl.int32)
     first_row = tl.maximum(pid_n * BLOCK_N - (N - Q), 0)  # earlier rows cannot see this tile
@@ -90,7 +98,7 @@ def _column_sums_kernel(
         for q_start in range((first_row // BLOCK_Q) * BLOCK_Q, Q, BLOCK_Q):
             rows = q_start + tl.arange(0, BLOCK_Q)
             q = tl.load(q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_qq + dims[None, :] * s_qd,
-                        mask=(rows < Q)[:, None] & (dims < D)[None, :], other=0.0)
+                        mask=(rows < Q)[:, None] & (dims < D)[None, :], other=0.0).to(DOT_DTYPE)
             lse = tl.load(lse_ptr + (b * H + h) * Q + rows, mask=rows < Q, other=float("inf"))
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
             vis = _visible(rows, cols, b, Q, N, key_mask_ptr, query_mask_ptr,
@@ -122,8 +130,10 @@ def accumulate_scores_triton(
     below = torch.zeros(B * G, n_blocks, dtype=torch.float32, device=dev)
     key_mask_arg = key_mask.contiguous() if key_mask is not None else None
     query_mask_arg = query_mask.contiguous() if query_mask is not None else None
+    bf16_interpreted = query.dtype == torch.bfloat16 and is_interpreted(_row_stats_kernel)
+    dot_dtype = tl.float32 if bf16_interpreted else _TL_DTYPES[query.dtype]
     common = dict(HAS_KEY_MASK=key_mask is not None, HAS_QUERY_MASK=query_mask is not None,
-                  BLOCK_Q=BLOCK_Q, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)))
+                  DOT_DTYPE=dot_dtype, BLOCK_Q=BLOCK_Q, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)))
     strides = (*query.stride(), *key.stride())
     wrap_triton(_row_stats_kernel)[(B * H, triton.cdiv(Q, BLOCK_Q))](
         query, key, key_mask_arg, query_mask_arg, lse, row_max, *strides,

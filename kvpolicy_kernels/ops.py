@@ -1,0 +1,47 @@
+"""The torch custom ops (namespace ``kvpolicy``): reference or Triton, chosen per call.
+
+``kvpolicy::accumulate_scores`` is a ``triton_op``: torch.compile traces its body, which
+branches on the device (CUDA -> ``wrap_triton`` kernels, else the reference), so compiled
+CPU graphs take the reference and compiled CUDA graphs see the kernels; the body doubles as
+the fake implementation. ``kvpolicy::compact_layers`` is an opaque ``custom_op`` with a
+registered fake: its kernel reads raw addresses from a table built with ``data_ptr()``,
+which FakeTensors do not have, so the body must only ever run on real tensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backend import use_triton
+from .compact_ref import compact_layers_ref
+from .compact_triton import _compact_kernel, compact_layers_triton
+from .score_ref import accumulate_scores_ref
+from .score_triton import _column_sums_kernel, accumulate_scores_triton
+
+
+@torch.library.triton_op("kvpolicy::accumulate_scores", mutates_args=())
+def accumulate_scores_op(
+    query: Tensor, key: Tensor, scaling: float, tau: float,
+    key_mask: Tensor | None, query_mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(scores fp32 [B, G, N], below fp32 [B, G]); tau == 0 skips the count."""
+    if use_triton(query.device, _column_sums_kernel):
+        return accumulate_scores_triton(query, key, scaling, tau, key_mask, query_mask)
+    return accumulate_scores_ref(query, key, scaling, key_mask, query_mask, tau)
+
+
+@torch.library.custom_op("kvpolicy::compact_layers", mutates_args=("dst_keys", "dst_values"))
+def compact_layers_op(
+    keys: list[Tensor], values: list[Tensor], keep: list[Tensor],
+    dst_keys: list[Tensor], dst_values: list[Tensor],
+) -> None:
+    """Writes dst_*[l][:, :, :n_l] = gather of keys/values[l] at keep[l]; see compact_triton."""
+    if use_triton(keys[0].device, _compact_kernel):
+        compact_layers_triton(keys, values, keep, dst_keys, dst_values)
+    else:
+        compact_layers_ref(keys, values, keep, dst_keys, dst_values)
+
+
+@compact_layers_op.register_fake
+def _(keys, values, keep, dst_keys, dst_values) -> None:
+    return None

@@ -1,0 +1,162 @@
+"""accumulate_scores(_sparsity): reference and Triton (interpreted without a GPU) vs float64 dense."""
+import math
+import os
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+from kvpolicy_kernels import accumulate_scores, accumulate_scores_sparsity
+from kvpolicy_kernels.backend import use_triton
+from kvpolicy_kernels.score_ref import accumulate_scores_ref
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TAU = 0.05
+
+
+@st.composite
+def score_cases(draw):
+    """Random GQA shapes with left padding (possibly a whole sequence) and query masks."""
+    B, G, g = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    N = draw(st.integers(1, 300))
+    case = dict(B=B, G=G, g=g, N=N, Q=draw(st.integers(1, N)), D=draw(st.sampled_from([16, 32, 64])),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+                pads=draw(st.lists(st.integers(0, N), min_size=B, max_size=B))
+                if draw(st.booleans()) else None,
+                query_mask=draw(st.booleans()), logit_scale=draw(st.sampled_from([1.0, 4.0])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+    return case
+
+
+def make_inputs(B, G, g, N, Q, D, dtype, pads, query_mask, logit_scale, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(B, G * g, Q, D, generator=gen).to(dtype)
+    key = torch.randn(B, N, G, D, generator=gen).to(dtype).transpose(1, 2)  # strided, like HF
+    key_mask = None if pads is None else torch.arange(N)[None, :] >= torch.tensor(pads)[:, None]
+    qmask = torch.rand(B, Q, generator=gen) > 0.3 if query_mask else None
+    move = lambda t: None if t is None else t.to(device)
+    return move(query), move(key), move(key_mask), move(qmask), logit_scale / math.sqrt(D)
+
+
+def dense_f64(query, key, scaling, key_mask, query_mask, tau):
+    """float64 oracle with the full [B, H, Q, N] matrix: scores, below count, visible rows,
+    and how many probabilities sit within 1e-4 (relative) of the tau threshold."""
+    query, key = query.cpu(), key.cpu()
+    B, H, Q, _ = query.shape
+    G, N = key.shape[1], key.shape[2]
+    k = key.double().repeat_interleave(H // G, dim=1)
+    logits = query.double() @ k.transpose(-1, -2) * scaling
+    allowed = torch.arange(N)[None, :] <= torch.arange(N - Q, N)[:, None]
+    allowed = allowed[None, None].expand(B, H, Q, N).clone()
+    if key_mask is not None:
+        allowed &= key_mask.cpu()[:, None, None, :]
+    if query_mask is not None:
+        allowed &= query_mask.cpu()[:, None, :, None]
+    probs = torch.softmax(logits.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0)
+    scores = probs.reshape(B, G, H // G, Q, N).sum((2, 3))
+    threshold = tau * probs.amax(-1, keepdim=True)
+    below = ((probs < threshold) & allowed).reshape(B, G, -1).sum(-1).double()
+    borderline = (((probs - threshold).abs() <= 1e-4 * threshold) & allowed).reshape(B, G, -1).sum(-1)
+    rows_with_keys = allowed.any(-1).sum().item()
+    return scores, below, borderline, rows_with_keys
+
+
+def check_against_dense(backend, case):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    query, key, key_mask, query_mask, scaling = make_inputs(**case, device=device)
+    with mock.patch.dict(os.environ, {"KVPOLICY_BACKEND": backend}):
+        scores, below = accumulate_scores_sparsity(
+            query, key, scaling=scaling, tau=TAU, key_mask=key_mask, query_mask=query_mask)
+        plain = accumulate_scores(query, key, scaling=scaling, key_mask=key_mask, query_mask=query_mask)
+    exp_scores, exp_below, borderline, rows_with_keys = dense_f64(
+        query, key, scaling, key_mask, query_mask, TAU)
+    assert scores.dtype == torch.float32 and scores.shape == (case["B"], case["G"], case["N"])
+    # Each score sums up to g*Q probabilities: scale PyTorch's fp32 tolerances by sqrt(terms).
+    terms = math.sqrt(case["g"] * case["Q"])
+    torch.testing.assert_close(scores.cpu().double(), exp_scores, rtol=1.3e-6 * terms, atol=1e-5 * terms)
+    torch.testing.assert_close(plain, scores, rtol=0, atol=0)
+    assert ((below.cpu().double() - exp_below).abs() <= borderline).all()
+    # Invariant 11: each counted row with a visible key adds mass 1 per head.
+    assert scores.double().sum().item() == pytest.approx(rows_with_keys, rel=1e-5, abs=1e-4)
+
+
+EDGE_ONE_TOKEN = dict(B=1, G=1, g=1, N=1, Q=1, D=16, dtype=torch.float32, pads=None,
+                      query_mask=False, logit_scale=1.0, seed=0)
+EDGE_ALL_PADDING = dict(B=2, G=2, g=3, N=70, Q=70, D=32, dtype=torch.bfloat16, pads=[70, 5],
+                        query_mask=True, logit_scale=4.0, seed=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(score_cases())
+@example(EDGE_ONE_TOKEN)
+@example(EDGE_ALL_PADDING)
+def test_reference_matches_float64_dense(case):
+    check_against_dense("torch", case)
+
+
+@settings(max_examples=12, deadline=None)
+@given(score_cases())
+@example(EDGE_ONE_TOKEN)
+@example(EDGE_ALL_PADDING)
+@example(dict(EDGE_ALL_PADDING, N=130, Q=33, pads=[0, 64], dtype=torch.float16))
+def test_triton_matches_float64_dense(case):
+    check_against_dense("triton", case)
+
+
+def test_reference_chunks_never_hold_n_by_n():
+    """The reference's largest intermediate is [B, H, chunk, N], at N = 8k (meta tensors)."""
+    B, G, g, N, D, chunk = 1, 3, 3, 8192, 64, 128
+    largest = 0
+
+    class Largest(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal largest
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    largest = max(largest, t.numel())
+            return out
+
+    query = torch.empty(B, G * g, N, D, device="meta")
+    key = torch.empty(B, G, N, D, device="meta")
+    with Largest():
+        accumulate_scores_ref(query, key, 0.125, tau=TAU, chunk=chunk)
+    assert largest == B * G * g * chunk * N < N * N
+
+
+def test_compiles_without_graph_break():
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=backend, fullgraph=True)
+    def scores_twice(query, key, key_mask):
+        scores, below = accumulate_scores_sparsity(query, key, scaling=0.25, tau=TAU, key_mask=key_mask)
+        return scores * 2, below, accumulate_scores(query, key, scaling=0.25)
+
+    query, key = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
+    key_mask = torch.arange(8)[None, :] >= torch.tensor([[0], [3]])
+    doubled, below, plain = scores_twice(query, key, key_mask)
+    expected = accumulate_scores_sparsity(query, key, scaling=0.25, tau=TAU, key_mask=key_mask)
+    assert backend.frame_count == 1 and not counters["graph_break"]
+    torch.testing.assert_close(doubled, 2 * expected[0])
+    torch.testing.assert_close(below, expected[1])
+    torch.testing.assert_close(plain, accumulate_scores(query, key, scaling=0.25))
+
+
+def test_backend_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    plain_function = lambda: None  # not an interpreted kernel
+    with mock.patch.dict(os.environ, {"KVPOLICY_BACKEND": "auto"}):
+        assert not use_triton(cpu, plain_function) and use_triton(cuda, plain_function)
+    with mock.patch.dict(os.environ, {"KVPOLICY_BACKEND": "torch"}):
+        assert not use_triton(cuda, plain_function)
+    with mock.patch.dict(os.environ, {"KVPOLICY_BACKEND": "triton"}):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            use_triton(cpu, plain_function)
+    with mock.patch.dict(os.environ, {"KVPOLICY_BACKEND": "cuda"}):
+        with pytest.raises(ValueError, match="KVPOLICY_BACKEND"):
+            use_triton(cpu, plain_function)
