@@ -1,0 +1,1 @@
+"""Policy cards (TOML data), installed as kvpolicy.cards_data."""
