@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-TABLE_COLUMNS = 13
 BLOCK_R = 32
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
