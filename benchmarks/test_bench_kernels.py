@@ -43,7 +43,9 @@ def copy_bandwidth() -> float:
 
 
 def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu x{torch.get_num_threads()} threads"
 
 
 @pytest.mark.parametrize("queries", ["full", 32])

@@ -133,7 +133,8 @@ def accumulate_scores_triton(
     bf16_interpreted = query.dtype == torch.bfloat16 and is_interpreted(_row_stats_kernel)
     dot_dtype = tl.float32 if bf16_interpreted else _TL_DTYPES[query.dtype]
     common = dict(HAS_KEY_MASK=key_mask is not None, HAS_QUERY_MASK=query_mask is not None,
-                  DOT_DTYPE=dot_dtype, BLOCK_Q=BLOCK_Q, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)))
+                  DOT_DTYPE=dot_dtype, BLOCK_Q=BLOCK_Q, BLOCK_N=BLOCK_N,
+                  BLOCK_D=max(16, triton.next_power_of_2(D)))
     strides = (*query.stride(), *key.stride())
     wrap_triton(_row_stats_kernel)[(B * H, triton.cdiv(Q, BLOCK_Q))](
         query, key, key_mask_arg, query_mask_arg, lse, row_max, *strides,
