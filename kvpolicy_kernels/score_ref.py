@@ -21,7 +21,8 @@ def accumulate_scores_ref(
     query_mask: bool [B, Q], False = row not counted. Any float dtype.
     Returns (scores float32 [B, G, N], below float32 [B, G]) where ``below`` counts the
     causal, unmasked probabilities smaller than ``tau`` x their row maximum (0 if tau == 0).
-    Rows are processed ``chunk`` at a time, so memory is O(B * H * chunk * N), never N x N.
+    Rows are processed ``chunk`` at a time against only the keys they can see (in place), so
+    memory is O(B * H * chunk * N), never N x N.
     """
     B, H, Q, D = query.shape
     G, N = key.shape[1], key.shape[2]
@@ -33,16 +34,18 @@ def accumulate_scores_ref(
     key_pos = torch.arange(N, device=key.device)
     for start in range(0, Q, chunk):
         stop = min(start + chunk, Q)
-        logits = torch.einsum("bgiqd,bgnd->bgiqn", q[:, :, :, start:stop], k) * scaling
-        q_pos = torch.arange(N - Q + start, N - Q + stop, device=key.device)
-        allowed = (key_pos[None, :] <= q_pos[:, None])[None, None, None]  # [1,1,1,c,N]
+        end = N - Q + stop  # keys at or before the chunk's last query
+        logits = torch.einsum("bgiqd,bgnd->bgiqn", q[:, :, :, start:stop], k[:, :, :end])
+        q_pos = torch.arange(N - Q + start, end, device=key.device)
+        allowed = (key_pos[None, :end] <= q_pos[:, None])[None, None, None]
         if key_mask is not None:
-            allowed = allowed & key_mask[:, None, None, None, :]
+            allowed = allowed & key_mask[:, None, None, None, :end]
         if query_mask is not None:
             allowed = allowed & query_mask[:, None, None, start:stop, None]
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key count nothing
-        scores += probs.sum(dim=(2, 3))
+        logits.mul_(scaling).masked_fill_(~allowed, float("-inf"))
+        probs = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_()
+        probs = probs.nan_to_num_(nan=0.0)
+        scores[:, :, :end] += probs.sum(dim=(2, 3))
         if tau > 0:
             row_max = probs.amax(dim=-1, keepdim=True)
             below += ((probs < tau * row_max) & allowed).sum(dim=(2, 3, 4)).float()
