@@ -1,0 +1,110 @@
+"""``kvpolicy eval``: task accuracy, agreement with the full cache and KL divergence of
+policies x budgets on retrieval and QA tasks built from the Python docs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import time
+
+import torch
+from tqdm import tqdm
+
+from .evaluation.plot import plot_summary
+from .evaluation.report import format_table, kvpress_runs, summarize
+from .evaluation.runner import Runner, load_model
+from .evaluation.tasks import SPLIT_SEEDS, TASKS, build_samples
+from .registry import available_policies
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (the embedded GGUF model) or a path / hub id (default: smollm2)")
+    p.add_argument("--policies", default="all", help="'all' or a comma list (default: all)")
+    p.add_argument("--budgets", default="0.05,0.1,0.2,0.5",
+                   help="comma list of kept fractions (default: 0.05,0.1,0.2,0.5)")
+    p.add_argument("--samples", type=int, default=8,
+                   help="prompts in all; the tasks take turns (default: 8)")
+    p.add_argument("--tasks", default="all", help=f"'all' or a comma list of {', '.join(TASKS)}")
+    p.add_argument("--context", type=int, default=1024,
+                   help="document tokens per prompt, up to 8192 (default: 1024)")
+    p.add_argument("--max-new-tokens", type=int, default=10, help="answer length cap (default: 10)")
+    p.add_argument("--seed", type=int, default=0, help="sample seed (default: 0)")
+    p.add_argument("--split", choices=sorted(SPLIT_SEEDS), default="tune",
+                   help="disjoint sample streams: tune policies on one, report the other (default: tune)")
+    p.add_argument("--kvpress", metavar="JSON", help="kvpress answers to score alongside (see docs/guide.md)")
+    p.add_argument("--out", default="kvpolicy-eval", help="output folder (default: kvpolicy-eval)")
+
+
+def parse_list(text: str, allowed: list[str], what: str) -> list[str]:
+    if text == "all":
+        return list(allowed)
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in items if t not in allowed]
+    if unknown:
+        raise SystemExit(f"kvpolicy eval: unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    policies = parse_list(args.policies, available_policies(), "policy")
+    tasks = parse_list(args.tasks, list(TASKS), "task")
+    budgets = [float(b) for b in args.budgets.split(",")]
+    if not 16 <= args.context <= 8192:
+        raise SystemExit("kvpolicy eval: --context must be within 16..8192 tokens")
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    samples = build_samples(tokenizer, args.samples, args.context, args.seed, args.split, tasks)
+    runner = Runner(model, tokenizer, samples, args.max_new_tokens)
+
+    bar = tqdm(total=len(samples) * (1 + len(policies) * len(budgets)), desc="kvpolicy eval", unit="run")
+    for prompt in runner.prompts:
+        bar.set_postfix_str("full cache")
+        runner.run_reference(prompt)
+        bar.update()
+    runs = []
+    for policy in policies:
+        for budget in budgets:
+            bar.set_postfix_str(f"{policy} {budget:g}")
+            runs += [dataclasses.asdict(r) for r in runner.run_config(policy, budget, on_sample=bar.update)]
+    bar.close()
+
+    full_runs = [{"policy": "full", "budget": 1.0, "sample": p.sample.id, "task": p.sample.task,
+                  "score": _score(p), "answer": p.reference_answer, "agreement": 1.0, "kl": 0.0,
+                  "kl_first": 0.0, "kept": 1.0} for p in runner.prompts]
+    if args.kvpress:
+        runs += kvpress_runs(args.kvpress, {s.id: s for s in samples})
+    full, = summarize(full_runs)
+    summary = summarize(runs)
+    wall = time.perf_counter() - started
+    meta = {"model": args.model, "context": args.context, "samples": args.samples, "tasks": tasks,
+            "split": args.split, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+            "policies": policies, "budgets": budgets, "wall_seconds": round(wall, 1),
+            "date": datetime.date.today().isoformat(), "machine": _machine()}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "full": full, "summary": summary,
+                   "samples": [dict(dataclasses.asdict(p.sample), prompt_tokens=p.input_ids.shape[1],
+                                    messages=p.sample.messages()) for p in runner.prompts],
+                   "runs": full_runs + runs}, f, indent=1)
+    plot_summary(summary, full["accuracy"], os.path.join(args.out, "quality.png"),
+                 f"{args.model}, {args.context}-token documents, {args.samples} samples ({args.split})")
+    print(format_table(summary, full))
+    errors = [r for r in runs if r.get("error")]
+    for r in errors[:5]:
+        print(f"error: {r['policy']} {r['budget']:g} {r['sample']}: {r['error']}")
+    print(f"{len(runs)} runs in {wall:.0f} s; results in {args.out}/results.json and {args.out}/quality.png")
+    return 1 if errors else 0
+
+
+def _score(prompt) -> float:
+    from .evaluation.metrics import score_answer
+    return score_answer(prompt.reference_answer, prompt.sample.answers)
+
+
+def _machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {device}, torch {torch.__version__}"

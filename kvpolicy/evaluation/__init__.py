@@ -1,0 +1,1 @@
+"""The evaluation harness behind ``kvpolicy eval``: tasks, metrics, runner, plot."""

@@ -1,0 +1,68 @@
+"""Aggregate runs into per-(policy, budget) rows, print them, read kvpress answers."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from statistics import mean
+
+from .metrics import score_answer
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (policy, budget): means over its samples, and accuracy per task."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[r["policy"], r["budget"]].append(r)
+    rows = []
+    for (policy, budget), rs in sorted(groups.items()):
+        ok = [r for r in rs if not r.get("error")]
+        row = {"policy": policy, "budget": budget, "samples": len(ok), "errors": len(rs) - len(ok)}
+        if ok:
+            row["accuracy"] = mean(r["score"] for r in ok)
+            for key in ("agreement", "kl", "kl_first", "kept"):
+                values = [r[key] for r in ok if r.get(key) is not None]
+                row[key] = mean(values) if values else None
+            by_task = defaultdict(list)
+            for r in ok:
+                by_task[r["task"]].append(r["score"])
+            row["by_task"] = {t: mean(s) for t, s in sorted(by_task.items())}
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], full: dict) -> str:
+    """A plain-text table: the full cache first, then each policy by budget."""
+    tasks = sorted(full["by_task"])
+    head = f"{'policy':<22}{'budget':>7}{'kept':>7}{'acc':>6}{'agree':>7}{'KL':>8}  " + \
+        " ".join(f"{t[:12]:>12}" for t in tasks)
+    lines = [head, "-" * len(head), _line("full cache", 1.0, full, tasks)]
+    lines += [_line(r["policy"], r["budget"], r, tasks) for r in rows]
+    return "\n".join(lines)
+
+
+def _line(name: str, budget: float, row: dict, tasks: list[str]) -> str:
+    if not row.get("samples"):
+        return f"{name:<22}{budget:>7g}  all {row.get('errors', 0)} samples failed"
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+    by_task = row.get("by_task", {})
+    return (f"{name:<22}{budget:>7g}{fmt(row.get('kept'), '>7.3f')}{row['accuracy']:>6.2f}"
+            f"{fmt(row.get('agreement'), '>7.2f')}{fmt(row.get('kl'), '>8.3f')}  "
+            + " ".join(f"{fmt(by_task.get(t), '>12.2f')}" for t in tasks))
+
+
+def kvpress_runs(path: str, samples: dict) -> list[dict]:
+    """Runs from a kvpress answers file: {press: {kept fraction: {sample id: answer}}}
+    (written by docs/kvpress_answers.py); scored like ours, without KL or agreement."""
+    with open(path) as f:
+        answers = json.load(f)
+    runs = []
+    for press, by_budget in answers.items():
+        for budget, by_sample in by_budget.items():
+            for sid, answer in by_sample.items():
+                if sid in samples:
+                    s = samples[sid]
+                    runs.append({"policy": f"kvpress:{press}", "budget": float(budget), "sample": sid,
+                                 "task": s.task, "score": score_answer(answer, s.answers),
+                                 "answer": answer, "agreement": None, "kl": None, "kl_first": None,
+                                 "kept": None})
+    return runs

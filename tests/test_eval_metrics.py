@@ -1,0 +1,70 @@
+"""The eval harness's metrics and report, on synthetic inputs (no model)."""
+import json
+
+import pytest
+import torch
+
+from kvpolicy.evaluation.metrics import kl_divergence, prefix_agreement, score_answer
+from kvpolicy.evaluation.report import format_table, kvpress_runs, summarize
+from kvpolicy.evaluation.tasks import Sample
+
+
+@pytest.mark.parametrize("text, answers, expected", [
+    (" 550605.", ["550605"], 1.0),
+    ("The code is 5506051", ["550605"], 0.0),   # a longer number is not the answer
+    ("it is 1550605", ["550605"], 0.0),
+    (" 55060", ["550605"], 0.0),
+    (" Object", ["object"], 1.0),              # case-insensitive
+    (" objects", ["object"], 0.0),              # whole words
+    ("red 1234 and 99", ["1234", "5678"], 0.5),  # partial credit
+])
+def test_score_answer(text, answers, expected):
+    assert score_answer(text, answers) == expected
+
+
+def test_prefix_agreement():
+    assert prefix_agreement([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert prefix_agreement([9, 2, 3, 4], [1, 2, 3, 4]) == 0.0
+    assert prefix_agreement([1, 2, 9, 4], [1, 2, 3, 4]) == 0.5  # stops at the first difference
+    assert prefix_agreement([1, 2], [1, 2, 3, 4]) == 0.5        # stopped early
+    assert prefix_agreement([1, 2, 3, 4, 5], [1, 2, 3, 4]) == 1.0
+
+
+def test_kl_of_identical_distributions_is_zero():
+    logits = torch.randn(5, 300)
+    assert torch.allclose(kl_divergence(logits, logits), torch.zeros(5, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(kl_divergence(logits, logits + 3.0), torch.zeros(5, dtype=torch.float64), atol=1e-12)
+
+
+def test_kl_matches_closed_form():
+    p, q = torch.tensor([0.75, 0.25]), torch.tensor([0.5, 0.5])
+    kl = kl_divergence(p.log()[None], q.log()[None])
+    expected = 0.75 * torch.log(torch.tensor(1.5)) + 0.25 * torch.log(torch.tensor(0.5))
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert (kl_divergence(torch.randn(4, 50), torch.randn(4, 50)) > 0).all()
+
+
+def _run(policy, budget, task, score, kl=0.1, error=""):
+    return {"policy": policy, "budget": budget, "sample": f"{task}-{score}", "task": task, "score": score,
+            "agreement": 0.5, "kl": kl, "kl_first": kl, "kept": budget, "error": error}
+
+
+def test_summarize_and_table():
+    runs = [_run("h2o", 0.1, "needle", 1.0), _run("h2o", 0.1, "key_value", 0.0),
+            _run("h2o", 0.5, "needle", 1.0, error="RuntimeError: boom")]
+    rows = summarize(runs)
+    assert [(r["policy"], r["budget"], r["samples"], r["errors"]) for r in rows] == \
+        [("h2o", 0.1, 2, 0), ("h2o", 0.5, 0, 1)]
+    assert rows[0]["accuracy"] == 0.5 and rows[0]["by_task"] == {"key_value": 0.0, "needle": 1.0}
+    full, = summarize([_run("full", 1.0, "needle", 1.0, kl=0.0), _run("full", 1.0, "key_value", 1.0, kl=0.0)])
+    table = format_table(rows, full)
+    assert "full cache" in table and "h2o" in table and "failed" in table
+
+
+def test_kvpress_answers_are_scored(tmp_path):
+    sample = Sample("s0", "needle", "doc", "q?", "The secret code is", ["123456"])
+    path = tmp_path / "kvpress.json"
+    path.write_text(json.dumps({"snapkv": {"0.1": {"s0": " 123456.", "unknown": "x"}, "0.5": {"s0": "no"}}}))
+    runs = kvpress_runs(str(path), {"s0": sample})
+    assert sorted((r["policy"], r["budget"], r["score"]) for r in runs) == \
+        [("kvpress:snapkv", 0.1, 1.0), ("kvpress:snapkv", 0.5, 0.0)]
