@@ -1,0 +1,89 @@
+"""Model-family knowledge, in one place: the text config, the decoder layers, the
+attention switch, and which prompt positions are vision tokens."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+# Config fields naming vision placeholder tokens: LLaVA / LLaVA-NeXT (image_token_id, older
+# image_token_index), Qwen2-VL / Qwen2.5-VL (image, video, vision start / end), Idefics3 /
+# SmolVLM (image_token_id).
+VISION_TOKEN_FIELDS = ("image_token_id", "image_token_index", "video_token_id",
+                       "vision_start_token_id", "vision_end_token_id")
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not a decoder (causal LM or VLM) kvpolicy can patch."""
+
+
+def text_config(model: nn.Module):
+    """The decoder (language model) config; raises UnsupportedModelError otherwise."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a Hugging Face transformers model (no config)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model; kvpolicy patches decoder-only "
+            f"causal LMs and VLMs")
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "num_hidden_layers", None) is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: its config has no decoder text config with num_hidden_layers")
+    if not hasattr(model, "generate"):
+        raise UnsupportedModelError(f"{type(model).__name__} cannot generate (no generate method)")
+    return text
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The language model's decoder layers; their count must match the text config."""
+    text = text_config(model)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) != text.num_hidden_layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: cannot find its {text.num_hidden_layers} decoder layers "
+            f"(model.get_decoder().layers)")
+    return layers
+
+
+def is_multimodal(model: nn.Module) -> bool:
+    """True when the language model has its own sub-config (VLMs)."""
+    return text_config(model) is not model.config
+
+
+def attn_implementation(model: nn.Module) -> str:
+    """The language model's current attention implementation."""
+    return text_config(model)._attn_implementation
+
+
+def set_attn_implementation(model: nn.Module, name: str) -> None:
+    """Switch only the language model's attention (a VLM's vision tower keeps its own)."""
+    if is_multimodal(model):
+        model.set_attn_implementation({"text_config": name})
+    else:
+        model.set_attn_implementation(name)
+
+
+def can_switch_attention(model: nn.Module) -> bool:
+    """Whether the model dispatches attention through transformers' AttentionInterface."""
+    if not hasattr(model, "set_attn_implementation"):
+        return False
+    owner = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return all(type(m)._can_set_attn_implementation() for m in (model, owner)
+               if hasattr(type(m), "_can_set_attn_implementation"))
+
+
+def vision_token_ids(model: nn.Module) -> list[int]:
+    """The ids of the model's vision placeholder tokens (empty for text-only models)."""
+    ids = {getattr(model.config, f, None) for f in VISION_TOKEN_FIELDS}
+    return sorted(i for i in ids if isinstance(i, int))
+
+
+def vision_mask(model: nn.Module, input_ids: Tensor) -> Tensor | None:
+    """bool [B, N]: positions of vision tokens in ``input_ids`` [B, N]; None for text-only
+    models."""
+    ids = vision_token_ids(model)
+    if not ids:
+        return None
+    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
