@@ -10,6 +10,7 @@ COMMANDS = {
     "list": ("kvpolicy.cards", "show the registered policies and their cards"),
     "demo": ("kvpolicy.demo", "compress the embedded SmolLM2's cache on a long prompt, per policy"),
     "eval": ("kvpolicy.evaluate", "measure quality of policies x budgets on retrieval and QA tasks"),
+    "inspect": ("kvpolicy.inspection", "draw which positions each layer keeps for one prompt"),
 }
 
 

@@ -72,8 +72,8 @@ def test_budget_totals():
     assert Budget(64).total(1000, 30) == 64 * 30
 
 
-@pytest.mark.parametrize("name", ["h2o", "prefixkv", "pyramidkv", "snapkv", "streamingllm",
-                                  "uniform", "vlcache"])
+@pytest.mark.parametrize("name", ["h2o", "prefixkv", "pyramidkv", "snapkv", "spankv",
+                                  "streamingllm", "uniform", "vlcache"])
 def test_builtin_cards_match_the_code(name):
     c = builtin_card(name)
     cls = kvpolicy.policy_class(name)

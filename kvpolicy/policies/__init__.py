@@ -3,8 +3,9 @@ from .h2o import H2O
 from .prefixkv import PrefixKV
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
+from .spankv import SpanKV
 from .streamingllm import StreamingLLM
 from .uniform import Uniform
 from .vlcache import VLCache
 
-__all__ = ["H2O", "PrefixKV", "PyramidKV", "SnapKV", "StreamingLLM", "Uniform", "VLCache"]
+__all__ = ["H2O", "PrefixKV", "PyramidKV", "SnapKV", "SpanKV", "StreamingLLM", "Uniform", "VLCache"]
