@@ -12,7 +12,9 @@ import time
 
 import torch
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
+from .evaluation.metrics import score_answer
 from .evaluation.plot import plot_summary
 from .evaluation.report import format_table, kvpress_runs, summarize
 from .evaluation.runner import Runner, load_model
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if not 16 <= args.context <= 8192:
         raise SystemExit("kvpolicy eval: --context must be within 16..8192 tokens")
     started = time.perf_counter()
+    hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model)
     samples = build_samples(tokenizer, args.samples, args.context, args.seed, args.split, tasks)
     runner = Runner(model, tokenizer, samples, args.max_new_tokens)
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     full_runs = [{"policy": "full", "budget": 1.0, "sample": p.sample.id, "task": p.sample.task,
                   "score": _score(p), "answer": p.reference_answer, "agreement": 1.0, "kl": 0.0,
-                  "kl_first": 0.0, "kept": 1.0} for p in runner.prompts]
+                  "kl_first": 0.0, "kept": 1.0, "seconds": p.reference.seconds} for p in runner.prompts]
     if args.kvpress:
         runs += kvpress_runs(args.kvpress, {s.id: s for s in samples})
     full, = summarize(full_runs)
@@ -101,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _score(prompt) -> float:
-    from .evaluation.metrics import score_answer
     return score_answer(prompt.reference_answer, prompt.sample.answers)
 
 
