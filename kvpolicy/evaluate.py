@@ -68,39 +68,48 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str("full cache")
         runner.run_reference(prompt)
         bar.update()
+    full_runs = [{"policy": "full", "budget": 1.0, "sample": p.sample.id, "task": p.sample.task,
+                  "score": _score(p), "answer": p.reference_answer, "agreement": 1.0, "kl": 0.0,
+                  "kl_first": 0.0, "kept": 1.0, "seconds": p.reference.seconds} for p in runner.prompts]
+    meta = {"model": args.model, "context": args.context, "samples": args.samples, "tasks": tasks,
+            "split": args.split, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+            "policies": policies, "budgets": budgets,
+            "date": datetime.date.today().isoformat(), "machine": _machine()}
+    os.makedirs(args.out, exist_ok=True)
     runs = []
     for policy in policies:
         for budget in budgets:
             bar.set_postfix_str(f"{policy} {budget:g}")
             runs += [dataclasses.asdict(r) for r in runner.run_config(policy, budget, on_sample=bar.update)]
+            meta["wall_seconds"] = round(time.perf_counter() - started, 1)
+            write_results(args.out, meta, runner, full_runs, runs, complete=False)  # kept if interrupted
     bar.close()
-
-    full_runs = [{"policy": "full", "budget": 1.0, "sample": p.sample.id, "task": p.sample.task,
-                  "score": _score(p), "answer": p.reference_answer, "agreement": 1.0, "kl": 0.0,
-                  "kl_first": 0.0, "kept": 1.0, "seconds": p.reference.seconds} for p in runner.prompts]
     if args.kvpress:
         runs += kvpress_runs(args.kvpress, {s.id: s for s in samples})
-    full, = summarize(full_runs)
-    summary = summarize(runs)
-    wall = time.perf_counter() - started
-    meta = {"model": args.model, "context": args.context, "samples": args.samples, "tasks": tasks,
-            "split": args.split, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
-            "policies": policies, "budgets": budgets, "wall_seconds": round(wall, 1),
-            "date": datetime.date.today().isoformat(), "machine": _machine()}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "full": full, "summary": summary,
-                   "samples": [dict(dataclasses.asdict(p.sample), prompt_tokens=p.input_ids.shape[1],
-                                    messages=p.sample.messages()) for p in runner.prompts],
-                   "runs": full_runs + runs}, f, indent=1)
+    meta["wall_seconds"] = round(time.perf_counter() - started, 1)
+    full, summary = write_results(args.out, meta, runner, full_runs, runs, complete=True)
     plot_summary(summary, full["accuracy"], os.path.join(args.out, "quality.png"),
                  f"{args.model}, {args.context}-token documents, {args.samples} samples ({args.split})")
     print(format_table(summary, full))
     errors = [r for r in runs if r.get("error")]
     for r in errors[:5]:
         print(f"error: {r['policy']} {r['budget']:g} {r['sample']}: {r['error']}")
-    print(f"{len(runs)} runs in {wall:.0f} s; results in {args.out}/results.json and {args.out}/quality.png")
+    print(f"{len(runs)} runs in {meta['wall_seconds']:.0f} s; results in {args.out}/results.json "
+          f"and {args.out}/quality.png")
     return 1 if errors else 0
+
+
+def write_results(out: str, meta: dict, runner: Runner, full_runs: list[dict], runs: list[dict],
+                  complete: bool) -> tuple[dict, list[dict]]:
+    """Write results.json (also after each configuration); returns (full row, summary)."""
+    full, = summarize(full_runs)
+    summary = summarize(runs)
+    samples = [dict(dataclasses.asdict(p.sample), prompt_tokens=p.input_ids.shape[1],
+                    messages=p.sample.messages()) for p in runner.prompts]
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"meta": dict(meta, complete=complete), "full": full, "summary": summary,
+                   "samples": samples, "runs": full_runs + runs}, f, indent=1)
+    return full, summary
 
 
 def _score(prompt) -> float:
