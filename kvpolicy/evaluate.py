@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
             "date": datetime.date.today().isoformat(), "machine": _machine()}
     os.makedirs(args.out, exist_ok=True)
     runs = []
-    for policy in policies:
-        for budget in budgets:
+    for budget in budgets:  # budget-major: an interrupted run still compares every policy
+        for policy in policies:
             bar.set_postfix_str(f"{policy} {budget:g}")
             runs += [dataclasses.asdict(r) for r in runner.run_config(policy, budget, on_sample=bar.update)]
             meta["wall_seconds"] = round(time.perf_counter() - started, 1)
