@@ -32,10 +32,7 @@ class PolicyHandle:
         self._own_generate = "generate" in vars(model)
         self._compiled_call = {k: vars(model)[k] for k in ("_compiled_call", "_last_compile_config")
                                if k in vars(model)}
-        self._compile_config = (
-            CompileConfig(fullgraph=True, dynamic=False, _compile_all_devices=True,
-                          mode="reduce-overhead" if model.device.type == "cuda" else "default")
-            if compile else None)
+        self._compile_config = compile_config(model.device) if compile else None
         self._hook = None
         self._removed = False
 
@@ -131,6 +128,15 @@ class PolicyHandle:
             raise ValueError(f"{self.policy.name} needs input_ids to find the vision tokens; "
                              f"inputs_embeds alone carry no token ids")
         return None
+
+
+def compile_config(device: torch.device) -> CompileConfig:
+    """Decode-step compilation for generate: one full graph, CUDA graphs on GPU; on other
+    devices too (transformers compiles only CUDA-like devices unless told to)."""
+    config = CompileConfig(fullgraph=True, dynamic=False,
+                           mode="reduce-overhead" if device.type == "cuda" else "default")
+    config._compile_all_devices = True
+    return config
 
 
 def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
