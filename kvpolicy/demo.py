@@ -1,0 +1,106 @@
+"""``kvpolicy demo``: a needle in a long prompt, answered by the embedded SmolLM2 with the
+full cache and with each built-in policy; prints the answer, KV bytes, tokens kept per
+layer, prefill and decode time."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from tqdm import tqdm
+
+from .apply import apply
+from .registry import available_policies, policy_class
+
+NEEDLE = "The secret code is 483920."
+ANSWER = "483920"
+QUESTION = "What is the secret code mentioned in the text above? Answer with the number only."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", type=float, default=0.1, help="kept fraction of the prompt's KV entries")
+    parser.add_argument("--policies", nargs="+", default=None,
+                        help="policies to compare with the full cache (default: the built-ins)")
+    parser.add_argument("--tokens", type=int, default=1500, help="prompt length in tokens (approx.)")
+    parser.add_argument("--depth", type=float, default=0.5, help="where the needle sits (0 = start, 1 = end)")
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .evaluation.runner import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model("smollm2")
+    inputs = needle_prompt(tok, args.tokens, args.depth)
+    N = inputs["input_ids"].shape[1]
+    print(f"prompt: {N} tokens, needle at depth {args.depth:.0%}: {NEEDLE!r}; budget {args.budget}")
+    rows = []
+    for name in tqdm(["full", *(args.policies or built_in())], desc="kvpolicy demo", unit="config"):
+        if name == "full":
+            rows.append(measure(model, tok, inputs, args.max_new_tokens, name))
+        else:
+            with apply(model, name, args.budget):
+                rows.append(measure(model, tok, inputs, args.max_new_tokens, name))
+    print(table(rows))
+    return 0
+
+
+def built_in() -> list[str]:
+    """The policies shipped in kvpolicy.policies (not plugins)."""
+    return [n for n in available_policies() if policy_class(n).__module__.startswith("kvpolicy.policies.")]
+
+
+def needle_prompt(tok, tokens: int, depth: float) -> dict:
+    """Chat-templated input_ids / attention_mask: ``tokens`` tokens of pydoc text with the
+    needle sentence inserted at ``depth``, then the question."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(" ".join(topics[k] for k in sorted(topics)).split())
+    ids = tok(text, add_special_tokens=False)["input_ids"][:tokens]
+    sentences = tok.decode(ids).split(". ")
+    cut = round(depth * len(sentences))
+    body = ". ".join(sentences[:cut] + [NEEDLE.rstrip(".")] + sentences[cut:])
+    msgs = [{"role": "user", "content": f"{body}\n\n{QUESTION}"}]
+    return tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def measure(model, tok, inputs: dict, max_new_tokens: int, name: str, **generate_kwargs) -> dict:
+    """Greedy generation timed per forward (the first is the prefill): answer, KV bytes,
+    kept tokens per layer, prefill seconds, decode ms/token."""
+    stamps: list[float] = []
+    pre = model.register_forward_pre_hook(lambda *a: stamps.append(time.perf_counter()))
+    post = model.register_forward_hook(lambda *a: stamps.append(time.perf_counter()))
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 return_dict_in_generate=True, **generate_kwargs)
+    finally:
+        pre.remove()
+        post.remove()
+    durations = [b - a for a, b in zip(stamps[::2], stamps[1::2])]
+    cache = out.past_key_values
+    N = inputs["input_ids"].shape[1]
+    if hasattr(cache, "nbytes"):
+        kv_bytes, kept = cache.nbytes(), cache.kept
+    else:
+        kv_bytes = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
+        kept = [N] * len(cache.layers)
+    answer = tok.decode(out.sequences[0, N:], skip_special_tokens=True).strip()
+    return dict(name=name, answer=answer, correct=ANSWER in answer, kv_bytes=kv_bytes, kept=kept,
+                prefill_s=durations[0],
+                decode_ms=1000 * sum(durations[1:]) / max(1, len(durations) - 1))
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'config':<13}{'answer':<26}{'ok':<4}{'KV MiB':>8}{'kept/layer min/mean/max':>26}" \
+           f"{'prefill s':>11}{'decode ms/tok':>15}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        k = r["kept"]
+        kept = f"{min(k)}/{sum(k) / len(k):.0f}/{max(k)}"
+        answer = r["answer"].replace("\n", " ")[:24]
+        lines.append(f"{r['name']:<13}{answer:<26}{'yes' if r['correct'] else 'no':<4}"
+                     f"{r['kv_bytes'] / 2**20:>8.2f}{kept:>26}{r['prefill_s']:>11.2f}{r['decode_ms']:>15.1f}")
+    return "\n".join(lines)
