@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="policies to compare with the full cache (default: the built-ins)")
     parser.add_argument("--tokens", type=int, default=1500, help="prompt length in tokens (approx.)")
     parser.add_argument("--depth", type=float, default=0.5, help="where the needle sits (0 = start, 1 = end)")
-    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -100,7 +100,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         k = r["kept"]
         kept = f"{min(k)}/{sum(k) / len(k):.0f}/{max(k)}"
-        answer = r["answer"].replace("\n", " ")[:24]
+        answer = r["answer"].replace("\n", " ")[-24:]  # the end: the model restates the question first
         lines.append(f"{r['name']:<13}{answer:<26}{'yes' if r['correct'] else 'no':<4}"
                      f"{r['kv_bytes'] / 2**20:>8.2f}{kept:>26}{r['prefill_s']:>11.2f}{r['decode_ms']:>15.1f}")
     return "\n".join(lines)
