@@ -114,6 +114,8 @@ class PolicyHandle:
             ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
             B, N = ref.shape[:2]
             mask = kwargs.get("attention_mask")
+            if isinstance(mask, dict):  # Qwen2-VL: masks per layer type
+                mask = mask.get("full_attention")
             if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
                 raise ValueError("kvpolicy needs a 2-D padding attention_mask [batch, length] at prefill")
             valid = mask.bool() if mask is not None else torch.ones(B, N, dtype=torch.bool, device=ref.device)
