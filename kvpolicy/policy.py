@@ -142,7 +142,8 @@ class Policy(ABC):
         effective budget.
         """
         protected = int(self.protected(stats).sum(-1).max())
-        floor = min(stats.num_tokens, max(1, protected + self.min_scored))
+        room = stats.num_tokens + (stats.max_new_tokens if self.decode == "evict" else 0)
+        floor = min(room, max(1, protected + self.min_scored))
         total = self.total(budget, stats)
         L, N = stats.num_layers, stats.num_tokens
         if total < floor * L:
@@ -211,6 +212,7 @@ class FixedSizePolicy(Policy):
 
     decode = "evict"
     window = 0
+    min_scored = 1  # a slot beyond the protected ones, so new tokens never overwrite them
 
     def total(self, budget: Budget, stats: Stats) -> int:
         return budget.total(stats.num_tokens + stats.max_new_tokens, stats.num_layers)

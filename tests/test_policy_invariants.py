@@ -21,7 +21,8 @@ PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 
 def floor_of(policy, s):
-    return min(s.num_tokens, max(1, int(policy.protected(s).sum(-1).max()) + policy.min_scored))
+    room = s.num_tokens + (s.max_new_tokens if policy.decode == "evict" else 0)
+    return min(room, max(1, int(policy.protected(s).sum(-1).max()) + policy.min_scored))
 
 
 def test_builtins_registered():
