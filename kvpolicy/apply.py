@@ -154,7 +154,7 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
     b = Budget(budget)
     if not b.is_fraction and b.value < pol.min_tokens():
         raise ValueError(f"budget {b} cannot hold the {pol.min_tokens()} protected tokens per layer "
-                         f"of {pol.name}")
+                         f"of {pol.name}: pass budget >= {pol.min_tokens()} (or a float fraction)")
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {compile!r}")
     models.decoder_layers(model)
