@@ -55,8 +55,8 @@ def test_inserted_facts_sit_at_their_depth(tokenizer, samples, task):
 def test_doc_sentence_answer_follows_its_unique_head(samples):
     for s in (s for s in samples if s.task == "doc_sentence"):
         assert s.document.count(s.answer_prefix) == 1
-        after = s.document.split(s.answer_prefix, 1)[1].split()
-        assert after[0] == s.answers[0]
+        after = " ".join(s.document.split(s.answer_prefix, 1)[1].split()[:4])
+        assert after.rstrip(".,;:") == s.answers[0] and len(s.answers[0].split()) == 4
 
 
 def test_prompt_ends_inside_the_reply(tokenizer, samples):

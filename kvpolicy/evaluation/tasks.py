@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 SPLIT_SEEDS = {"tune": 0, "heldout": 1_000_003}
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 KEYS = ("guitar", "volcano", "penguin", "lantern", "saturn", "walnut", "harbor", "tulip")
+MAX_ANSWER_COUNT = 20  # a doc_sentence answer's first word occurs at most this often in the docs
+ANSWER_WORDS = 4
 COLORS = ("red", "blue", "green", "yellow", "purple", "orange")
 
 
@@ -123,26 +126,38 @@ def key_value(rng, tokenizer, context, sid):
 
 def doc_sentence(rng, tokenizer, context, sid):
     """Recall how a line of the document itself goes on: the reply starts with the line's
-    first words (at least six, unique in the document), the answer is the next word."""
+    first words (at least six, unique in the document); the answer is the next
+    ``ANSWER_WORDS`` words, the first of them rare in the docs, so that the start of the
+    line alone does not give them away."""
     while True:  # a document without a usable line (rare: tables, grammar) is redrawn
         lines = cut_document(rng, tokenizer, context)
         text = "\n".join(lines)
-        options = [option for i, line in enumerate(lines) if (option := _recall_point(i, line, lines, text))]
+        options = [option for i, line in enumerate(lines) if (option := _recall_point(i, line, text))]
         if options:
             break
-    i, head, word = rng.choice(options)
+    i, head, phrase = rng.choice(options)
     return Sample(sid, "doc_sentence", text,
                   "Continue quoting the sentence of the text above that your reply begins with.",
-                  head, [word], [i / len(lines)])
+                  head, [phrase], [i / len(lines)])
 
 
-def _recall_point(i, line, lines, text):
-    """(line index, head, next word) for the line's shortest usable head, or None."""
+@lru_cache(maxsize=1)
+def word_counts() -> Counter:
+    """How often each lower-case word occurs in the docs."""
+    return Counter(re.findall(r"[a-z]+", "\n".join(corpus_lines()).lower()))
+
+
+def _recall_point(i, line, text):
+    """(line index, head, next words) at the first usable point of the line, else None."""
     words = line.split()
-    for k in range(6, len(words)):
-        head, word = " ".join(words[:k]), words[k]
-        if re.fullmatch(r"[a-z]{4,}", word) and word not in head.lower() and text.count(head) == 1:
-            return i, head, word
+    for k in range(6, len(words) - ANSWER_WORDS + 1):
+        head, phrase = " ".join(words[:k]), words[k:k + ANSWER_WORDS]
+        phrase[-1] = phrase[-1].rstrip(".,;:")
+        first = phrase[0]
+        if (all(re.fullmatch(r"[A-Za-z]+", w) for w in phrase) and re.fullmatch(r"[a-z]{5,}", first)
+                and word_counts()[first] <= MAX_ANSWER_COUNT and first not in head.lower()
+                and text.count(head) == 1):
+            return i, head, " ".join(phrase)
     return None
 
 
