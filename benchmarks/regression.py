@@ -4,8 +4,8 @@ full cache, kernel vs copy bandwidth, ...) against the stored baselines.
     python benchmarks/regression.py RUN.json              # check; exit 1 on a regression
     python benchmarks/regression.py RUN.json --update     # rewrite the baselines from RUN.json
 
-Only dimensionless ``extra_info`` entries are compared (names ending in ``_ratio`` or
-``speedup``, or starting with ``fraction_of_``): both sides of a ratio share the machine's
+Only dimensionless ``extra_info`` entries are compared (names ending in ``_ratio``,
+``speedup`` or ``overhead``, or containing ``_of_``): both sides of a ratio share the machine's
 load, so they travel between runs far better than absolute times on a noisy 2-core box.
 Each baseline entry says which way is better (``higher``, ``lower`` or ``either``) and may
 set its own ``tolerance``; a value may be worse than its baseline by the factor
@@ -25,14 +25,19 @@ DEFAULT_TOLERANCE = 1.0  # twice as bad fails: same-run ratios still swing on a 
 
 
 def is_ratio(key: str) -> bool:
-    return key.endswith(("_ratio", "speedup")) or key.startswith("fraction_of_")
+    return key.endswith(("_ratio", "speedup", "overhead")) or "_of_" in key
+
+
+def comparable(key: str, value: float) -> float:
+    """An ``overhead`` is ``policy / plain - 1`` (near 0, may be negative): compare 1 + it."""
+    return 1.0 + value if key.endswith("overhead") else value
 
 
 def better_direction(key: str) -> str:
     """A guess from the name, stored in the baseline for people to correct."""
     if any(w in key for w in ("speedup", "fraction_of_", "throughput", "bandwidth")):
         return "higher"
-    if any(w in key for w in ("time", "latency", "memory", "bytes", "overhead", "slowdown")):
+    if any(w in key for w in ("time", "latency", "memory", "bytes", "overhead", "slowdown", "extra")):
         return "lower"
     return "either"
 
@@ -68,7 +73,8 @@ def check(run: dict, baseline: dict) -> tuple[list[str], list[str]]:
                 notes.append(f"not measured in this run: {name} {key}")
                 continue
             tol = entry.get("tolerance", default_tol)
-            factor = worse_by(value, entry["value"], entry.get("better", "either"))
+            factor = worse_by(comparable(key, value), comparable(key, entry["value"]),
+                              entry.get("better", "either"))
             if factor > 1 + tol:
                 failures.append(
                     f"REGRESSION {name}: {key} = {value:.4g}, baseline {entry['value']:.4g} "

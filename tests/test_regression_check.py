@@ -73,6 +73,17 @@ def test_update_keeps_directions_and_tolerances(baseline):
     assert new["benchmarks"][DECODE]["decode_time_ratio"] == {"better": "lower", "tolerance": 0.2, "value": 0.5}
 
 
+def test_overheads_compare_as_one_plus():
+    prefill = "benchmarks/test_bench_prefill.py::test_bench_prefill_overhead[1024-h2o]"
+    run = {"benchmarks": [{"fullname": prefill, "extra_info": {"overhead": 0.02, "policy_prefill_s": 3.1}}]}
+    baseline = regression.updated(run, {})
+    assert baseline["benchmarks"][prefill] == {"overhead": {"better": "lower", "value": 0.02}}
+    run["benchmarks"][0]["extra_info"]["overhead"] = 0.3   # 1.3 / 1.02: noise, not 15x worse
+    assert regression.check(run, baseline)[0] == []
+    run["benchmarks"][0]["extra_info"]["overhead"] = 1.5   # 2.5 / 1.02
+    assert prefill in regression.check(run, baseline)[0][0]
+
+
 def test_command_line(tmp_path, baseline, capsys):
     run_path, base_path = tmp_path / "run.json", tmp_path / "baseline.json"
     run_path.write_text(json.dumps(bench_run()))
