@@ -1,37 +1,70 @@
-"""SpanKV (ours): the question's attention, pooled over all layers, keeps whole spans."""
+"""SpanKV (ours): spans that the answer's last query points at in the upper layers, kept in
+every layer, plus each layer's own picks."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvpolicy_kernels import select_keep
+
 from ..allocation import apportion
-from ..policy import Policy, Stats
+from ..policy import Policy, Stats, edge_tokens
 from ..registry import register_policy
+
+
+def pool(x: Tensor, span: int) -> Tensor:
+    """Max-pool float [..., N] along the last dim with an odd window ``span``."""
+    shape = x.shape
+    return F.max_pool1d(x.reshape(-1, 1, shape[-1]), span, stride=1, padding=span // 2).reshape(shape)
 
 
 @register_policy("spankv")
 class SpanKV(Policy):
-    """Score: attention of the last ``window`` prompt queries (the question), each layer's
-    share normalised to sum to 1; with ``share_layers`` averaged over layers and heads so
-    every layer keeps the same tokens. Max-pooled along keys with ``span`` so a kept peak
-    brings its neighbours (a code's digits, a name's pieces). Equal layer budgets; the
-    window and ``sinks`` are kept."""
+    """Score: attention of the last ``observe`` prompt queries (the end of the question,
+    where induction heads look up the answer). A ``shared`` part of every layer's budget
+    keeps the same spans in all layers: the tokens within ``span // 2`` of the peaks of the
+    attention averaged over the upper half of the layers (each layer's share normalised).
+    The rest goes to each layer's own top scores, max-pooled with ``kernel``. Equal layer
+    budgets; the last ``window`` tokens and the first ``sinks`` are kept."""
 
     queries = "window"
 
-    def __init__(self, window: int = 32, span: int = 7, share_layers: bool = True, sinks: int = 0):
-        if span < 1 or span % 2 == 0:
-            raise ValueError(f"span must be an odd positive int, got {span}")
-        self.window, self.span, self.share_layers, self.sinks = window, span, share_layers, sinks
+    def __init__(self, observe: int = 1, window: int = 16, span: int = 13, kernel: int = 7,
+                 shared: float = 0.9, sinks: int = 4):
+        for name, v in (("span", span), ("kernel", kernel)):
+            if v < 1 or v % 2 == 0:
+                raise ValueError(f"{name} must be an odd positive int, got {v}")
+        if not 0.0 <= shared <= 1.0:
+            raise ValueError(f"shared must be in [0, 1], got {shared}")
+        if observe < 1:
+            raise ValueError(f"observe must be >= 1, got {observe}")
+        self.observe, self.window, self.span, self.kernel = observe, window, span, kernel
+        self.shared, self.sinks = shared, sinks
+
+    def query_mask(self, valid: Tensor, vision: Tensor | None) -> Tensor:
+        return edge_tokens(valid, 0, self.observe)
 
     def score(self, stats: Stats) -> Tensor:
-        L, B, G, N = stats.attn.shape
-        share = stats.attn / stats.attn.sum(-1, keepdim=True).clamp_min(1e-30)
-        if self.share_layers:
-            share = share.mean(dim=(0, 2), keepdim=True).expand(L, B, G, N)
-        pooled = F.max_pool1d(share.reshape(-1, 1, N), self.span, stride=1, padding=self.span // 2)
-        return pooled.reshape(L, B, G, N)
+        return pool(stats.attn, self.kernel)
+
+    def consensus(self, stats: Stats) -> Tensor:
+        """float32 [B, N]: upper layers' normalised attention, averaged, span-pooled."""
+        upper = stats.attn[stats.num_layers // 2:]
+        share = upper / upper.sum(-1, keepdim=True).clamp_min(1e-30)
+        return pool(share.mean(dim=(0, 2)), self.span)
 
     def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
         return apportion(torch.ones(stats.num_layers), total, floor, stats.num_tokens)
+
+    def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
+        protected = self.protected(stats)
+        consensus = self.consensus(stats).masked_fill(protected | ~stats.valid, float("-inf"))
+        order = torch.sort(consensus, dim=-1, descending=True, stable=True).indices
+        free = int(stats.valid.sum(-1).min()) - int(protected.sum(-1).max())
+        keep = []
+        for l, n_l in enumerate(n.tolist()):
+            k = max(0, min(round(self.shared * n_l), n_l - int(protected.sum(-1).max()), free))
+            agreed = torch.zeros_like(protected).scatter_(1, order[:, :k], True) & stats.valid
+            keep.append(select_keep(scores[l], n_l, protected | agreed, stats.valid))
+        return keep
