@@ -19,10 +19,13 @@ def plot_summary(summary: list[dict], full_accuracy: float, path: str, title: st
     acc_ax.axhline(full_accuracy, color="black", linestyle=":", label="full cache")
     acc_ax.set(xscale="log", xlabel="budget (kept fraction of the prompt's KV)", ylabel="task accuracy",
                ylim=(-0.03, 1.03), title="accuracy")
-    kl_ax.set(xscale="log", yscale="symlog", xlabel="budget (kept fraction of the prompt's KV)",
+    kl_ax.set(xscale="log", ylim=(0, None), xlabel="budget (kept fraction of the prompt's KV)",
               ylabel="mean KL(full || policy), nats", title="KL vs full cache")
+    budgets = sorted({row["budget"] for row in summary})
     for ax in (acc_ax, kl_ax):
         ax.grid(alpha=0.3)
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.minorticks_off()
     acc_ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
