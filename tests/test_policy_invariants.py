@@ -196,3 +196,19 @@ def test_h2o_size_covers_new_tokens_and_budget_one_keeps_all():
     assert plan.capacity == [12, 12] and plan.kept == [12, 12]
     full = get_policy("h2o").plan(s, Budget(1.0))
     assert full.capacity == [120, 120] and full.kept == [100, 100]
+
+
+def test_spankv_keeps_the_upper_layers_peak_span_in_every_layer():
+    L, N = 6, 200
+    attn = torch.rand(L, 1, 2, N) * 0.01
+    attn[L // 2:, :, :, 120] = 5.0  # the last query points at position 120 in the upper layers
+    s = kvpolicy.Stats(attn=attn, queries=torch.ones(1, N, dtype=torch.bool),
+                       valid=torch.ones(1, N, dtype=torch.bool))
+    policy = get_policy("spankv")
+    plan = policy.plan(s, Budget(0.2))
+    span = set(range(120 - policy.span // 2, 120 + policy.span // 2 + 1))
+    for keep in plan.keep:
+        for row in keep[0]:
+            assert span <= set(row.tolist())
+    same = get_policy("spankv", shared=1.0).plan(s, Budget(0.2)).keep
+    assert all(torch.equal(k, same[0]) for k in same)
