@@ -3,7 +3,8 @@ budget 0.1, eager and compiled, with the KV bytes each holds, and the goal's ref
 (full-cache eager decode at a 0.8k prompt). KVPOLICY_BENCH_FAST=1: a 1k prompt, fewer
 steps, fewer configurations (CI).
 
-Each configuration is one ``generate`` (one prefill). Decode ms/token is the mean of the
+Each configuration is one ``generate`` (one prefill), timed by a stopping criterion (model
+hooks would break the compiled graph). Decode ms/token is the mean of the
 decode steps after the first WARMUP ones: the first compiled step compiles, and the first
 eager steps warm the allocator, so both modes are reported on the same steady steps.
 Compiled runs cover full, h2o and vlcache only (KVPOLICY_BENCH_COMPILED=all for every
@@ -14,10 +15,11 @@ import time
 
 import pytest
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import kvpolicy
 from kvpolicy.apply import compile_config
-from kvpolicy.demo import built_in, measure, needle_prompt
+from kvpolicy.demo import built_in, needle_prompt
 
 FAST = os.environ.get("KVPOLICY_BENCH_FAST") == "1"
 PROMPT = 1024 if FAST else 8192
@@ -50,29 +52,48 @@ def loadavg() -> float:
         return float("nan")
 
 
+class Stamps(StoppingCriteria):
+    """Stamps the time after every generation step; never stops. Runs outside the compiled
+    forward (model hooks would be traced by torch.compile and break its fullgraph)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate(model, tok, inputs: dict, policy: str, **kwargs) -> dict:
+    """One greedy generate of 1 + WARMUP + STEPS new tokens: KV bytes, prefill seconds (with
+    the first token) and the mean ms/token of the last STEPS decode steps."""
+    stamps = Stamps()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=1 + WARMUP + STEPS, do_sample=False,
+                             return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([stamps]),
+                             **kwargs)
+    cache = out.past_key_values
+    if hasattr(cache, "nbytes"):
+        kv_bytes = cache.nbytes()
+    else:
+        kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    t = stamps.times
+    steps = [b - a for a, b in zip(t, t[1:])][WARMUP:]
+    return dict(name=policy, prompt=inputs["input_ids"].shape[1], kv_bytes=kv_bytes, prefill_s=t[0] - start,
+                steady_ms=1000 * sum(steps) / max(1, len(steps)),
+                decode_ms=1000 * (t[-1] - t[0]) / max(1, len(t) - 1))
+
+
 def decode(model, tok, tokens: int, policy: str, mode: str) -> dict:
-    """One greedy generate of WARMUP + STEPS new tokens; measure()'s result plus the mean
-    ms/token of the last STEPS decode steps (``steady_ms``)."""
     inputs = needle_prompt(tok, tokens, 0.5)
-    kwargs = {}
-    if mode == "compiled" and policy == "full":  # transformers' own static cache, compiled
-        kwargs = dict(cache_implementation="static", compile_config=compile_config(model.device))
-    stamps: list[float] = []
-    pre = model.register_forward_pre_hook(lambda *a: stamps.append(time.perf_counter()))
-    post = model.register_forward_hook(lambda *a: stamps.append(time.perf_counter()))
-    try:
-        if policy == "full":
-            result = measure(model, tok, inputs, 1 + WARMUP + STEPS, policy, **kwargs)
-        else:
-            with kvpolicy.apply(model, policy, 0.1, compile=mode == "compiled"):
-                result = measure(model, tok, inputs, 1 + WARMUP + STEPS, policy)
-    finally:
-        pre.remove()
-        post.remove()
-    steps = [b - a for a, b in zip(stamps[::2], stamps[1::2])][1 + WARMUP:]  # [0] is the prefill
-    result["steady_ms"] = 1000 * sum(steps) / max(1, len(steps))
-    result["prompt"] = inputs["input_ids"].shape[1]
-    return result
+    if policy == "full":
+        kwargs = {}
+        if mode == "compiled":  # transformers' own static cache, compiled
+            kwargs = dict(cache_implementation="static", compile_config=compile_config(model.device))
+        return generate(model, tok, inputs, policy, **kwargs)
+    with kvpolicy.apply(model, policy, 0.1, compile=mode == "compiled"):
+        return generate(model, tok, inputs, policy)
 
 
 def report(benchmark, result: dict, mode: str, load: float) -> None:
