@@ -134,6 +134,12 @@ class Policy(ABC):
         """Per-layer buffer slots for allocation ``n``: kept tokens plus the planned new ones."""
         return [int(x) + stats.max_new_tokens for x in n]
 
+    def floor(self, stats: Stats) -> int:
+        """Tokens every layer keeps at least: the protected ones plus ``min_scored``."""
+        protected = int(self.protected(stats).sum(-1).max())
+        room = stats.num_tokens + (stats.max_new_tokens if self.decode == "evict" else 0)
+        return min(room, max(1, protected + self.min_scored))
+
     def plan(self, stats: Stats, budget: Budget) -> Plan:
         """Run score -> allocate -> evict for one prompt batch.
 
@@ -141,9 +147,7 @@ class Policy(ABC):
         ``min_scored``) in every layer, with one warning naming the prompt length and the
         effective budget.
         """
-        protected = int(self.protected(stats).sum(-1).max())
-        room = stats.num_tokens + (stats.max_new_tokens if self.decode == "evict" else 0)
-        floor = min(room, max(1, protected + self.min_scored))
+        floor = self.floor(stats)
         total = self.total(budget, stats)
         L, N = stats.num_layers, stats.num_tokens
         if total < floor * L:

@@ -20,11 +20,6 @@ MONOTONE = ["uniform", "prefixkv", "vlcache", "pyramidkv"]
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def floor_of(policy, s):
-    room = s.num_tokens + (s.max_new_tokens if policy.decode == "evict" else 0)
-    return min(room, max(1, int(policy.protected(s).sum(-1).max()) + policy.min_scored))
-
-
 def quiet_plan(policy, s, budget):
     """policy.plan without the short-prompt warning (tested on its own below)."""
     logging.disable(logging.WARNING)
@@ -49,7 +44,7 @@ def test_allocation_bounds_and_total(name, s, budget):
     fixed = policy.decode == "evict"
     sizes = torch.tensor(plan.capacity if fixed else plan.kept)
     cap = N + s.max_new_tokens if fixed else N
-    floor = floor_of(policy, s)
+    floor = policy.floor(s)
     total = max(policy.total(budget, s), floor * L)
     assert sizes.min() >= 1 and sizes.max() <= cap
     assert sizes.sum() <= total
@@ -90,7 +85,7 @@ def test_keep_rows_valid_and_protected(name, s, budget):
 def test_allocation_monotone(name, s, data):
     """Invariant 5: a larger budget never lowers any layer's budget."""
     policy = get_policy(name)
-    floor = floor_of(policy, s)
+    floor = policy.floor(s)
     L, N = s.num_layers, s.num_tokens
     t1 = data.draw(st.integers(floor * L, N * L))
     t2 = data.draw(st.integers(t1, N * L))
@@ -128,7 +123,7 @@ def test_vlcache_allocation_follows_density(s, data):
     entries = s.causal_entries()[None, :, None] * s.heads_per_group
     s.below = torch.floor(entries * levels[:, None, None] / 4).expand(L, B, G).clone()
     policy = get_policy("vlcache")
-    floor = floor_of(policy, s)
+    floor = policy.floor(s)
     total = data.draw(st.integers(floor * L, s.num_tokens * L))
     n = policy.allocate(s, total, floor)
     free = (n > floor) & (n < s.num_tokens)
@@ -147,7 +142,7 @@ def test_vlcache_allocation_follows_density(s, data):
 def test_prefixkv_layers_reach_shared_level(s, data):
     """Invariant 8: every layer's kept prefix reaches the shared level p."""
     policy = get_policy("prefixkv")
-    floor = floor_of(policy, s)
+    floor = policy.floor(s)
     L, N = s.num_layers, s.num_tokens
     total = data.draw(st.integers(floor * L, N * L))
     p, n = policy.level(s, total, floor)
@@ -161,7 +156,7 @@ def test_prefixkv_layers_reach_shared_level(s, data):
 @given(s=stats(), budget=budgets())
 def test_pyramidkv_budgets_fall_with_depth(s, budget):
     policy = get_policy("pyramidkv")
-    floor = floor_of(policy, s)
+    floor = policy.floor(s)
     total = max(policy.total(budget, s), floor * s.num_layers)
     n = policy.allocate(s, total, floor)
     assert (n[1:] <= n[:-1] + 1).all()

@@ -61,10 +61,11 @@ class SpanKV(Policy):
         protected = self.protected(stats)
         consensus = self.consensus(stats).masked_fill(protected | ~stats.valid, float("-inf"))
         order = torch.sort(consensus, dim=-1, descending=True, stable=True).indices
-        free = int(stats.valid.sum(-1).min()) - int(protected.sum(-1).max())
+        held = int(protected.sum(-1).max())
+        free = int(stats.valid.sum(-1).min()) - held
         keep = []
         for l, n_l in enumerate(n.tolist()):
-            k = max(0, min(round(self.shared * n_l), n_l - int(protected.sum(-1).max()), free))
+            k = max(0, min(round(self.shared * n_l), n_l - held, free))
             agreed = torch.zeros_like(protected).scatter_(1, order[:, :k], True) & stats.valid
             keep.append(select_keep(scores[l], n_l, protected | agreed, stats.valid))
         return keep
