@@ -43,3 +43,8 @@ def apportion(weights: Tensor, total: int, lo: Tensor | int, hi: Tensor | int) -
     K = int(torch.as_tensor(hi).max())
     k = torch.arange(1, K + 1, dtype=torch.float64)
     return take_cheapest(k[None, :] / weights.double().clamp_min(0).cpu()[:, None], total, lo, hi)
+
+
+def equal_split(num_layers: int, total: int, lo: Tensor | int, hi: Tensor | int) -> Tensor:
+    """int64 [L]: ``total`` split equally within [lo, hi] (remainder to the first layers)."""
+    return apportion(torch.ones(num_layers), total, lo, hi)

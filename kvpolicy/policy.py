@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from kvpolicy_kernels import select_keep
-
-from .allocation import apportion
-from .budget import Budget
+from . import budget as arithmetic
+from .allocation import equal_split
+from .budget import Budget, Decode
+from .selection import edge_tokens, post_vision, select_keep
 
 log = logging.getLogger("kvpolicy")
 
@@ -22,7 +21,7 @@ QuerySet = Literal["all", "window", "post_vision", "none"]
 
 @dataclass
 class Stats:
-    """What the score op accumulated at prefill, for all layers of one prompt batch.
+    """What the score op accumulated at prefill, for the scored layers of one prompt batch.
 
     attn: float32 [L, B, G, N]: attention probability each key received, summed over the
         counted queries and over the query heads of its KV group (0 where nothing counted).
@@ -32,6 +31,9 @@ class Stats:
     vision: bool [B, N] or None: vision-token positions (VLMs).
     below: float32 [L, B, G] or None: count of counted probabilities < tau x row max.
     max_new_tokens: decode steps planned for this generate call.
+    num_seen: tokens the budget is a fraction of when it differs from the valid keys (a
+        continued cache: everything seen so far, of which the keys are what is left); None
+        means ``num_tokens``.
     """
 
     attn: Tensor
@@ -41,6 +43,7 @@ class Stats:
     vision: Tensor | None = None
     below: Tensor | None = None
     max_new_tokens: int = 0
+    num_seen: int | None = None
 
     @property
     def num_layers(self) -> int:
@@ -50,6 +53,11 @@ class Stats:
     def num_tokens(self) -> int:
         """N: the longest sequence's real length (the padded length minus common padding)."""
         return int(self.valid.sum(-1).max())
+
+    @property
+    def budget_tokens(self) -> int:
+        """The token count a fractional budget applies to."""
+        return self.num_tokens if self.num_seen is None else self.num_seen
 
     def causal_entries(self) -> Tensor:
         """float32 [B]: per query head, the (counted query, visible real key) pairs."""
@@ -73,39 +81,42 @@ class Plan:
         return [k.shape[-1] for k in self.keep]
 
 
-class Policy(ABC):
-    """A KV-cache policy. Subclasses set the class attributes and implement score/allocate.
+class Policy:
+    """A KV-cache policy: ``score`` tokens, ``allocate`` the total across layers, ``evict``
+    per layer. The defaults are the plain rule (scores = the accumulated attention, equal
+    layer budgets, protected tokens plus the top scores); a policy overrides what differs.
 
     Class attributes: ``name`` (registry name), ``queries`` (which prompt queries the
     score op counts: all, the last ``window``, post-vision, or none), ``tau`` (> 0 asks
-    the score op for sparsity counts), ``decode`` ("append", or "evict" for policies
-    that hold a fixed size while decoding), ``min_scored`` (a layer's floor above its
-    protected tokens). Constructor parameters are the policy's
-    tunables; ``params()`` lists them with their values.
+    the score op for sparsity counts), ``decode`` ("append", or "evict" for policies that
+    hold a fixed size while decoding: see FixedSizePolicy), ``min_scored`` (a layer's
+    floor above its protected tokens). Constructor parameters are the policy's tunables;
+    ``params()`` lists them with their values.
     """
 
     name: ClassVar[str] = ""
     queries: ClassVar[QuerySet] = "all"
     tau: ClassVar[float] = 0.0
-    decode: ClassVar[Literal["append", "evict"]] = "append"
+    decode: ClassVar[Decode] = "append"
     min_scored: ClassVar[int] = 0  # tokens per layer chosen by score beyond the protected
 
     sinks: int = 0
     window: int = 8
 
     # ---- the three steps -------------------------------------------------------------
-    @abstractmethod
     def score(self, stats: Stats) -> Tensor:
         """float32 [L, B, G, N_pad] token scores, higher = keep."""
+        return stats.attn
 
-    @abstractmethod
     def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
-        """int64 [L] tokens per layer, floor <= n_l <= N, sum(n) <= total."""
+        """int64 [L] tokens per layer, floor <= n_l <= room, sum(n) <= total."""
+        return equal_split(stats.num_layers, total, floor, self.room(stats))
 
     def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
-        """Per layer int64 [B, G, n_l]: protected tokens, then the top scores."""
+        """Per layer int64 [B, G, min(n_l, N)]: protected tokens, then the top scores."""
         protected = self.protected(stats)
-        return [select_keep(scores[l], int(n[l]), protected, stats.valid) for l in range(len(n))]
+        return [select_keep(scores[l], min(int(n[l]), stats.num_tokens), protected, stats.valid)
+                for l in range(len(n))]
 
     # ---- what the steps need ---------------------------------------------------------
     def protected(self, stats: Stats) -> Tensor:
@@ -126,19 +137,23 @@ class Policy(ABC):
         """Tokens per layer an int budget must at least hold (the fixed protected ones)."""
         return max(1, self.sinks + self.window + self.min_scored)
 
+    def room(self, stats: Stats) -> int:
+        """Most tokens a layer can hold (see budget.room)."""
+        return arithmetic.room(stats.num_tokens, stats.max_new_tokens, self.decode)
+
     def total(self, budget: Budget, stats: Stats) -> int:
         """Total tokens kept over all layers for this prompt."""
-        return budget.total(stats.num_tokens, stats.num_layers)
+        counted = arithmetic.room(stats.budget_tokens, stats.max_new_tokens, self.decode)
+        return budget.total(counted, stats.num_layers)
 
     def capacity(self, n: Tensor, stats: Stats) -> list[int]:
-        """Per-layer buffer slots for allocation ``n``: kept tokens plus the planned new ones."""
-        return [int(x) + stats.max_new_tokens for x in n]
+        """Per-layer buffer slots for allocation ``n`` (see budget.capacity)."""
+        return [arithmetic.capacity(int(x), stats.max_new_tokens, self.decode) for x in n]
 
     def floor(self, stats: Stats) -> int:
         """Tokens every layer keeps at least: the protected ones plus ``min_scored``."""
         protected = int(self.protected(stats).sum(-1).max())
-        room = stats.num_tokens + (stats.max_new_tokens if self.decode == "evict" else 0)
-        return min(room, max(1, protected + self.min_scored))
+        return arithmetic.layer_floor(protected, self.min_scored, self.room(stats))
 
     def plan(self, stats: Stats, budget: Budget) -> Plan:
         """Run score -> allocate -> evict for one prompt batch.
@@ -148,7 +163,7 @@ class Policy(ABC):
         effective budget.
         """
         floor = self.floor(stats)
-        total = self.total(budget, stats)
+        total = min(self.total(budget, stats), self.room(stats) * stats.num_layers)
         L, N = stats.num_layers, stats.num_tokens
         if total < floor * L:
             log.warning(
@@ -188,27 +203,6 @@ class Policy(ABC):
         return f"{type(self).__name__}({args})"
 
 
-def edge_tokens(valid: Tensor, first: int, last: int) -> Tensor:
-    """bool [B, N]: the first ``first`` and the last ``last`` real tokens of each row."""
-    rank = torch.cumsum(valid.long(), dim=-1) - 1  # index among real tokens
-    count = valid.sum(-1, keepdim=True)
-    return valid & ((rank < first) | (rank >= count - last))
-
-
-def post_vision(valid: Tensor, vision: Tensor | None, fallback: int = 8) -> Tensor:
-    """bool [B, N]: real tokens after each row's last vision token (the last ``fallback``
-    real tokens in rows without one)."""
-    if vision is None:
-        vision = torch.zeros_like(valid)
-    N = valid.shape[-1]
-    pos = torch.arange(N, device=valid.device)
-    last_vision = torch.where(vision, pos, -1).amax(-1, keepdim=True)
-    after = valid & (pos > last_vision) & ~vision
-    has_vision = vision.any(-1, keepdim=True)
-    return torch.where(has_vision, after, edge_tokens(valid, 0, fallback))
-
-
-
 class FixedSizePolicy(Policy):
     """Base for policies that evict while decoding: each layer holds a fixed number of
     slots, round(budget * (N + max_new_tokens)) on average, and a new token overwrites the
@@ -217,18 +211,3 @@ class FixedSizePolicy(Policy):
     decode = "evict"
     window = 0
     min_scored = 1  # a slot beyond the protected ones, so new tokens never overwrite them
-
-    def total(self, budget: Budget, stats: Stats) -> int:
-        return budget.total(stats.num_tokens + stats.max_new_tokens, stats.num_layers)
-
-    def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
-        hi = stats.num_tokens + stats.max_new_tokens
-        return apportion(torch.ones(stats.num_layers), total, floor, hi)
-
-    def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
-        protected = self.protected(stats)
-        return [select_keep(scores[l], min(int(s), stats.num_tokens), protected, stats.valid)
-                for l, s in enumerate(n)]
-
-    def capacity(self, n: Tensor, stats: Stats) -> list[int]:
-        return [int(x) for x in n]

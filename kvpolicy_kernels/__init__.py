@@ -5,9 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from .ops import accumulate_scores_op, compact_layers_op
-from .select import select_keep
 
-__all__ = ["accumulate_scores", "accumulate_scores_sparsity", "compact_layers", "select_keep"]
+__all__ = ["accumulate_scores", "accumulate_scores_sparsity", "compact_layers"]
 
 
 def accumulate_scores(

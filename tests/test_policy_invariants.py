@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import kvpolicy
 from kvpolicy import Budget, get_policy
 from kvpolicy.policies import H2O
-from kvpolicy_kernels import select_keep
+from kvpolicy.selection import select_keep
 from strategies import budgets, stats
 
 BUILTINS = ["h2o", "prefixkv", "pyramidkv", "snapkv", "spankv", "streamingllm", "uniform",
@@ -75,7 +75,7 @@ def test_keep_rows_valid_and_protected(name, s, budget):
             mask.scatter_(1, keep[b], True)
             assert (mask | ~protected[b]).all()
             if isinstance(policy, H2O):  # its protected window is the recent part of the size
-                recent = kvpolicy.policy.edge_tokens(s.valid[b:b + 1], 0, policy.recent(size))
+                recent = kvpolicy.selection.edge_tokens(s.valid[b:b + 1], 0, policy.recent(size))
                 assert (mask | ~recent).all()
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvpolicy_kernels import select_keep
-
-from ..policy import FixedSizePolicy, Stats, edge_tokens
+from ..policy import FixedSizePolicy, Stats
 from ..registry import register_policy
+from ..selection import edge_tokens, select_keep
 
 
 @register_policy("h2o")
@@ -26,9 +25,6 @@ class H2O(FixedSizePolicy):
 
     def recent(self, size: int) -> int:
         return max(1, size - round(self.heavy_ratio * size))
-
-    def score(self, stats: Stats) -> Tensor:
-        return stats.attn
 
     def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
         keep = []

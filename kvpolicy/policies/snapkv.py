@@ -1,13 +1,11 @@
 """SnapKV: attention of an observation window, max-pooled along keys (Li et al., 2024)."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..allocation import apportion
 from ..policy import Policy, Stats
 from ..registry import register_policy
+from ..selection import max_pool_keys
 
 
 @register_policy("snapkv")
@@ -24,10 +22,4 @@ class SnapKV(Policy):
         self.kernel = kernel
 
     def score(self, stats: Stats) -> Tensor:
-        L, B, G, N = stats.attn.shape
-        pooled = F.max_pool1d(stats.attn.reshape(L * B * G, 1, N), self.kernel, stride=1,
-                              padding=self.kernel // 2)
-        return pooled.reshape(L, B, G, N)
-
-    def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
-        return apportion(torch.ones(stats.num_layers), total, floor, stats.num_tokens)
+        return max_pool_keys(stats.attn, self.kernel)

@@ -3,20 +3,11 @@ every layer, plus each layer's own picks."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from kvpolicy_kernels import select_keep
-
-from ..allocation import apportion
-from ..policy import Policy, Stats, edge_tokens
+from ..policy import Policy, Stats
 from ..registry import register_policy
-
-
-def pool(x: Tensor, span: int) -> Tensor:
-    """Max-pool float [..., N] along the last dim with an odd window ``span``."""
-    shape = x.shape
-    return F.max_pool1d(x.reshape(-1, 1, shape[-1]), span, stride=1, padding=span // 2).reshape(shape)
+from ..selection import edge_tokens, max_pool_keys, select_keep
 
 
 @register_policy("spankv")
@@ -46,16 +37,13 @@ class SpanKV(Policy):
         return edge_tokens(valid, 0, self.observe)
 
     def score(self, stats: Stats) -> Tensor:
-        return pool(stats.attn, self.kernel)
+        return max_pool_keys(stats.attn, self.kernel)
 
     def consensus(self, stats: Stats) -> Tensor:
         """float32 [B, N]: upper layers' normalised attention, averaged, span-pooled."""
         upper = stats.attn[stats.num_layers // 2:]
         share = upper / upper.sum(-1, keepdim=True).clamp_min(1e-30)
-        return pool(share.mean(dim=(0, 2)), self.span)
-
-    def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
-        return apportion(torch.ones(stats.num_layers), total, floor, stats.num_tokens)
+        return max_pool_keys(share.mean(dim=(0, 2)), self.span)
 
     def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
         protected = self.protected(stats)

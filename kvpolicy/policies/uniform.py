@@ -1,10 +1,7 @@
 """uniform: the same number of tokens in every layer, chosen by the window's attention."""
 from __future__ import annotations
 
-import torch
-
-from ..allocation import apportion
-from ..policy import Policy, Stats
+from ..policy import Policy
 from ..registry import register_policy
 
 
@@ -17,9 +14,3 @@ class Uniform(Policy):
 
     def __init__(self, window: int = 8):
         self.window = window
-
-    def score(self, stats: Stats):
-        return stats.attn
-
-    def allocate(self, stats: Stats, total: int, floor: int):
-        return apportion(torch.ones(stats.num_layers), total, floor, stats.num_tokens)

@@ -5,8 +5,9 @@ import torch
 from torch import Tensor
 
 from ..allocation import apportion
-from ..policy import Policy, Stats, post_vision
+from ..policy import Policy, Stats
 from ..registry import register_policy
+from ..selection import post_vision
 
 
 @register_policy("vlcache")
@@ -31,9 +32,6 @@ class VLCache(Policy):
 
     def protected(self, stats: Stats) -> Tensor:
         return post_vision(stats.valid, stats.vision)
-
-    def score(self, stats: Stats) -> Tensor:
-        return stats.attn
 
     def density(self, stats: Stats) -> Tensor:
         """float64 [L]: 1 - layer sparsity."""
