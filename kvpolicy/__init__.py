@@ -1,13 +1,14 @@
 """kvpolicy: KV-cache compression policies for Hugging Face language and vision-language models."""
 from . import policies  # noqa: F401  (registers the built-ins)
-from .apply import PolicyHandle, apply
+from .apply import PolicyHandle, apply, compress
 from .budget import Budget
 from .cache import PolicyCache
+from .hooks import attach, detach
 from .policy import FixedSizePolicy, Plan, Policy, Stats
 from .registry import (UnknownPolicyError, available_policies, get_policy, policy_class,
                        register_policy)
 
 __version__ = "0.1.0"
 __all__ = ["Budget", "FixedSizePolicy", "Plan", "Policy", "PolicyCache", "PolicyHandle", "Stats",
-           "UnknownPolicyError", "apply", "available_policies", "get_policy", "policy_class",
+           "UnknownPolicyError", "apply", "attach", "available_policies", "compress", "detach", "get_policy", "policy_class",
            "register_policy"]

@@ -1,5 +1,6 @@
 """``kvpolicy.apply``: patch a transformers model so that ``generate`` runs with a
-compressed PolicyCache; the returned handle (also a context manager) undoes it exactly."""
+compressed PolicyCache; the returned handle (also a context manager) undoes it exactly.
+``kvpolicy.compress``: prefill and compress a context once, without generating."""
 from __future__ import annotations
 
 import functools
@@ -12,10 +13,21 @@ from transformers.generation.configuration_utils import CompileConfig
 from . import attention, models
 from .budget import Budget
 from .cache import PolicyCache
+from .hooks import CacheHooks, attach
 from .policy import Policy
 from .registry import get_policy
 
 COMPILE_BUCKET = 64  # compiled decode: append buffers rounded up to this many slots
+DEFAULT_MAX_LENGTH = 20  # generate's own default when neither length argument is set
+# generate options a PolicyCache cannot serve: the option, the value that is fine, why
+UNSUPPORTED = {
+    "use_cache": (True, "the policy compresses the cache; use_cache=False has none"),
+    "cache_implementation": (None, "kvpolicy brings its own cache"),
+    "num_beams": (1, "beam search reorders the cache"),
+    "num_return_sequences": (1, "it repeats the cache along the batch"),
+    "assistant_model": (None, "assisted decoding crops the cache"),
+    "prompt_lookup_num_tokens": (None, "assisted decoding crops the cache"),
+}
 
 
 class PolicyHandle:
@@ -25,15 +37,17 @@ class PolicyHandle:
     generate would inject (for manual forward loops).
     """
 
-    def __init__(self, model: nn.Module, policy: Policy, budget: Budget, compile: bool):
+    def __init__(self, model: nn.Module, policy: Policy, budget: Budget, compile: bool,
+                 recompress: bool):
         self.model, self.policy, self.budget, self.compile = model, policy, budget, compile
-        self.num_layers = len(models.decoder_layers(model))
+        self.recompress = recompress
+        self.windows = models.layer_windows(model)
         self._attn = models.attn_implementation(model)
         self._own_generate = "generate" in vars(model)
         self._compiled_call = {k: vars(model)[k] for k in ("_compiled_call", "_last_compile_config")
                                if k in vars(model)}
         self._compile_config = compile_config(model.device) if compile else None
-        self._hook = None
+        self._own_hooks = False
         self._removed = False
 
     def install(self) -> None:
@@ -43,20 +57,23 @@ class PolicyHandle:
             models.set_attn_implementation(self.model, self._attn)
             raise RuntimeError(f"{type(self.model).__name__}: its attention implementation could "
                                f"not be switched to {attention.NAME!r}")
-        self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._own_hooks = getattr(self.model, "_kvpolicy_hooks", None) is None
+        attach(self.model)
         self.model.generate = self._wrap_generate(self.model.generate)
         self.model._kvpolicy_handle = self
 
     def new_cache(self, max_new_tokens: int) -> PolicyCache:
         bucket = COMPILE_BUCKET if self.compile else 1
-        return PolicyCache(self.num_layers, self.policy, self.budget, max_new_tokens, bucket)
+        return PolicyCache(self.windows, self.policy, self.budget, max_new_tokens, bucket,
+                           self.recompress)
 
     def remove(self) -> None:
         """Restore the model exactly: attention implementation, generate, hooks."""
         if self._removed:
             return
         model = self.model
-        self._hook.remove()
+        if self._own_hooks:
+            vars(model).pop("_kvpolicy_hooks").remove()
         if self._own_generate:
             model.generate = self._original_generate
         else:
@@ -69,6 +86,8 @@ class PolicyHandle:
         self._removed = True
 
     def __enter__(self) -> PolicyHandle:
+        if self._removed:
+            raise RuntimeError("this kvpolicy handle was removed; call kvpolicy.apply again")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,52 +103,67 @@ class PolicyHandle:
 
         @functools.wraps(generate)
         def wrapper(*args, **kwargs):
+            config: GenerationConfig = kwargs.get("generation_config") or self.model.generation_config
+            self._refuse_options(config, kwargs)
+            ids = prompt_of(args, kwargs)
+            new = new_tokens(config, kwargs, ids)
             cache = kwargs.get("past_key_values")
             if cache is None:
-                kwargs["past_key_values"] = self.new_cache(self._max_new_tokens(args, kwargs))
+                kwargs["past_key_values"] = cache = self.new_cache(new)
             elif not isinstance(cache, PolicyCache):
                 raise TypeError(f"kvpolicy is applied to this model: pass no past_key_values (or a "
                                 f"PolicyCache), not {type(cache).__name__}; remove the handle to use it")
+            else:
+                continue_cache(cache, ids, new)
             if self._compile_config is not None:
                 kwargs.setdefault("compile_config", self._compile_config)
-            return generate(*args, **kwargs)
+            out = generate(*args, **kwargs)
+            cache.tokens = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+            return out
 
         return wrapper
 
-    def _max_new_tokens(self, args: tuple, kwargs: dict) -> int:
-        config: GenerationConfig = kwargs.get("generation_config") or self.model.generation_config
-        new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        if new is not None:
-            return int(new)
-        prompt = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs_embeds"))
-        max_length = kwargs.get("max_length", config.max_length)
-        return max(0, int(max_length) - prompt.shape[1])
+    def _refuse_options(self, config: GenerationConfig, kwargs: dict) -> None:
+        for name, (fine, why) in UNSUPPORTED.items():
+            value = kwargs.get(name, getattr(config, name, fine))
+            if value is not None and value != fine:
+                raise ValueError(f"kvpolicy cannot serve generate({name}={value!r}): {why}; "
+                                 f"remove that option or the kvpolicy handle")
+        if self.compile and kwargs.get("prefill_chunk_size", config.prefill_chunk_size):
+            raise ValueError("kvpolicy: prefill_chunk_size with apply(compile=True) would compile the "
+                             "prefill steps; use one of the two")
 
-    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict):
-        cache = kwargs.get("past_key_values")
-        if not isinstance(cache, PolicyCache):
-            return None
-        if not cache.compacted:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
-            B, N = ref.shape[:2]
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, dict):  # Qwen2-VL: masks per layer type
-                mask = mask.get("full_attention")
-            if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-                raise ValueError("kvpolicy needs a 2-D padding attention_mask [batch, length] at prefill")
-            valid = mask.bool() if mask is not None else torch.ones(B, N, dtype=torch.bool, device=ref.device)
-            cache.begin_prefill(valid, self._vision(input_ids))
-        kwargs[attention.CACHE_KWARG] = cache
-        return args, kwargs
 
-    def _vision(self, input_ids: torch.Tensor | None) -> torch.Tensor | None:
-        if input_ids is not None:
-            return models.vision_mask(self.model, input_ids)
-        if models.vision_token_ids(self.model) and self.policy.queries == "post_vision":
-            raise ValueError(f"{self.policy.name} needs input_ids to find the vision tokens; "
-                             f"inputs_embeds alone carry no token ids")
-        return None
+def prompt_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The prompt tensor generate was given (input_ids, inputs or inputs_embeds)."""
+    for key in ("input_ids", "inputs", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return args[0] if args else None
+
+
+def new_tokens(config: GenerationConfig, kwargs: dict, prompt: torch.Tensor | None) -> int:
+    """The decode steps a generate call plans (its max_new_tokens, or max_length minus the
+    prompt, generate's default max_length being 20)."""
+    new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if new is not None:
+        return int(new)
+    max_length = kwargs.get("max_length", config.max_length) or DEFAULT_MAX_LENGTH
+    return max(0, int(max_length) - (prompt.shape[1] if prompt is not None else 0))
+
+
+def continue_cache(cache: PolicyCache, ids: torch.Tensor | None, new: int) -> None:
+    """Prepare a filled cache for another generate call: check that ``ids`` continue what it
+    saw, size fixed-size layers for this call, make room for ``new`` tokens."""
+    seen = getattr(cache, "tokens", None)
+    if seen is not None and ids is not None and ids.dim() == 2:
+        n = min(seen.shape[1], ids.shape[1])
+        if seen.shape[0] != ids.shape[0] or not torch.equal(seen[:, :n].to(ids.device), ids[:, :n]):
+            raise ValueError("kvpolicy: input_ids do not continue the conversation this cache holds "
+                             "(pass the earlier ids followed by the new ones)")
+    cache.max_new_tokens = new
+    if cache.compacted:
+        cache.reserve(new + 1)
 
 
 def compile_config(device: torch.device) -> CompileConfig:
@@ -142,28 +176,63 @@ def compile_config(device: torch.device) -> CompileConfig:
 
 
 def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
-          compile: bool = False, **params) -> PolicyHandle:
+          compile: bool = False, recompress: bool = True, **params) -> PolicyHandle:
     """Patch ``model`` so that ``model.generate`` keeps ``budget`` of the prompt's KV cache
     under ``policy`` (a registered name with its ``params``, or a Policy instance).
 
     budget: float in (0, 1] (kept fraction) or int (average tokens per layer).
     compile: compile the decode step (fullgraph; CUDA graphs on GPU).
+    recompress: a continued cache (a new chat turn) is compressed again to ``budget`` of
+    everything seen (default); False appends the new turn as it is.
     Everything is validated before the model is touched; errors leave it unpatched.
     """
     pol = get_policy(policy, **params)
     b = Budget(budget)
-    if not b.is_fraction and b.value < pol.min_tokens():
-        raise ValueError(f"budget {b} cannot hold the {pol.min_tokens()} protected tokens per layer "
-                         f"of {pol.name}: pass budget >= {pol.min_tokens()} (or a float fraction)")
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be a bool, got {compile!r}")
-    models.decoder_layers(model)
+    b.check_holds(pol.min_tokens(), pol.name)
+    for name, flag in (("compile", compile), ("recompress", recompress)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    models.check_supported(model)
     if getattr(model, "_kvpolicy_handle", None) is not None:
         raise RuntimeError(f"kvpolicy is already applied to this model ({model._kvpolicy_handle!r}); "
                            f"remove that handle first")
-    if not models.can_switch_attention(model):
-        raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation "
-                           f"(it does not dispatch through transformers' AttentionInterface)")
-    handle = PolicyHandle(model, pol, b, compile)
+    handle = PolicyHandle(model, pol, b, compile, recompress)
     handle.install()
     return handle
+
+
+def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, budget: float | int = 0.1,
+             *, attention_mask: torch.Tensor | None = None, chunk_size: int | None = None,
+             max_new_tokens: int = 0, recompress: bool = True, **params) -> PolicyCache:
+    """Prefill ``input_ids`` [B, N] and compress its cache under ``policy`` at ``budget``,
+    without generating: the query-agnostic case (a document whose questions come later).
+
+    Continue with ``model.generate(torch.cat([input_ids, question_ids], -1),
+    past_key_values=cache.copy())`` on this model, patched or not (``compress`` leaves
+    hooks that act only on a PolicyCache; ``kvpolicy.detach(model)`` removes them).
+    chunk_size: prefill this many tokens at a time, compressing after each chunk, so the
+    K/V held stays near ``budget x tokens seen + chunk_size`` per layer.
+    max_new_tokens: decode steps to size buffers (and fixed-size policies) for.
+    """
+    pol = get_policy(policy, **params)
+    b = Budget(budget)
+    b.check_holds(pol.min_tokens(), pol.name)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("compress needs input_ids as an int tensor [batch, length]")
+    hooks: CacheHooks = attach(model)
+    cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress)
+    step = chunk_size or input_ids.shape[1]
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[1], step):
+            stop = start + step
+            extra = {}
+            if attention_mask is not None:  # as generate: positions count real tokens only
+                extra = dict(attention_mask=attention_mask[:, :stop],
+                             position_ids=(attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:stop])
+            model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True,
+                  logits_to_keep=1, **extra)
+    cache.tokens = input_ids
+    return cache

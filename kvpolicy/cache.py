@@ -1,129 +1,181 @@
-"""PolicyCache: a transformers Cache that holds full K/V during prefill, runs the policy
-after the last layer, compacts every layer into its own static buffer, then decodes in
-place (append into the next free slot, or overwrite a victim for fixed-size policies)."""
+"""PolicyCache: per-layer K/V buffers that a policy compacts, and each layer's decode step.
+
+A layer is ``closed`` between forwards: static buffers keys/values [B, G, C, D] with the
+position id of each slot's token in ``pos`` int64 [B, G, C] (-1 = empty). A multi-token
+forward (a prompt, a prompt chunk, a new chat turn) ``opens`` every layer: ``update``
+returns the old slots followed by the new tokens, and after the forward the prefill step
+(kvpolicy.prefill) plans and compacts them into new closed buffers. A one-token forward on
+a closed layer is a decode step, in place and with fixed shapes (torch.compile-able):
+
+- ``append`` layers write the next free slot (``used`` int64 [1]);
+- ``evict`` layers (policies that hold a fixed size) overwrite the slot with the lowest
+  ``policy.victim_priority`` (empty slots first) and add each step's attention
+  probabilities to their running ``scores`` float32 [B, G, C];
+- ``sliding`` layers (the model's own sliding-window attention) are a ring of ``window``
+  slots overwriting the oldest token.
+
+Slot validity is shared by a row's KV heads (only which token a slot holds differs).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from typing import Literal
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvpolicy_kernels import accumulate_scores, accumulate_scores_sparsity, compact_layers
-
 from .budget import Budget
-from .policy import Plan, Policy, Stats
+from .policy import Plan, Policy
+from .softmax import grouped_attention
+
+Kind = Literal["append", "evict", "sliding"]
 
 
-@dataclass
-class Prefill:
-    """What one prefill collects. valid, queries: bool [B, N]; vision: bool [B, N] | None;
-    first: first counted query position (None: nothing counted); mask: bool [B, 1, N, N]
-    causal & padding, or None without padding; attn / below: per layer float32 [B, G, N] /
-    [B, G]."""
-
-    valid: Tensor
-    vision: Tensor | None
-    queries: Tensor
-    first: int | None
-    mask: Tensor | None
-    attn: list
-    below: list
-
-
-class PolicyLayer(CacheLayerMixin):
-    """One decoder layer's cache. Before compaction ``keys``/``values`` are the prompt's
-    full K/V [B, G, N, D]; after, static buffers [B, G, C, D] with ``slot_valid`` bool
-    [B, G, C]. Fixed-size (evicting) layers also keep ``slot_pos`` int64 [B, G, C] (token
-    position, -1 = empty), ``scores`` float32 [B, G, C] (running attention) and ``next_pos``
-    int64 [B] (the next token's position); append layers keep ``next_slot`` int64 [1]."""
+class KVLayer(CacheLayerMixin):
+    """One decoder layer's cache (see the module docstring). ``seen`` is the logical
+    length (tokens seen, padding included: what generate slices by); ``next_pos`` int64
+    [B] the next real token's position per row."""
 
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, evicts: bool):
+    def __init__(self, kind: Kind, window: int | None = None, policy: Policy | None = None):
         super().__init__()
-        self.evicts = evicts
-        self.compacted = False
-        self.seen = torch.zeros((), dtype=torch.long)  # tokens seen (logical length)
+        self.kind, self.window, self.policy = kind, window, policy
+        self.is_open = False
+        self.pos: Tensor | None = None
+        self.next_pos: Tensor | None = None
+        self.used: Tensor | None = None
+        self.scores: Tensor | None = None
+        self.seen = torch.zeros((), dtype=torch.long)
+
+    @property
+    def scored(self) -> bool:
+        """Whether the policy plans this layer (sliding layers keep their window)."""
+        return self.kind != "sliding"
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.seen = self.seen.to(self.device)
         self.is_initialized = True
 
+    # ---- a multi-token step ----------------------------------------------------------
+    def open(self, new_pos: Tensor) -> None:
+        """Start a multi-token step whose tokens have positions new_pos int64 [B, q] (-1 at
+        padding)."""
+        self.is_open, self._new_pos = True, new_pos
+
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        """Prefill: store the full K/V. Decode (one token [B, G, 1, D]): write it in place."""
+        """key/value_states [B, G, q, D]: the step's new tokens. Returns the K/V attention
+        uses: an open layer's old slots then the new tokens; a decode step's buffers."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if not self.compacted:
-            if self.keys is not None:
-                raise NotImplementedError("PolicyCache: a second forward before the policy ran "
-                                          "(chunked prefill) is not supported")
-            self.keys, self.values = key_states, value_states
-            self.seen.fill_(key_states.shape[-2])
-            return key_states, value_states
-        if key_states.shape[-2] != 1:
-            raise NotImplementedError("PolicyCache: after the prompt, only one token per step "
-                                      "is supported (no continuation / speculative decoding)")
-        if self.evicts:
-            self._overwrite(key_states, value_states)
-        else:
-            self._append(key_states, value_states)
+        if self.is_open:
+            return self._extend(key_states, value_states)
+        if key_states.shape[-2] != 1 or self.keys is None:
+            raise RuntimeError("kvpolicy: a multi-token forward reached a cache layer that was not "
+                               "opened for it; pass the cache through the patched model's forward")
+        self._write(key_states, value_states)
         self.seen.add_(1)
+        self.next_pos.add_(1)
         return self.keys, self.values
 
-    def _append(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.keys.index_copy_(2, self.next_slot, key_states)
-        self.values.index_copy_(2, self.next_slot, value_states)
-        self.slot_valid.index_fill_(2, self.next_slot, True)
-        self.next_slot.add_(1)
-
-    def _overwrite(self, key_states: Tensor, value_states: Tensor) -> None:
-        """Write the token into each (sequence, head)'s empty slot, else its victim."""
-        B, G, C, D = self.keys.shape
-        priority = self.policy.victim_priority(self.scores, self.slot_pos, self.next_pos, C)
-        victim = priority.masked_fill(self.slot_pos < 0, -torch.inf).argmin(-1, keepdim=True)
-        rows = victim[..., None].expand(B, G, 1, D)
-        self.keys.scatter_(2, rows, key_states)
-        self.values.scatter_(2, rows, value_states)
-        self.slot_pos.scatter_(2, victim, self.next_pos.view(B, 1, 1).expand(B, G, 1))
-        self.slot_valid.scatter_(2, victim, True)
-        self.scores.scatter_(2, victim, 0.0)
-        self.next_pos.add_(1)
-
-    def install(self, keys: Tensor, values: Tensor, slot_valid: Tensor, policy: Policy,
-                slot_pos: Tensor, scores: Tensor, next_pos: Tensor, kept: int) -> None:
-        """Switch to decode: adopt the compacted buffers, drop the full prompt K/V."""
-        self.keys, self.values, self.slot_valid = keys, values, slot_valid
-        if self.evicts:
-            self.policy, self.slot_pos, self.scores, self.next_pos = policy, slot_pos, scores, next_pos
-            state = [self.slot_pos, self.scores, self.next_pos]
+    def _extend(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        B, G, q, _ = key_states.shape
+        new_pos = self._new_pos[:, None, :].expand(B, G, q)
+        if self.keys is None:
+            self.keys, self.values, self.pos = key_states, value_states, new_pos
         else:
-            self.next_slot = torch.full((1,), kept, dtype=torch.long, device=keys.device)
-            state = [self.next_slot]
-        for t in [self.keys, self.values, self.slot_valid, self.seen, *state]:
+            live = self.occupied()
+            self.keys = torch.cat([self.keys[:, :, :live], key_states], dim=2)
+            self.values = torch.cat([self.values[:, :, :live], value_states], dim=2)
+            self.pos = torch.cat([self.pos[:, :, :live], new_pos], dim=2)
+            if self.scores is not None:
+                self.scores = torch.cat([self.scores[:, :, :live], self.scores.new_zeros(B, G, q)], 2)
+        self.seen = self.seen + q
+        return self.keys, self.values
+
+    def occupied(self) -> int:
+        """Slots in use (append layers fill a prefix of their buffer; the others all)."""
+        return int(self.used) if self.kind == "append" else self.keys.shape[2]
+
+    def close(self, keys: Tensor, values: Tensor, pos: Tensor, kept: int, next_pos: Tensor,
+              scores: Tensor | None) -> None:
+        """End the step: adopt compacted buffers [B, G, C, D] whose first ``kept`` slots are
+        filled (pos int64 [B, G, C]; evict layers: their running scores [B, G, C])."""
+        self.keys, self.values, self.pos, self.next_pos = keys, values, pos, next_pos
+        self.scores = scores
+        self.used = torch.full((1,), kept, dtype=torch.long, device=keys.device)
+        self.seen = self.seen.clone()
+        self.is_open = False
+        for t in self.owned():
             torch._dynamo.mark_static_address(t)
-        self.compacted = True
+
+    # ---- the decode step -------------------------------------------------------------
+    def _write(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Write one token [B, G, 1, D] into its slot."""
+        B, G, C, D = self.keys.shape
+        if self.kind == "append":
+            self.keys.index_copy_(2, self.used, key_states)
+            self.values.index_copy_(2, self.used, value_states)
+            self.pos.index_copy_(2, self.used, self.next_pos.view(B, 1, 1).expand(B, G, 1))
+            self.used.add_(1)
+            return
+        if self.kind == "evict":
+            priority = self.policy.victim_priority(self.scores, self.pos, self.next_pos, C)
+        else:  # sliding: the oldest token leaves
+            priority = self.pos.float()
+        slot = priority.masked_fill(self.pos < 0, -torch.inf).argmin(-1, keepdim=True)  # [B, G, 1]
+        self.keys.scatter_(2, slot[..., None].expand(B, G, 1, D), key_states)
+        self.values.scatter_(2, slot[..., None].expand(B, G, 1, value_states.shape[-1]), value_states)
+        self.pos.scatter_(2, slot, self.next_pos.view(B, 1, 1).expand(B, G, 1))
+        if self.scores is not None:
+            self.scores.scatter_(2, slot, 0.0)
+
+    def attend(self, query: Tensor, scaling: float, softcap: float | None,
+               sinks: Tensor | None) -> Tensor:
+        """One token's attention over the layer's slots: query [B, H, 1, D] -> [B, 1, H, Dv].
+        Evicting layers add the probabilities to their running scores."""
+        visible = self.pos >= 0
+        out, probs = grouped_attention(query, self.keys, self.values, visible, scaling, softcap,
+                                       sinks, need_probs=self.scores is not None)
+        if probs is not None:
+            self.scores.add_(probs)
+        return out
+
+    # ---- bookkeeping -----------------------------------------------------------------
+    def grow(self, slots: int) -> None:
+        """Give an append layer at least ``slots`` free slots (eager only: reads ``used``)."""
+        B, G, C, D = self.keys.shape
+        free = C - int(self.used)
+        if self.kind != "append" or free >= slots:
+            return
+        extra = slots - free
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(B, G, extra, D)], 2)
+        self.values = torch.cat([self.values, self.values.new_zeros(B, G, extra, self.values.shape[-1])], 2)
+        self.pos = torch.cat([self.pos, self.pos.new_full((B, G, extra), -1)], 2)
+        for t in (self.keys, self.values, self.pos):
+            torch._dynamo.mark_static_address(t)
 
     def owned(self) -> list[Tensor]:
         """The tensors this layer owns (its memory)."""
-        names = ("keys", "values", "slot_valid", "slot_pos", "scores", "next_pos", "next_slot", "seen")
+        names = ("keys", "values", "pos", "next_pos", "used", "scores", "seen")
         return [t for n in names if isinstance(t := getattr(self, n, None), Tensor)]
 
     def get_seq_length(self):
         return self.seen if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.compacted:
-            return self.keys.shape[-2], 0
-        return query_length, 0
+        size = self.keys.shape[-2] if self.keys is not None and not self.is_open else 0
+        return size + query_length, 0
 
     def get_max_length(self) -> int:
-        return self.keys.shape[-2] if self.compacted else -1
+        return -1
 
     def reset(self) -> None:
-        raise NotImplementedError("PolicyCache cannot be reset; generate makes a fresh one per call")
+        raise NotImplementedError("PolicyCache cannot be reset; make a new one (apply's generate "
+                                  "does, per call)")
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         raise NotImplementedError("PolicyCache does not support beam search")
@@ -132,112 +184,74 @@ class PolicyLayer(CacheLayerMixin):
         raise NotImplementedError("PolicyCache cannot be cropped (assisted decoding is unsupported)")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("PolicyCache cannot be repeated along the batch")
+        raise NotImplementedError("PolicyCache cannot be repeated along the batch "
+                                  "(num_return_sequences / beam search are unsupported)")
 
     def batch_select_indices(self, indices: Tensor) -> None:
         raise NotImplementedError("PolicyCache cannot select batch indices")
 
 
 class PolicyCache(Cache):
-    """The cache of one generate call under ``policy`` at ``budget``.
+    """The compressed cache of one conversation under ``policy`` at ``budget``.
 
-    num_layers: decoder layers; max_new_tokens: decode steps planned (sizes the buffers of
-    append policies and the fixed size of evicting ones); bucket: round append buffers up
-    to a multiple of this (fewer distinct shapes for torch.compile).
-    After prefill, ``plan`` holds the policy's Plan.
+    layer_windows: per decoder layer its sliding window (None = full attention), from the
+    model (kvpolicy.models.layer_windows). max_new_tokens: decode steps planned by the
+    current generate call (sizes append buffers and the fixed size of evicting layers);
+    bucket: round append buffers up to a multiple of this (fewer torch.compile shapes);
+    recompress: whether a continuation (a new chat turn, a prompt chunk) is compressed
+    again so that each layer keeps ``budget`` of everything seen (else it is appended).
+    After each multi-token forward ``plan`` holds the policy's Plan for the scored layers.
     """
 
-    def __init__(self, num_layers: int, policy: Policy, budget: Budget, max_new_tokens: int,
-                 bucket: int = 1):
-        evicts = policy.decode == "evict"
-        super().__init__(layers=[PolicyLayer(evicts) for _ in range(num_layers)])
+    def __init__(self, layer_windows: list[int | None] | int, policy: Policy, budget: Budget,
+                 max_new_tokens: int = 0, bucket: int = 1, recompress: bool = True):
+        if isinstance(layer_windows, int):
+            layer_windows = [None] * layer_windows
+        kind = "evict" if policy.decode == "evict" else "append"
+        super().__init__(layers=[KVLayer("sliding", w) if w else KVLayer(kind, policy=policy)
+                                 for w in layer_windows])
         self.policy, self.budget = policy, budget
-        self.max_new_tokens, self.bucket = max_new_tokens, bucket
-        self.prefill: Prefill | None = None
+        self.max_new_tokens, self.bucket, self.recompress = max_new_tokens, bucket, recompress
+        self.step = None  # the multi-token step in progress (kvpolicy.prefill.Step)
         self.plan: Plan | None = None
+        self.owner: str | None = None  # the model class this cache was filled by
 
     @property
     def compacted(self) -> bool:
-        return self.layers[-1].compacted
+        """True once a prompt has been processed (the cache holds closed buffers)."""
+        first = self.layers[0]
+        return first.keys is not None and not first.is_open
 
-    # ---- prefill ----------------------------------------------------------------------
-    def begin_prefill(self, valid: Tensor, vision: Tensor | None) -> None:
-        """Called with the prompt's padding mask valid bool [B, N] and vision bool [B, N]."""
-        if self.prefill is not None or self.compacted:
-            raise NotImplementedError("PolicyCache holds one prompt; use a fresh cache per generate")
-        queries = self.policy.query_mask(valid, vision)
-        counted = queries.any(0).nonzero()
-        first = int(counted[0]) if len(counted) else None
-        mask = None
-        if not bool(valid.all()):
-            N = valid.shape[-1]
-            causal = torch.ones(N, N, dtype=torch.bool, device=valid.device).tril()
-            mask = causal[None, None] & valid[:, None, None, :]
-        self.prefill = Prefill(valid, vision, queries, first, mask, [], [])
-
-    def observe(self, layer_idx: int, query: Tensor, key: Tensor, scaling: float) -> None:
-        """Accumulate layer ``layer_idx``'s scores (query [B, H, N, D], key [B, G, N, D]);
-        after the last layer, run the policy and compact."""
-        p = self.prefill
-        if len(p.attn) != layer_idx:
-            raise RuntimeError(f"PolicyCache: layer {layer_idx} observed out of order")
-        B, G, N, _ = key.shape
-        if p.first is None:
-            attn, below = key.new_zeros(B, G, N, dtype=torch.float32), key.new_zeros(B, G, dtype=torch.float32)
-        else:
-            key_mask = p.valid if p.mask is not None else None
-            args = dict(scaling=scaling, key_mask=key_mask, query_mask=p.queries[:, p.first:])
-            q = query[:, :, p.first:]
-            if self.policy.tau > 0:
-                attn, below = accumulate_scores_sparsity(q, key, tau=self.policy.tau, **args)
-            else:
-                attn, below = accumulate_scores(q, key, **args), None
-        p.attn.append(attn)
-        p.below.append(below)
-        if layer_idx == len(self.layers) - 1:
-            self._compact(query.shape[1] // G)
-
-    def _compact(self, heads_per_group: int) -> None:
-        p = self.prefill
-        below = None if p.below[0] is None else torch.stack(p.below)
-        stats = Stats(torch.stack(p.attn), p.queries, p.valid, heads_per_group, p.vision, below,
-                      self.max_new_tokens)
-        self.plan = plan = self.policy.plan(stats, self.budget)
-        ref = self.layers[0].keys
-        B, G, _, D = ref.shape
-        caps = [self._round(c) for c in plan.capacity]
-        dst_k = [ref.new_zeros(B, G, c, D) for c in caps]
-        dst_v = [ref.new_zeros(B, G, c, self.layers[0].values.shape[-1]) for c in caps]
-        compact_layers([l.keys for l in self.layers], [l.values for l in self.layers], plan.keep,
-                       dst_k, dst_v)
-        rank = torch.cumsum(p.valid.long(), -1) - 1  # position id of each real token
-        valid = p.valid[:, None].expand(B, G, -1)
-        for l, (layer, keep, k, v, c) in enumerate(zip(self.layers, plan.keep, dst_k, dst_v, caps)):
-            n = keep.shape[-1]
-            kept_valid = torch.gather(valid, 2, keep)
-            slot_valid = torch.zeros(B, G, c, dtype=torch.bool, device=k.device)
-            slot_valid[..., :n] = kept_valid
-            slot_pos = scores = next_pos = None
-            if layer.evicts:
-                slot_pos = torch.full((B, G, c), -1, dtype=torch.long, device=k.device)
-                slot_pos[..., :n] = torch.gather(rank[:, None].expand(B, G, -1), 2, keep).masked_fill(~kept_valid, -1)
-                scores = torch.zeros(B, G, c, dtype=torch.float32, device=k.device)
-                scores[..., :n] = torch.gather(stats.attn[l], 2, keep)
-                next_pos = p.valid.sum(-1)
-            layer.install(k, v, slot_valid, self.policy, slot_pos, scores, next_pos, n)
-        self.prefill = None
-
-    def _round(self, capacity: int) -> int:
-        if self.policy.decode == "evict":
-            return capacity  # the fixed size is the policy's budget: never pad it
-        return -(-capacity // self.bucket) * self.bucket
-
-    # ---- introspection ----------------------------------------------------------------
     @property
     def kept(self) -> list[int]:
-        """Prompt tokens kept per layer (after prefill)."""
+        """Prompt tokens kept per scored layer by the last plan."""
+        if self.plan is None:
+            raise RuntimeError("PolicyCache.kept: no prompt has been processed yet (run a forward "
+                               "or generate with this cache first)")
         return self.plan.kept
+
+    def reserve(self, new_tokens: int) -> None:
+        """Make room for ``new_tokens`` decode steps in every append layer (eager)."""
+        for layer in self.layers:
+            if layer.keys is not None and not layer.is_open:
+                layer.grow(new_tokens)
 
     def nbytes(self) -> int:
         """Bytes of all tensors the cache owns (K/V buffers and their bookkeeping)."""
-        return sum(t.nbytes for layer in self.layers for t in layer.owned())
+        owned = [t for layer in self.layers for t in layer.owned()]
+        if self.plan is not None:
+            owned += self.plan.keep
+        return sum(t.nbytes for t in {id(t): t for t in owned}.values())
+
+    def copy(self) -> PolicyCache:
+        """An independent copy (shares no tensor), e.g. to ask several questions of one
+        compressed document."""
+        return copy.deepcopy(self)
+
+    def __deepcopy__(self, memo):
+        if self.step is not None:
+            raise RuntimeError("PolicyCache cannot be copied in the middle of a forward")
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        vars(new).update(copy.deepcopy(vars(self), memo))
+        return new

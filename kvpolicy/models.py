@@ -31,20 +31,46 @@ def text_config(model: nn.Module):
         raise UnsupportedModelError(
             f"{type(model).__name__}: its config has no decoder text config with num_hidden_layers")
     if not hasattr(model, "generate"):
-        raise UnsupportedModelError(f"{type(model).__name__} cannot generate (no generate method)")
+        raise UnsupportedModelError(f"{type(model).__name__} cannot generate (no generate method); "
+                                    f"pass the causal-LM class (e.g. AutoModelForCausalLM)")
     return text
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The language model's decoder layers; their count must match the text config."""
+def layer_windows(model: nn.Module) -> list[int | None]:
+    """Per decoder layer its sliding window (None = full attention), from the text config's
+    ``layer_types`` or, without them, one ``sliding_window`` for every layer (Mistral)."""
     text = text_config(model)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) != text.num_hidden_layers:
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        return [window] * text.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse, before anything is touched, a model whose cache kvpolicy cannot hold exactly."""
+    text = text_config(model)
+    name = type(model).__name__
+    if getattr(text, "kv_lora_rank", None) is not None:
         raise UnsupportedModelError(
-            f"{type(model).__name__}: cannot find its {text.num_hidden_layers} decoder layers "
-            f"(model.get_decoder().layers)")
-    return layers
+            f"{name} caches multi-head latent attention (MLA: compressed latents, not per-head "
+            f"keys and values); kvpolicy cannot select tokens in it. Run it without kvpolicy.")
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    other = sorted(kinds - {"full_attention", "sliding_attention"})
+    if other or getattr(text, "attention_chunk_size", None):
+        raise UnsupportedModelError(
+            f"{name} has {', '.join(other) or 'chunked_attention'} layers; kvpolicy holds only "
+            f"full and sliding-window attention caches. Run it without kvpolicy.")
+    dynamic_ok = getattr(type(model), "_supports_default_dynamic_cache", None)
+    if getattr(model, "_is_stateful", False) or (callable(dynamic_ok) and not dynamic_ok()):
+        raise UnsupportedModelError(
+            f"{name} keeps a cache of its own kind (recurrent/state-space or hybrid layers); "
+            f"kvpolicy holds key/value caches only. Run it without kvpolicy.")
+    if not can_switch_attention(model):
+        raise UnsupportedModelError(
+            f"{name} computes attention itself instead of through transformers' "
+            f"AttentionInterface, so kvpolicy cannot see or change it; use a model class that "
+            f"supports attn_implementation='sdpa', or run it without kvpolicy.")
 
 
 def is_multimodal(model: nn.Module) -> bool:

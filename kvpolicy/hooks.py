@@ -1,0 +1,114 @@
+"""The forward hooks that drive a PolicyCache through a model's forward: before it, open a
+multi-token step (or make room for a decode step); after it, plan and compact. They act
+only when a PolicyCache is passed, so a model can keep them (``attach``) and still run
+every other cache exactly as before: on a model whose attention is not ``kvpolicy`` they
+switch it for that forward only, so its own mask builder never sees a ragged cache."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import attention, models
+from .cache import PolicyCache
+from .prefill import Step
+
+
+class CacheHooks:
+    """Pre/post forward hooks on ``model`` for PolicyCache forwards; ``remove()`` undoes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.windows = models.layer_windows(model)
+        self._switched: str | None = None
+        attention.register()
+        self._pre = model.register_forward_pre_hook(self.before, with_kwargs=True)
+        self._post = model.register_forward_hook(self.after, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._pre.remove()
+        self._post.remove()
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, PolicyCache):
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("kvpolicy: the forward got neither input_ids nor inputs_embeds")
+        B, q = ref.shape[:2]
+        if torch.compiler.is_compiling():
+            kwargs[attention.CACHE_KWARG] = cache
+            return args, kwargs
+        self.check(cache, B)
+        if models.attn_implementation(self.model) != attention.NAME:
+            self._switched = models.attn_implementation(self.model)
+            models.set_attn_implementation(self.model, attention.NAME)
+        if q > 1 or not cache.compacted:
+            Step(cache, self.new_valid(kwargs.get("attention_mask"), B, q, ref.device),
+                 self.vision(cache, input_ids))
+        else:
+            cache.reserve(1)
+        kwargs[attention.CACHE_KWARG] = cache
+        return args, kwargs
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, PolicyCache) or torch.compiler.is_compiling():
+            return None
+        if cache.step is not None:
+            cache.step.finish()
+        if self._switched is not None:
+            models.set_attn_implementation(self.model, self._switched)
+            self._switched = None
+        return None
+
+    def check(self, cache: PolicyCache, batch: int) -> None:
+        """Refuse a cache built for another model or batch before anything is touched."""
+        name = type(self.model).__name__
+        if cache.owner is not None and cache.owner != name:
+            raise ValueError(f"this PolicyCache was filled by a {cache.owner}, not this {name}")
+        if [layer.window for layer in cache.layers] != self.windows:
+            raise ValueError(f"this PolicyCache has {len(cache.layers)} layers shaped for another "
+                             f"model than this {name}")
+        if cache.layers[0].next_pos is not None and cache.layers[0].next_pos.shape[0] != batch:
+            raise ValueError(f"this PolicyCache holds {cache.layers[0].next_pos.shape[0]} sequences; "
+                             f"a continuation must keep the batch size (got {batch})")
+        cache.owner = name
+
+    @staticmethod
+    def new_valid(mask, batch: int, q: int, device) -> torch.Tensor:
+        """bool [B, q]: which of the step's tokens are real (the 2-D mask's last q columns)."""
+        if isinstance(mask, dict):  # Qwen2-VL: masks per layer type
+            mask = mask.get("full_attention")
+        if mask is None:
+            return torch.ones(batch, q, dtype=torch.bool, device=device)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise ValueError("kvpolicy needs a 2-D padding attention_mask [batch, length]")
+        return mask[:, -q:].bool()
+
+    def vision(self, cache: PolicyCache, input_ids) -> torch.Tensor | None:
+        if input_ids is not None:
+            return models.vision_mask(self.model, input_ids)
+        if models.vision_token_ids(self.model) and cache.policy.queries == "post_vision":
+            raise ValueError(f"{cache.policy.name} needs input_ids to find the vision tokens; "
+                             f"inputs_embeds alone carry no token ids")
+        return None
+
+
+def attach(model: nn.Module) -> CacheHooks:
+    """Keep hooks on ``model`` so that forwards and generate calls given a PolicyCache (from
+    ``kvpolicy.compress``) run it; other caches are untouched. Idempotent; ``detach``
+    removes them."""
+    hooks = getattr(model, "_kvpolicy_hooks", None)
+    if hooks is None:
+        models.check_supported(model)
+        hooks = model._kvpolicy_hooks = CacheHooks(model)
+    return hooks
+
+
+def detach(model: nn.Module) -> None:
+    """Remove the hooks ``attach`` left (a no-op if there are none)."""
+    hooks = vars(model).pop("_kvpolicy_hooks", None)
+    if hooks is not None:
+        hooks.remove()

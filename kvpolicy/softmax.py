@@ -1,0 +1,82 @@
+"""Attention with the model's own softmax: plain SDPA where it is exact, otherwise logits
+with Gemma2's tanh softcapping and GPT-OSS's per-head sink logits in the denominator."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+QUERY_CHUNK = 256
+
+
+def probabilities(logits: Tensor, softcap: float | None, sinks: Tensor | None) -> Tensor:
+    """softmax over the last dim of fp32 logits [B, G, g, q, S] (-inf = masked), after
+    ``softcap * tanh(logits / softcap)``; sinks fp32 [G, g] join the denominator only.
+    Fully masked rows give 0."""
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if sinks is not None:
+        sink = sinks.float()[None, :, :, None, None].expand(*logits.shape[:-1], 1)
+        return torch.softmax(torch.cat([logits, sink], -1), dim=-1)[..., :-1]
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+
+
+def grouped_attention(query: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scaling: float,
+                      softcap: float | None = None, sinks: Tensor | None = None,
+                      need_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+    """One query token per row over a layer's slots, each KV head with its query group.
+
+    query [B, H, 1, D]; keys [B, G, S, D]; values [B, G, S, Dv]; visible bool [B, G, S].
+    Returns (out [B, 1, H, Dv], probs fp32 [B, G, S] summed over the group, or None).
+    The plain case is SDPA with the group's heads as its query rows (no K/V expansion).
+    """
+    B, H, _, D = query.shape
+    G = keys.shape[1]
+    qg = query.reshape(B, G, H // G, D)
+    if not need_probs and not softcap and sinks is None:
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible[:, :, None, :],
+                                             scale=scaling)
+        return out.reshape(B, 1, H, -1), None
+    logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scaling  # [B, G, g, S]
+    logits = logits.masked_fill(~visible[:, :, None, :], -torch.inf)[:, :, :, None]
+    sink = None if sinks is None else sinks.view(G, H // G)
+    probs = probabilities(logits, softcap, sink)[:, :, :, 0]  # [B, G, g, S]
+    out = torch.matmul(probs, values.float()).to(query.dtype)
+    return out.reshape(B, 1, H, -1), probs.sum(2) if need_probs else None
+
+
+def masked_attention(query: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scaling: float,
+                     softcap: float | None, sinks: Tensor | None) -> Tensor:
+    """Multi-token attention with softcapping / sinks, ``QUERY_CHUNK`` rows at a time.
+
+    query [B, H, q, D]; keys/values [B, G, S, D]; visible bool [B, 1, q, S].
+    Returns out [B, q, H, Dv] in the query's dtype.
+    """
+    B, H, q, D = query.shape
+    G = keys.shape[1]
+    g = H // G
+    qg = query.reshape(B, G, g, q, D).float()
+    k, v = keys.float(), values.float()
+    sink = None if sinks is None else sinks.view(G, g)
+    out = []
+    for start in range(0, q, QUERY_CHUNK):
+        rows = slice(start, start + QUERY_CHUNK)
+        logits = torch.einsum("bgiqd,bgsd->bgiqs", qg[:, :, :, rows], k) * scaling
+        logits = logits.masked_fill(~visible[:, :, None, rows], -torch.inf)
+        out.append(torch.einsum("bgiqs,bgsd->bgiqd", probabilities(logits, softcap, sink), v))
+    return torch.cat(out, 3).reshape(B, H, q, -1).transpose(1, 2).to(query.dtype)
+
+
+def attend(module, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None,
+           scaling: float, softcap: float | None, sinks: Tensor | None) -> Tensor:
+    """Multi-token attention: query [B, H, q, D] over key/value [B, G, S, D] with
+    visible bool [B, 1, q, S] (None: causal, the queries being the last q keys).
+    SDPA (transformers' own call) unless softcapping or sinks need the explicit softmax.
+    Returns out [B, q, H, Dv]."""
+    if not softcap and sinks is None:
+        return sdpa_attention_forward(module, query, key, value, visible, scaling=scaling)[0]
+    if visible is None:
+        S, q = key.shape[2], query.shape[2]
+        visible = torch.ones(q, S, dtype=torch.bool, device=key.device).tril(S - q)[None, None]
+    return masked_attention(query, key, value, visible, scaling, softcap, sinks)
