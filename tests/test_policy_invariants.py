@@ -1,4 +1,4 @@
-"""POLICIES.md invariants 1-3 and 5-8 as hypothesis properties over every built-in policy."""
+"""Invariants 1-3 and 5-8 of docs/policies.md as hypothesis properties over every built-in policy."""
 from __future__ import annotations
 
 import logging
