@@ -1,4 +1,4 @@
-"""POLICIES.md invariants 1-3 and 5-8 as hypothesis properties over every built-in policy."""
+"""Invariants 1-3 and 5-8 of docs/policies.md as hypothesis properties over every built-in policy."""
 from __future__ import annotations
 
 import logging
@@ -208,3 +208,36 @@ def test_spankv_keeps_the_upper_layers_peak_span_in_every_layer():
             assert span <= set(row.tolist())
     same = get_policy("spankv", shared=1.0).plan(s, Budget(0.2)).keep
     assert all(torch.equal(k, same[0]) for k in same)
+
+
+VARIANTS = {  # non-default modes: name -> policy for a Stats
+    "prefixkv-fixed-point": lambda s: get_policy("prefixkv", fixed_point=True),
+    "prefixkv-ratios": lambda s: get_policy("prefixkv", ratios=[1.0 + l % 3 for l in range(s.num_layers)]),
+    "vlcache-per-head": lambda s: get_policy("vlcache", shared_heads=False),
+    "uniform-prefixkv": lambda s: get_policy("uniform", scores="prefixkv"),
+    "uniform-vlcache": lambda s: get_policy("uniform", scores="vlcache"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@PROPERTY
+@given(s=stats(), budget=budgets())
+def test_variants_bounds_rows_and_protected(variant, s, budget):
+    """Invariants 1-3 for the non-default modes: sizes within [1, room], the total exact
+    when it fits, rows sorted, unique, without padding unless short, protected kept."""
+    policy = VARIANTS[variant](s)
+    plan = quiet_plan(policy, s, budget)
+    fixed = policy.decode == "evict"
+    room = s.num_tokens + (s.max_new_tokens if fixed else 0)
+    sizes = torch.tensor(plan.capacity if fixed else plan.kept)
+    total = max(policy.total(budget, s), policy.floor(s) * s.num_layers)
+    assert sizes.min() >= 1 and sizes.max() <= room and sizes.sum() <= total
+    if total <= room * s.num_layers:
+        assert sizes.sum() == total
+    protected, real = policy.protected(s), s.valid.sum(-1)
+    for keep in plan.keep:
+        assert (keep[..., 1:] > keep[..., :-1]).all()
+        for b in range(keep.shape[0]):
+            assert s.valid[b][keep[b]].sum(-1).eq(min(keep.shape[-1], int(real[b]))).all()
+            mask = torch.zeros(keep.shape[1], s.valid.shape[-1], dtype=torch.bool)
+            assert (mask.scatter_(1, keep[b], True) | ~protected[b]).all()

@@ -1,29 +1,48 @@
 """PrefixKV: one global retention level, each layer keeps the shortest prefix reaching it."""
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from ..allocation import take_cheapest
-from ..policy import Policy, Stats
+from ..allocation import apportion, take_cheapest
+from ..budget import Budget
+from ..policy import Plan, Policy, Stats
 from ..registry import register_policy
+
+DISTANCE = 25  # fixed-point elimination drops the token this far before the prompt's end
 
 
 @register_policy("prefixkv")
 class PrefixKV(Policy):
     """Each layer's normalised importance (attention of all prompt queries) sorted
     descending gives a concave curve C_l. The largest shared level p with
-    sum_l min{n : C_l(n) >= p} <= total is found; the remainder goes to the layers
-    at the next level, larger next gain first (Wang et al., 2024). ``shared_heads``
-    keeps one token set per layer (the reference); False selects per KV head."""
+    sum_l (min{n : C_l(n) >= p} + protected) <= total is found, the protected tokens
+    (``sinks`` first, ``window`` last) counted on top of each prefix; the remainder goes
+    to the layers at the next level, larger next gain first (Wang et al., 2024).
+
+    shared_heads: one token set per layer (the reference); False selects per KV head.
+    ratios: per-layer kept fractions from ``calibrate`` (a sequence, or the path of a JSON
+        list), rescaled to the exact total; "" searches each prompt (the default).
+    fixed_point: hold each layer at its share of round(budget * (N + max_new_tokens))
+        while decoding, dropping the reference's token (see ``victim_priority``).
+    """
 
     min_scored = 1
     queries = "all"
 
-    def __init__(self, sinks: int = 4, window: int = 1, shared_heads: bool = True):
+    def __init__(self, sinks: int = 4, window: int = 1, shared_heads: bool = True,
+                 ratios: str | Sequence[float] = "", fixed_point: bool = False):
         self.sinks = sinks
         self.window = window
         self.shared_heads = shared_heads
+        self.ratios = ratios if isinstance(ratios, str) else tuple(float(r) for r in ratios)
+        self.weights = load_ratios(ratios)
+        self.fixed_point = fixed_point
+        if fixed_point:
+            self.decode = "evict"
 
     def score(self, stats: Stats) -> Tensor:
         if self.shared_heads:
@@ -38,19 +57,105 @@ class PrefixKV(Policy):
         return ordered, ordered.cumsum(-1)
 
     def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
-        return self.level(stats, total, floor)[1]
+        if not self.fixed_point:
+            return self.prompt_sizes(stats, total, floor)
+        L, N, M = stats.num_layers, stats.num_tokens, stats.max_new_tokens
+        lo = min(floor, N)
+        prompt = min(max(round(total * N / (N + M)), lo * L), N * L)
+        return apportion(self.prompt_sizes(stats, prompt, lo).double(), total, floor, N + M)
+
+    def prompt_sizes(self, stats: Stats, total: int, floor: int) -> Tensor:
+        """int64 [L]: prompt tokens per layer, by the calibrated ratios or the search."""
+        if self.weights is None:
+            return self.level(stats, total, floor)[1]
+        if len(self.weights) != stats.num_layers:
+            raise ValueError(f"prefixkv: {len(self.weights)} calibrated ratios for a "
+                             f"{stats.num_layers}-layer model")
+        return apportion(self.weights, total, floor, stats.num_tokens)
 
     def level(self, stats: Stats, total: int, floor: int) -> tuple[float, Tensor]:
-        """(p, n): the shared level p and the prefix lengths n [L] reaching it.
+        """(p, n): the shared level p and the layer sizes n [L] (prefix + protected).
 
-        Raising p from 0, layer l needs its k-th token once p exceeds C_l(k - 1). Selling
-        tokens in that order is the reference's bisection for the largest p with
-        sum_l n_l(p) <= total, done exactly by one sort; tokens left over go to the
-        layers at the next level, larger next gain first.
+        Raising p from 0, layer l needs its k-th token once p exceeds C_l(k - 1 - P), P
+        protected tokens counted after the prefix. Selling tokens in that order is the
+        reference's bisection for the largest p with sum_l n_l(p) <= total, done exactly
+        by one sort; tokens left over go to the layers at the next level, larger next
+        gain first.
         """
         ordered, curve = self.curves(stats)
+        P = int(self.protected(stats).sum(-1).max())
         lo, hi = floor, stats.num_tokens
-        threshold = torch.cat([torch.zeros_like(curve[:, :1]), curve[:, :-1]], dim=1)
-        n = take_cheapest(threshold, total, lo, hi, tiebreak=-ordered)
+        shift = torch.zeros_like(curve[:, :P + 1])
+        threshold = torch.cat([shift, curve], dim=1)[:, :curve.shape[1]]
+        gain = torch.cat([shift[:, :P], ordered], dim=1)[:, :curve.shape[1]]
+        n = take_cheapest(threshold, total, lo, hi, tiebreak=-gain)
         last_sold = threshold.gather(1, (n - 1)[:, None]).squeeze(1)
         return float(torch.where(n > lo, last_sold, 0.0).max()), n
+
+    def victim_priority(self, scores: Tensor, positions: Tensor, step_pos: Tensor,
+                        size: int) -> Tensor:
+        """Fixed-point elimination (Elastic Cache, as the reference): the first
+        ``frozen(size)`` slots (the oldest kept tokens) stay; the oldest other goes."""
+        head = torch.arange(size, device=positions.device) < self.frozen(size)
+        return positions.float().masked_fill(head, torch.inf)
+
+    def frozen(self, size: int) -> int:
+        """Slots never overwritten: size - 25, or size // 2 below 26 (the reference's
+        rule for a layer that kept ``size`` tokens), and never fewer than the sinks."""
+        return max(size - DISTANCE if size > DISTANCE else size // 2, self.sinks)
+
+
+def load_ratios(ratios: str | Sequence[float]) -> Tensor | None:
+    """float64 [L] positive per-layer weights from a sequence or a JSON file; None for ""."""
+    if isinstance(ratios, str):
+        if not ratios:
+            return None
+        with open(ratios) as f:
+            ratios = json.load(f)
+    weights = torch.tensor([float(r) for r in ratios], dtype=torch.float64)
+    if weights.numel() == 0 or not bool((weights > 0).all()):
+        raise ValueError(f"prefixkv ratios must be positive per-layer fractions, got {ratios!r}")
+    return weights
+
+
+class Calibration(PrefixKV):
+    """A per-prompt PrefixKV whose ``plan`` also records each prompt's kept fraction per
+    layer."""
+
+    def __init__(self, sinks: int = 4, window: int = 1, shared_heads: bool = True):
+        super().__init__(sinks, window, shared_heads)
+        self.fractions: list[list[float]] = []
+
+    def plan(self, stats: Stats, budget: Budget) -> Plan:
+        plan = super().plan(stats, budget)
+        self.fractions.append([k / stats.budget_tokens for k in plan.kept])
+        return plan
+
+    def ratios_mean(self) -> list[float]:
+        """Per-layer kept fractions averaged over the recorded prompts."""
+        return torch.tensor(self.fractions, dtype=torch.float64).mean(0).tolist()
+
+
+def calibrate(model, samples, budget: float | int = 0.1, path: str | None = None,
+              **params) -> list[float]:
+    """PrefixKV's offline mode: run the per-prompt search on each calibration sample and
+    average the per-layer kept fractions; use them as ``PrefixKV(ratios=...)``.
+
+    model: a transformers model kvpolicy can patch; samples: iterable of ``generate``
+    keyword dicts (e.g. a tokenizer's output), one prompt batch each; budget: as in
+    ``apply``; path: also write the ratios there as a JSON list; params: PrefixKV's
+    ``sinks``, ``window``, ``shared_heads`` (use the same ones with the ratios).
+    """
+    from ..apply import apply
+
+    recorder = Calibration(**params)
+    with apply(model, recorder, budget=budget), torch.no_grad():
+        for sample in samples:
+            model.generate(**sample, max_new_tokens=1, do_sample=False)
+    if not recorder.fractions:
+        raise ValueError("calibrate needs at least one sample")
+    ratios = recorder.ratios_mean()
+    if path is not None:
+        with open(path, "w") as f:
+            json.dump(ratios, f)
+    return ratios

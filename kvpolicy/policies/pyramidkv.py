@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..allocation import apportion
+from ..allocation import equal_split, take_cheapest
 from ..policy import Stats
 from ..registry import register_policy
 from .snapkv import SnapKV
@@ -12,8 +12,10 @@ from .snapkv import SnapKV
 
 @register_policy("pyramidkv")
 class PyramidKV(SnapKV):
-    """Budgets fall linearly from the first layer to the last with last = avg / beta and
-    first = 2 avg - last (first capped at N - window); SnapKV scores and window."""
+    """The ``window`` is kept in every layer on top of a selected part falling linearly
+    with depth: with c = total / L - window, the last layer selects c / beta and the first
+    2c - c / beta, capped at N - window (the last then takes 2c - (N - window)); the
+    authors' shape in exact arithmetic. SnapKV scores."""
 
     def __init__(self, window: int = 32, kernel: int = 7, beta: float = 20.0):
         super().__init__(window, kernel)
@@ -21,13 +23,30 @@ class PyramidKV(SnapKV):
             raise ValueError(f"beta must be >= 1, got {beta}")
         self.beta = beta
 
+    def targets(self, total: float, num_layers: int, num_tokens: int) -> Tensor:
+        """float64 [L]: the exact per-layer budgets for ``total`` (window included)."""
+        L, w = num_layers, min(self.window, num_tokens)
+        c = max(total / L - w, 0.0)
+        first = min(c * (2 - 1 / self.beta), num_tokens - w)
+        last = 2 * c - first
+        x = torch.arange(L, dtype=torch.float64) / max(L - 1, 1)
+        return w + first + (last - first) * x
+
+    def prices(self, num_layers: int, num_tokens: int) -> Tensor:
+        """float64 [L, N]: the total at which ``targets`` of layer l reaches k - 1/2 (its
+        k-th token's price): selling tokens in this order rounds the targets exactly and
+        monotonically in the total."""
+        L, N, w = num_layers, num_tokens, min(self.window, num_tokens)
+        x = (torch.arange(L, dtype=torch.float64) / (L - 1))[:, None]
+        selected = torch.arange(1, N + 1, dtype=torch.float64)[None, :] - 0.5 - w
+        slope = (2 - 1 / self.beta) - (2 - 2 / self.beta) * x  # selected / c below the cap
+        cap = (N - w) / (2 - 1 / self.beta)  # c at which the first layer reaches N - w
+        c = torch.where(selected <= cap * slope, selected / slope,
+                        (selected - (N - w) * (1 - 2 * x)) / (2 * x))  # x = 0: inf
+        return L * (c.clamp_min(0) + w)
+
     def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
         L, N = stats.num_layers, stats.num_tokens
-        avg = total / L
-        last = avg / self.beta
-        first = 2 * avg - last
-        if first > N - self.window:
-            first = max(N - self.window, avg)
-            last = 2 * avg - first
-        weights = torch.linspace(first, last, L, dtype=torch.float64) if L > 1 else torch.ones(1)
-        return apportion(weights, total, floor, N)
+        if L == 1:
+            return equal_split(1, total, floor, N)
+        return take_cheapest(self.prices(L, N), total, floor, N)

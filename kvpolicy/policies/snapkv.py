@@ -5,13 +5,14 @@ from torch import Tensor
 
 from ..policy import Policy, Stats
 from ..registry import register_policy
-from ..selection import max_pool_keys
+from ..selection import edge_tokens, max_pool_keys
 
 
 @register_policy("snapkv")
 class SnapKV(Policy):
     """Score: attention of the last ``window`` prompt queries, summed per KV head and
-    max-pooled along keys with ``kernel``; the window is kept; equal layer budgets."""
+    max-pooled with ``kernel`` over the keys before the window (the window, always kept,
+    lends its scores to no neighbour); equal layer budgets."""
 
     queries = "window"
 
@@ -22,4 +23,5 @@ class SnapKV(Policy):
         self.kernel = kernel
 
     def score(self, stats: Stats) -> Tensor:
-        return max_pool_keys(stats.attn, self.kernel)
+        before = stats.valid & ~edge_tokens(stats.valid, 0, self.window)  # [B, N]
+        return max_pool_keys(stats.attn, self.kernel, upto=before[None, :, None, :])

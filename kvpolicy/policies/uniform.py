@@ -1,16 +1,49 @@
-"""uniform: the same number of tokens in every layer, chosen by the window's attention."""
+"""uniform: the same number of tokens in every layer, chosen by the window's attention
+or by another policy's scores and selection."""
 from __future__ import annotations
 
-from ..policy import Policy
-from ..registry import register_policy
+from torch import Tensor
+
+from ..policy import Policy, Stats
+from ..registry import get_policy, register_policy
 
 
 @register_policy("uniform")
 class Uniform(Policy):
-    """Equal per-layer budgets (remainder to the first layers); score = attention of the
-    last ``window`` prompt queries, so comparisons isolate the effect of allocation."""
+    """Equal per-layer budgets (remainder to the first layers). Score: attention of the
+    last ``window`` prompt queries, the window kept; or, with ``scores`` (a policy name or
+    instance, with its defaults), that policy's queries, scores, protected tokens and
+    selection (``window`` is then unused), so that comparing it with that policy measures
+    allocation alone."""
 
     queries = "window"
 
-    def __init__(self, window: int = 8):
+    def __init__(self, window: int = 8, scores: str | Policy = ""):
         self.window = window
+        self.scores = scores
+        self.source = get_policy(scores) if scores else None
+        if self.source is not None:
+            if self.source.decode != "append":
+                raise ValueError(f"uniform(scores={scores!r}): {self.source.name} holds a fixed "
+                                 f"size while decoding and already splits equally; use it directly")
+            self.queries, self.tau = self.source.queries, self.source.tau
+            self.min_scored = self.source.min_scored
+
+    def query_mask(self, valid: Tensor, vision: Tensor | None) -> Tensor:
+        if self.source is not None:
+            return self.source.query_mask(valid, vision)
+        return super().query_mask(valid, vision)
+
+    def min_tokens(self) -> int:
+        return super().min_tokens() if self.source is None else self.source.min_tokens()
+
+    def score(self, stats: Stats) -> Tensor:
+        return stats.attn if self.source is None else self.source.score(stats)
+
+    def protected(self, stats: Stats) -> Tensor:
+        return super().protected(stats) if self.source is None else self.source.protected(stats)
+
+    def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
+        if self.source is None:
+            return super().evict(scores, n, stats)
+        return self.source.evict(scores, n, stats)

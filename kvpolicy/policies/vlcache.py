@@ -16,19 +16,26 @@ class VLCache(Policy):
     token; the last 8 tokens without one), which are kept. Allocation: layer budgets in
     proportion to density 1 - sparsity, sparsity being the share of post-vision attention
     entries below ``tau`` x their row maximum; ``uniform_mix`` of the total is first
-    split equally."""
+    split equally. ``shared_heads`` keeps one token set per layer from the scores summed
+    over heads (the reference); False selects per KV head."""
 
     min_scored = 1
     queries = "post_vision"
     window = 0  # the protected tail is the post-vision span, known per prompt
 
-    def __init__(self, tau: float = 0.01, uniform_mix: float = 0.0):
+    def __init__(self, tau: float = 0.01, uniform_mix: float = 0.0, shared_heads: bool = True):
         if not 0.0 < tau < 1.0:
             raise ValueError(f"tau must be in (0, 1), got {tau}")
         if not 0.0 <= uniform_mix <= 1.0:
             raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix}")
         self.tau = tau
         self.uniform_mix = uniform_mix
+        self.shared_heads = shared_heads
+
+    def score(self, stats: Stats) -> Tensor:
+        if self.shared_heads:
+            return stats.attn.sum(dim=2, keepdim=True).expand_as(stats.attn)
+        return stats.attn
 
     def protected(self, stats: Stats) -> Tensor:
         return post_vision(stats.valid, stats.vision)
