@@ -58,7 +58,7 @@ def test_batch_with_left_padding(smollm2):
         cache = out.past_key_values
         for keep in cache.plan.keep:
             assert bool((keep[0] >= pad).all()), "a padding position was kept"
-        valid = torch.stack([layer.slot_valid.sum(-1) for layer in cache.layers])  # [L, B, G]
+        valid = torch.stack([(layer.pos >= 0).sum(-1) for layer in cache.layers])  # [L, B, G]
         assert valid.min() > 0
         assert out.sequences.shape == (2, len(long) + 12)
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpolicy import Budget, PolicyCache, get_policy
-from kvpolicy.attention import decode_attention
+from kvpolicy.prefill import Step
 
 POLICIES = {
     "uniform": dict(window=2), "snapkv": dict(window=2, kernel=3), "pyramidkv": dict(window=2, kernel=3),
@@ -29,11 +29,19 @@ def prompts(draw, policies=tuple(POLICIES)):
     k, v = torch.randn(L, B, G, N, D, generator=gen), torch.randn(L, B, G, N, D, generator=gen)
     budget = Budget(draw(st.floats(0.05, 1.0)))
     cache = PolicyCache(L, get_policy(name, **POLICIES[name]), budget, draw(st.integers(0, 12)))
-    cache.begin_prefill(valid, None)
-    for l in range(L):
-        cache.layers[l].update(k[l], v[l])
-        cache.observe(l, q[l], k[l], D ** -0.5)
+    prefill(cache, q, k, v, valid)
     return cache, q, k, v, valid
+
+
+def prefill(cache, q, k, v, valid):
+    """Drive one multi-token step as the patched model does: open, each layer's update
+    and attention, then plan and compact. q [L, B, H, N, D], k/v [L, B, G, N, D]."""
+    step = Step(cache, valid, None)
+    for l, layer in enumerate(cache.layers):
+        keys, values = layer.update(k[l], v[l])
+        step.attend(l, module(l, q.shape[2] // k.shape[2]), q[l], keys, values,
+                    q.shape[-1] ** -0.5, None, None)
+    step.finish()
 
 
 def module(l: int, groups: int):
@@ -57,12 +65,14 @@ def test_compacted_attention_equals_masked_full_attention(prompt, seed):
         assert torch.equal(layer.keys[:, :, :n], torch.gather(k[l], 2, rows))
         assert torch.equal(layer.values[:, :, :n], torch.gather(v[l], 2, rows))
         kept = torch.zeros(B, G, N, dtype=torch.bool).scatter_(2, keep, True) & valid[:, None]
-        assert torch.equal(layer.slot_valid[..., :n], torch.gather(kept, 2, keep))
+        filler = torch.cat([torch.zeros_like(keep[..., :1], dtype=torch.bool),
+                            keep[..., 1:] == keep[..., :-1]], -1)  # a shorter row's padding
+        assert torch.equal(layer.pos[..., :n] >= 0, torch.gather(kept, 2, keep) & ~filler)
         expected = masked_attention(query, k[l], v[l], kept)
-        scores_before = layer.scores.clone() if layer.evicts else None
-        got = decode_attention(module(l, H // G), layer, query, D ** -0.5)
+        scores_before = layer.scores.clone() if layer.kind == "evict" else None
+        got = layer.attend(query, D ** -0.5, None, None)
         torch.testing.assert_close(got.transpose(1, 2), expected, atol=1e-5, rtol=1e-5)
-        if layer.evicts:  # the same pass adds each slot's probabilities to its running score
+        if layer.kind == "evict":  # the same pass adds each slot's probabilities to its running score
             added = (layer.scores - scores_before).sum(-1)
             torch.testing.assert_close(added, torch.full((B, G), float(H // G)))
 
@@ -110,22 +120,20 @@ def test_decode_eviction_invariants(prompt, steps, seed):
 
 def held(layer, b, h) -> set:
     """Positions a layer holds for sequence b, KV head h."""
-    pos = layer.slot_pos[b, h][layer.slot_valid[b, h]]
-    return set(pos.tolist())
+    pos = layer.pos[b, h]
+    return set(pos[pos >= 0].tolist())
 
 
 def test_logical_length_and_bytes():
     cache = PolicyCache(2, get_policy("uniform", window=2), Budget(0.5), max_new_tokens=3)
-    k = torch.randn(1, 2, 10, 4)
-    cache.begin_prefill(torch.ones(1, 10, dtype=torch.bool), None)
-    for l in range(2):
-        cache.layers[l].update(k, k)
-        cache.observe(l, torch.randn(1, 2, 10, 4), k, 0.5)
+    k = torch.randn(2, 1, 2, 10, 4)
+    prefill(cache, torch.randn(2, 1, 2, 10, 4), k, k, torch.ones(1, 10, dtype=torch.bool))
     assert cache.kept == [5, 5] and int(cache.get_seq_length()) == 10
     for _ in range(3):
         for l in range(2):
             cache.layers[l].update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
     assert int(cache.get_seq_length()) == 13
-    assert cache.layers[0].slot_valid.all()
+    assert bool((cache.layers[0].pos >= 0).all())
     G, C, D = 2, 8, 4  # 5 kept + 3 new slots per layer
-    assert cache.nbytes() == 2 * (2 * G * C * D * 4 + G * C + 8 + 8)  # K, V, validity, next slot, length
+    # per layer K, V, slot positions, next position, next slot, length; the plan's indices
+    assert cache.nbytes() == 2 * (2 * G * C * D * 4 + G * C * 8 + 8 + 8 + 8) + 2 * G * 5 * 8
