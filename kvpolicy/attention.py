@@ -42,14 +42,10 @@ def kvpolicy_attention(module, query: Tensor, key: Tensor, value: Tensor,
     if cache is None:
         return plain_attention(module, query, key, value, attention_mask, scaling,
                                sliding_window, softcap, s_aux), None
-    layer = cache.layers[module.layer_idx]
-    if layer.window != sliding_window:
-        raise RuntimeError(f"kvpolicy: layer {module.layer_idx} attends with sliding window "
-                           f"{sliding_window} but its cache was built for {layer.window}")
     if cache.step is not None:
-        return cache.step.attend(module.layer_idx, module, query, key, value, scaling, softcap,
-                                 s_aux), None
-    return layer.attend(query, scaling, softcap, s_aux), None
+        return cache.step.attend(module.layer_idx, module, query, key, value, scaling,
+                                 sliding_window, softcap, s_aux), None
+    return cache.layers[module.layer_idx].attend(query, scaling, sliding_window, softcap, s_aux), None
 
 
 def plain_attention(module, query: Tensor, key: Tensor, value: Tensor,

@@ -40,15 +40,29 @@ class KVLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, kind: Kind, window: int | None = None, policy: Policy | None = None):
+    def __init__(self, kind: Kind, policy: Policy | None = None, window: int | None = None):
         super().__init__()
-        self.kind, self.window, self.policy = kind, window, policy
+        self.kind = "sliding" if window else kind
+        self.policy, self.window = policy, window
+        self.attn_window: int | None = None
+        self.window_known = False
         self.is_open = False
         self.pos: Tensor | None = None
         self.next_pos: Tensor | None = None
         self.used: Tensor | None = None
         self.scores: Tensor | None = None
         self.seen = torch.zeros((), dtype=torch.long)
+
+    def adopt_window(self, window: int | None) -> None:
+        """Take the sliding window the model's attention masks this layer with (None =
+        none) at its first forward; a later change is an error. (It is the layer's cache
+        ``window`` in every family but a few whose cache keeps a window their attention
+        does not mask: both are followed.)"""
+        if not self.window_known:
+            self.attn_window, self.window_known = window, True
+        elif window != self.attn_window:
+            raise RuntimeError(f"kvpolicy: a layer attended with sliding window {self.attn_window} "
+                               f"is now attended with window {window}")
 
     @property
     def scored(self) -> bool:
@@ -97,8 +111,10 @@ class KVLayer(CacheLayerMixin):
         return self.keys, self.values
 
     def occupied(self) -> int:
-        """Slots in use (append layers fill a prefix of their buffer; the others all)."""
-        return int(self.used) if self.kind == "append" else self.keys.shape[2]
+        """Slots in use (appending layers fill a prefix of their buffer; rings all)."""
+        C = self.keys.shape[2]
+        ring = self.kind == "evict" or (self.kind == "sliding" and C >= self.window)
+        return C if ring else int(self.used)
 
     def close(self, keys: Tensor, values: Tensor, pos: Tensor, kept: int, next_pos: Tensor,
               scores: Tensor | None) -> None:
@@ -116,7 +132,7 @@ class KVLayer(CacheLayerMixin):
     def _write(self, key_states: Tensor, value_states: Tensor) -> None:
         """Write one token [B, G, 1, D] into its slot."""
         B, G, C, D = self.keys.shape
-        if self.kind == "append":
+        if self.kind == "append" or (self.kind == "sliding" and C < self.window):
             self.keys.index_copy_(2, self.used, key_states)
             self.values.index_copy_(2, self.used, value_states)
             self.pos.index_copy_(2, self.used, self.next_pos.view(B, 1, 1).expand(B, G, 1))
@@ -133,11 +149,14 @@ class KVLayer(CacheLayerMixin):
         if self.scores is not None:
             self.scores.scatter_(2, slot, 0.0)
 
-    def attend(self, query: Tensor, scaling: float, softcap: float | None,
+    def attend(self, query: Tensor, scaling: float, window: int | None, softcap: float | None,
                sinks: Tensor | None) -> Tensor:
         """One token's attention over the layer's slots: query [B, H, 1, D] -> [B, 1, H, Dv].
         Evicting layers add the probabilities to their running scores."""
+        self.adopt_window(window)
         visible = self.pos >= 0
+        if self.attn_window is not None:  # the newest token is next_pos - 1
+            visible = visible & (self.pos > (self.next_pos - 1 - self.attn_window).view(-1, 1, 1))
         out, probs = grouped_attention(query, self.keys, self.values, visible, scaling, softcap,
                                        sinks, need_probs=self.scores is not None)
         if probs is not None:
@@ -148,10 +167,13 @@ class KVLayer(CacheLayerMixin):
     def grow(self, slots: int) -> None:
         """Give an append layer at least ``slots`` free slots (eager only: reads ``used``)."""
         B, G, C, D = self.keys.shape
+        limit = self.window if self.kind == "sliding" else None
+        if self.kind == "evict" or (limit is not None and C >= limit):
+            return  # rings: a fixed size
         free = C - int(self.used)
-        if self.kind != "append" or free >= slots:
+        if free >= slots:
             return
-        extra = slots - free
+        extra = slots - free if limit is None else min(slots - free, limit - C)
         self.keys = torch.cat([self.keys, self.keys.new_zeros(B, G, extra, D)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(B, G, extra, self.values.shape[-1])], 2)
         self.pos = torch.cat([self.pos, self.pos.new_full((B, G, extra), -1)], 2)
@@ -194,8 +216,8 @@ class KVLayer(CacheLayerMixin):
 class PolicyCache(Cache):
     """The compressed cache of one conversation under ``policy`` at ``budget``.
 
-    layer_windows: per decoder layer its sliding window (None = full attention), from the
-    model (kvpolicy.models.layer_windows). max_new_tokens: decode steps planned by the
+    layer_windows: per decoder layer the sliding window its cache keeps (None = full
+    attention; kvpolicy.models.layer_windows), or the layer count. max_new_tokens: decode steps planned by the
     current generate call (sizes append buffers and the fixed size of evicting layers);
     bucket: round append buffers up to a multiple of this (fewer torch.compile shapes);
     recompress: whether a continuation (a new chat turn, a prompt chunk) is compressed
@@ -208,8 +230,7 @@ class PolicyCache(Cache):
         if isinstance(layer_windows, int):
             layer_windows = [None] * layer_windows
         kind = "evict" if policy.decode == "evict" else "append"
-        super().__init__(layers=[KVLayer("sliding", w) if w else KVLayer(kind, policy=policy)
-                                 for w in layer_windows])
+        super().__init__(layers=[KVLayer(kind, policy, w) for w in layer_windows])
         self.policy, self.budget = policy, budget
         self.max_new_tokens, self.bucket, self.recompress = max_new_tokens, bucket, recompress
         self.step = None  # the multi-token step in progress (kvpolicy.prefill.Step)

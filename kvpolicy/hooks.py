@@ -69,7 +69,7 @@ class CacheHooks:
         if cache.owner is not None and cache.owner != name:
             raise ValueError(f"this PolicyCache was filled by a {cache.owner}, not this {name}")
         if [layer.window for layer in cache.layers] != self.windows:
-            raise ValueError(f"this PolicyCache has {len(cache.layers)} layers shaped for another "
+            raise ValueError(f"this PolicyCache's {len(cache.layers)} layers were shaped for another "
                              f"model than this {name}")
         if cache.layers[0].next_pos is not None and cache.layers[0].next_pos.shape[0] != batch:
             raise ValueError(f"this PolicyCache holds {cache.layers[0].next_pos.shape[0]} sequences; "

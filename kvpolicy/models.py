@@ -12,6 +12,21 @@ VISION_TOKEN_FIELDS = ("image_token_id", "image_token_index", "video_token_id",
                        "vision_start_token_id", "vision_end_token_id")
 
 
+# Families that dispatch through AttentionInterface yet cannot be served exactly, and why
+# (found by the family matrix, tests/test_families.py).
+UNSUPPORTED_FAMILIES = {
+    "diffllama": "its differential attention subtracts two softmax maps, so no attention "
+                 "probability scores a token",
+    "jetmoe": "its mixture-of-attention experts attend with more heads than its cache holds",
+    "doge": "its attention mask applies a sliding window that neither its cache nor its "
+            "attention call declares",
+    "phimoe": "its attention mask applies a sliding window that its attention call does not "
+              "declare",
+    "nemotron": "its attention does not reach the attention function kvpolicy registers",
+    "stablelm": "its attention does not reach the attention function kvpolicy registers",
+}
+
+
 class UnsupportedModelError(TypeError):
     """The model is not a decoder (causal LM or VLM) kvpolicy can patch."""
 
@@ -37,13 +52,13 @@ def text_config(model: nn.Module):
 
 
 def layer_windows(model: nn.Module) -> list[int | None]:
-    """Per decoder layer its sliding window (None = full attention), from the text config's
-    ``layer_types`` or, without them, one ``sliding_window`` for every layer (Mistral)."""
+    """Per decoder layer the sliding window its cache keeps (None = full attention), as
+    transformers' own DynamicCache decides: ``layer_types``, else each layer's
+    ``sliding_window`` (Mistral: one for every layer)."""
     text = text_config(model)
     window = getattr(text, "sliding_window", None)
-    types = getattr(text, "layer_types", None)
-    if types is None:
-        return [window] * text.num_hidden_layers
+    types = getattr(text, "layer_types", None) or [
+        "sliding_attention" if window is not None else "full_attention"] * text.num_hidden_layers
     return [window if t == "sliding_attention" else None for t in types]
 
 
@@ -51,10 +66,18 @@ def check_supported(model: nn.Module) -> None:
     """Refuse, before anything is touched, a model whose cache kvpolicy cannot hold exactly."""
     text = text_config(model)
     name = type(model).__name__
+    family = getattr(text, "model_type", None)
+    if family in UNSUPPORTED_FAMILIES:
+        raise UnsupportedModelError(f"{name} ({family}) is not supported: "
+                                    f"{UNSUPPORTED_FAMILIES[family]}. Run it without kvpolicy.")
     if getattr(text, "kv_lora_rank", None) is not None:
         raise UnsupportedModelError(
             f"{name} caches multi-head latent attention (MLA: compressed latents, not per-head "
             f"keys and values); kvpolicy cannot select tokens in it. Run it without kvpolicy.")
+    if getattr(text, "kv_sharing_modes", None) is not None:
+        raise UnsupportedModelError(
+            f"{name} shares key/value caches between layers; kvpolicy compresses each layer's own "
+            f"cache. Run it without kvpolicy.")
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
     other = sorted(kinds - {"full_attention", "sliding_attention"})
     if other or getattr(text, "attention_chunk_size", None):

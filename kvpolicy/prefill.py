@@ -38,6 +38,7 @@ class Step:
         self.attn: dict[int, Tensor] = {}
         self.below: dict[int, Tensor | None] = {}
         self.heads_per_group = 1
+        self.attended: set[int] = set()
         self._masks: dict[tuple, Tensor | None] = {}
         for layer in cache.layers:
             layer.open(self.new_pos)
@@ -45,10 +46,14 @@ class Step:
 
     # ---- during the forward: each layer ------------------------------------------------
     def attend(self, layer_idx: int, module, query: Tensor, key: Tensor, value: Tensor,
-               scaling: float, softcap: float | None, sinks: Tensor | None) -> Tensor:
+               scaling: float, window: int | None, softcap: float | None,
+               sinks: Tensor | None) -> Tensor:
         """query [B, H, q, D]; key/value [B, G, S, D] as the open layer returned them (old
-        slots, then the step's tokens). Returns out [B, q, H, Dv]; observes the scores."""
+        slots, then the step's tokens); window: the model's sliding window for this layer.
+        Returns out [B, q, H, Dv]; observes the scores of a planned layer."""
         layer = self.cache.layers[layer_idx]
+        layer.adopt_window(window)
+        self.attended.add(layer_idx)
         out = attend(module, query, key, value, self.mask(layer, query.shape[2]), scaling,
                      softcap, sinks)
         if layer.scored:
@@ -60,17 +65,17 @@ class Step:
         the layer's sliding window; None when plain causal attention is exact."""
         key_valid = layer.pos[:, 0] >= 0  # [B, S]
         S = key_valid.shape[1]
+        window = layer.attn_window
         plain = S == q and bool(key_valid.all())
-        if plain and layer.window is None:
+        if plain and window is None:
             return None
-        cache_key = (S, layer.window)
+        cache_key = (S, window)
         if plain and cache_key in self._masks:
             return self._masks[cache_key]
         causal = torch.ones(q, S, dtype=torch.bool, device=key_valid.device).tril(S - q)
         visible = causal[None] & key_valid[:, None, :]
-        if layer.window is not None:
-            q_pos = self.new_pos[:, :, None]
-            visible &= layer.pos[:, 0, None, :] > q_pos - layer.window
+        if window is not None:
+            visible &= layer.pos[:, 0, None, :] > self.new_pos[:, :, None] - window
         visible = visible[:, None]
         if plain:
             self._masks[cache_key] = visible
@@ -86,7 +91,9 @@ class Step:
             self.below[layer_idx] = key.new_zeros(B, G, dtype=torch.float32)
             return
         key_valid = layer.pos[:, 0] >= 0
-        extra = {k: v for k, v in (("softcap", softcap), ("sinks", sinks)) if v}
+        extra = {} if not softcap else {"softcap": softcap}
+        if sinks is not None:
+            extra["sinks"] = sinks
         args = dict(scaling=scaling, key_mask=None if bool(key_valid.all()) else key_valid,
                     query_mask=self.queries[:, self.first:], **extra)
         q = query[:, :, self.first:]
@@ -103,6 +110,11 @@ class Step:
         cache = self.cache
         cache.step = None
         layers = cache.layers
+        if len(self.attended) != len(layers):
+            missing = sorted(set(range(len(layers))) - self.attended)
+            raise RuntimeError(f"kvpolicy: layers {missing} never called kvpolicy's attention "
+                               f"function, so their cache cannot be planned; this model family "
+                               f"is unsupported")
         scored = [l for l, layer in enumerate(layers) if layer.scored]
         keep: dict[int, tuple[Tensor, Tensor]] = {}
         caps: dict[int, int] = {}
@@ -113,7 +125,9 @@ class Step:
                 keep[l], caps[l] = (k, fill[l]), c
         for l, layer in enumerate(layers):
             if not layer.scored:
-                keep[l], caps[l] = window_keep(layer), layer.window
+                keep[l] = window_keep(layer)
+                caps[l] = min(layer.window, buffer_slots(keep[l][0].shape[-1],
+                                                         cache.max_new_tokens, "append", cache.bucket))
         self.compact(keep, caps)
 
     def plan(self, scored: list[int]) -> tuple[Plan, dict[int, Tensor]]:
