@@ -57,11 +57,10 @@ def test_second_turn_at_small_budget_stays_within_budget(smollm2, chat, name):
         cache = out.past_key_values
         second_ids = torch.cat([out.sequences, second_ids[:, chat[1].shape[1]:]], -1)
         again = model.generate(second_ids, max_new_tokens=NEW, do_sample=False, past_key_values=cache)
-    assert again.shape[1] == second_ids.shape[1] + NEW
-    seen = second_ids.shape[1] + NEW
-    layer_slots = [layer.keys.shape[2] for layer in cache.layers]
-    assert max(cache.kept) <= seen  # ragged, but never more than everything seen
-    assert sum(layer_slots) <= 0.2 * seen * len(layer_slots) * 2 + len(layer_slots) * (NEW + 64)
+    assert second_ids.shape[1] < again.shape[1] <= second_ids.shape[1] + NEW  # EOS may stop it
+    seen = second_ids.shape[1] + (NEW if name in ("h2o", "streamingllm") else 0)
+    L = len(cache.layers)
+    assert sum(cache.kept) <= 0.2 * seen * L + L  # budget of everything seen, not of turn one
 
 
 def test_compress_once_ask_three_questions(smollm2, long_prompt):
