@@ -18,7 +18,7 @@ from .policy import Policy
 from .registry import get_policy
 
 COMPILE_BUCKET = 64  # compiled decode: append buffers rounded up to this many slots
-DEFAULT_MAX_LENGTH = 20  # generate's own default when neither length argument is set
+DEFAULT_MAX_LENGTH = 20  # new tokens generate makes when neither length argument is set
 # generate options a PolicyCache cannot serve: the option, the value that is fine, why
 UNSUPPORTED = {
     "use_cache": (True, "the policy compresses the cache; use_cache=False has none"),
@@ -143,12 +143,14 @@ def prompt_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def new_tokens(config: GenerationConfig, kwargs: dict, prompt: torch.Tensor | None) -> int:
-    """The decode steps a generate call plans (its max_new_tokens, or max_length minus the
-    prompt, generate's default max_length being 20)."""
+    """The decode steps a generate call plans: its max_new_tokens, or max_length minus the
+    prompt, or generate's default of 20 new tokens."""
     new = kwargs.get("max_new_tokens", config.max_new_tokens)
     if new is not None:
         return int(new)
-    max_length = kwargs.get("max_length", config.max_length) or DEFAULT_MAX_LENGTH
+    max_length = kwargs.get("max_length", config.max_length)
+    if max_length is None:  # transformers 5 then generates its default count of new tokens
+        return DEFAULT_MAX_LENGTH
     return max(0, int(max_length) - (prompt.shape[1] if prompt is not None else 0))
 
 

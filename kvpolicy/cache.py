@@ -30,6 +30,7 @@ from .policy import Plan, Policy
 from .softmax import grouped_attention
 
 Kind = Literal["append", "evict", "sliding"]
+EMPTY, UNUSABLE = -1, -2  # slot positions: free, or beyond a shorter batch row's fixed size
 
 
 class KVLayer(CacheLayerMixin):
@@ -51,6 +52,7 @@ class KVLayer(CacheLayerMixin):
         self.next_pos: Tensor | None = None
         self.used: Tensor | None = None
         self.scores: Tensor | None = None
+        self.sizes: Tensor | None = None
         self.seen = torch.zeros((), dtype=torch.long)
 
     def adopt_window(self, window: int | None) -> None:
@@ -117,11 +119,13 @@ class KVLayer(CacheLayerMixin):
         return C if ring else int(self.used)
 
     def close(self, keys: Tensor, values: Tensor, pos: Tensor, kept: int, next_pos: Tensor,
-              scores: Tensor | None) -> None:
+              scores: Tensor | None, sizes: Tensor | None) -> None:
         """End the step: adopt compacted buffers [B, G, C, D] whose first ``kept`` slots are
-        filled (pos int64 [B, G, C]; evict layers: their running scores [B, G, C])."""
+        filled (pos int64 [B, G, C]; evict layers: running scores [B, G, C], each row's
+        fixed size int64 [B])."""
         self.keys, self.values, self.pos, self.next_pos = keys, values, pos, next_pos
         self.scores = scores
+        self.sizes = None if sizes is None else sizes.view(-1, 1, 1)
         self.used = torch.full((1,), kept, dtype=torch.long, device=keys.device)
         self.seen = self.seen.clone()
         self.is_open = False
@@ -139,10 +143,11 @@ class KVLayer(CacheLayerMixin):
             self.used.add_(1)
             return
         if self.kind == "evict":
-            priority = self.policy.victim_priority(self.scores, self.pos, self.next_pos, C)
+            priority = self.policy.victim_priority(self.scores, self.pos, self.next_pos, self.sizes)
         else:  # sliding: the oldest token leaves
             priority = self.pos.float()
-        slot = priority.masked_fill(self.pos < 0, -torch.inf).argmin(-1, keepdim=True)  # [B, G, 1]
+        priority = priority.masked_fill(self.pos == EMPTY, -torch.inf)
+        slot = priority.masked_fill(self.pos == UNUSABLE, torch.inf).argmin(-1, keepdim=True)
         self.keys.scatter_(2, slot[..., None].expand(B, G, 1, D), key_states)
         self.values.scatter_(2, slot[..., None].expand(B, G, 1, value_states.shape[-1]), value_states)
         self.pos.scatter_(2, slot, self.next_pos.view(B, 1, 1).expand(B, G, 1))
@@ -182,7 +187,7 @@ class KVLayer(CacheLayerMixin):
 
     def owned(self) -> list[Tensor]:
         """The tensors this layer owns (its memory)."""
-        names = ("keys", "values", "pos", "next_pos", "used", "scores", "seen")
+        names = ("keys", "values", "pos", "next_pos", "used", "scores", "sizes", "seen")
         return [t for n in names if isinstance(t := getattr(self, n, None), Tensor)]
 
     def get_seq_length(self):

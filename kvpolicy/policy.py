@@ -177,12 +177,13 @@ class Policy:
 
     # ---- decode hook (policies with decode == "evict") -------------------------------
     def victim_priority(self, scores: Tensor, positions: Tensor, step_pos: Tensor,
-                        size: int) -> Tensor:
+                        size: Tensor) -> Tensor:
         """float32 [B, G, S]: which slot a new token overwrites (the lowest); +inf = never.
 
         scores: float32 [B, G, S] running attention scores of the slots; positions: int64
-        [B, G, S] position id of each slot's token (-1 = empty; the cache fills empty slots
-        first); step_pos: int64 [B], the new token's position id; size: the layer's slots.
+        [B, G, S] position id of each slot's token (-1 = empty, filled first; -2 = beyond
+        the row's size, never used); step_pos: int64 [B], the new token's position id;
+        size: int64 [B, 1, 1], each row's fixed size (its slots in use when full).
         Fixed shapes, no host syncs: it runs inside the compiled decode step.
         """
         raise NotImplementedError(f"{self.name} does not evict while decoding")
@@ -201,6 +202,15 @@ class Policy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as a policy's integer parameter >= ``minimum``, or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 class FixedSizePolicy(Policy):

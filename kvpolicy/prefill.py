@@ -14,7 +14,7 @@ from torch import Tensor
 from kvpolicy_kernels import accumulate_scores, accumulate_scores_sparsity, compact_layers
 
 from .budget import capacity as buffer_slots
-from .cache import KVLayer, PolicyCache
+from .cache import UNUSABLE, KVLayer, PolicyCache
 from .policy import Plan, Stats
 from .softmax import attend
 
@@ -160,6 +160,8 @@ class Step:
             per_row = [pad_keep(r.keep[i], n) for r in rows]
             keeps.append(torch.cat([k for k, _ in per_row]))
             fill[l] = torch.cat([f for _, f in per_row])
+        self.row_sizes = {l: torch.tensor([r.capacity[i] for r in rows], device=valid.device)
+                          for i, l in enumerate(scored)}
         caps = [max(r.capacity[i] for r in rows) for i in range(len(scored))]
         if policy.decode == "append":
             caps = [buffer_slots(c, 0, "append", self.cache.bucket) for c in caps]
@@ -193,11 +195,14 @@ class Step:
             B, G, n = k.shape
             pos = layer.pos.new_full((B, G, caps[l]), -1)
             pos[..., :n] = torch.gather(layer.pos, 2, k).masked_fill(empty, -1)
-            scores = None
-            if layer.kind == "evict":
+            scores = sizes = None
+            if layer.kind == "evict":  # a row keeps its own fixed size
+                sizes = self.row_sizes[l]
+                beyond = torch.arange(caps[l], device=k.device) >= self.row_sizes[l][:, None]
+                pos.masked_fill_(beyond[:, None, :], UNUSABLE)
                 scores = torch.zeros(B, G, caps[l], dtype=torch.float32, device=k.device)
                 scores[..., :n] = torch.gather(self.running(l), 2, k)
-            layer.close(dst_k[l], dst_v[l], pos, n, self.rows_seen.clone(), scores)
+            layer.close(dst_k[l], dst_v[l], pos, n, self.rows_seen.clone(), scores, sizes)
 
 
 def left_pad(x: Tensor, width: int) -> Tensor:

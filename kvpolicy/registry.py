@@ -78,6 +78,10 @@ def get_policy(name: str | Policy, **params: object) -> Policy:
             raise TypeError(f"parameters {sorted(params)} given with a policy instance; "
                             f"set them on the instance instead")
         return name
+    if isinstance(name, type) and issubclass(name, Policy):
+        raise TypeError(f"pass a policy name or an instance: {name.__name__}() rather than the class")
+    if not isinstance(name, str):
+        raise TypeError(f"policy must be a registered name (str) or a Policy instance, got {name!r}")
     cls = policy_class(name)
     allowed = cls.defaults()
     unknown = sorted(set(params) - set(allowed))

@@ -40,7 +40,7 @@ def prefill(cache, q, k, v, valid):
     for l, layer in enumerate(cache.layers):
         keys, values = layer.update(k[l], v[l])
         step.attend(l, module(l, q.shape[2] // k.shape[2]), q[l], keys, values,
-                    q.shape[-1] ** -0.5, None, None)
+                    q.shape[-1] ** -0.5, None, None, None)
     step.finish()
 
 
@@ -70,7 +70,7 @@ def test_compacted_attention_equals_masked_full_attention(prompt, seed):
         assert torch.equal(layer.pos[..., :n] >= 0, torch.gather(kept, 2, keep) & ~filler)
         expected = masked_attention(query, k[l], v[l], kept)
         scores_before = layer.scores.clone() if layer.kind == "evict" else None
-        got = layer.attend(query, D ** -0.5, None, None)
+        got = layer.attend(query, D ** -0.5, None, None, None)
         torch.testing.assert_close(got.transpose(1, 2), expected, atol=1e-5, rtol=1e-5)
         if layer.kind == "evict":  # the same pass adds each slot's probabilities to its running score
             added = (layer.scores - scores_before).sum(-1)
@@ -110,11 +110,12 @@ def test_decode_eviction_invariants(prompt, steps, seed):
                 for h in range(G):
                     now = held(layer, b, h)
                     assert int(newest[b]) in now
-                    assert len(now) <= C and not now & gone[b][h]
+                    assert len(now) <= int(layer.sizes[b]) and not now & gone[b][h]
                     assert sinks[b][h] <= now
                     gone[b][h] |= before[b][h] - now
                     if policy.name == "h2o":  # the recent window is never the victim
-                        recent = set(range(int(newest[b]) - policy.recent(C) + 1, int(newest[b]) + 1))
+                        size = int(layer.sizes[b])
+                        recent = set(range(int(newest[b]) - policy.recent(size) + 1, int(newest[b]) + 1))
                         assert recent & before[b][h] <= now
 
 

@@ -23,7 +23,10 @@ class H2O(FixedSizePolicy):
             raise ValueError(f"heavy_ratio must be in [0, 1), got {heavy_ratio}")
         self.heavy_ratio = heavy_ratio
 
-    def recent(self, size: int) -> int:
+    def recent(self, size: int | Tensor) -> int | Tensor:
+        """Recent tokens a layer of ``size`` slots keeps (an int, or int64 per row)."""
+        if isinstance(size, Tensor):
+            return (size - torch.round(self.heavy_ratio * size)).clamp_min(1)
         return max(1, size - round(self.heavy_ratio * size))
 
     def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
@@ -33,6 +36,6 @@ class H2O(FixedSizePolicy):
             keep.append(select_keep(scores[l], min(size, stats.num_tokens), recent, stats.valid))
         return keep
 
-    def victim_priority(self, scores: Tensor, positions: Tensor, step_pos: Tensor, size: int):
+    def victim_priority(self, scores: Tensor, positions: Tensor, step_pos: Tensor, size: Tensor):
         recent = positions > step_pos.view(-1, 1, 1) - self.recent(size)
         return scores.masked_fill(recent, torch.inf)

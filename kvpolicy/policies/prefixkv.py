@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..allocation import apportion, take_cheapest
 from ..budget import Budget
-from ..policy import Plan, Policy, Stats
+from ..policy import Plan, Policy, Stats, check_int
 from ..registry import register_policy
 
 DISTANCE = 25  # fixed-point elimination drops the token this far before the prompt's end
@@ -35,8 +35,8 @@ class PrefixKV(Policy):
 
     def __init__(self, sinks: int = 4, window: int = 1, shared_heads: bool = True,
                  ratios: str | Sequence[float] = "", fixed_point: bool = False):
-        self.sinks = sinks
-        self.window = window
+        self.sinks = check_int("sinks", sinks, 0)
+        self.window = check_int("window", window, 1)
         self.shared_heads = shared_heads
         self.ratios = ratios if isinstance(ratios, str) else tuple(float(r) for r in ratios)
         self.weights = load_ratios(ratios)
@@ -93,16 +93,18 @@ class PrefixKV(Policy):
         return float(torch.where(n > lo, last_sold, 0.0).max()), n
 
     def victim_priority(self, scores: Tensor, positions: Tensor, step_pos: Tensor,
-                        size: int) -> Tensor:
+                        size: Tensor) -> Tensor:
         """Fixed-point elimination (Elastic Cache, as the reference): the first
         ``frozen(size)`` slots (the oldest kept tokens) stay; the oldest other goes."""
-        head = torch.arange(size, device=positions.device) < self.frozen(size)
+        slots = torch.arange(positions.shape[-1], device=positions.device)
+        head = slots < self.frozen(torch.as_tensor(size, device=positions.device))
         return positions.float().masked_fill(head, torch.inf)
 
-    def frozen(self, size: int) -> int:
+    def frozen(self, size: int | Tensor) -> Tensor:
         """Slots never overwritten: size - 25, or size // 2 below 26 (the reference's
         rule for a layer that kept ``size`` tokens), and never fewer than the sinks."""
-        return max(size - DISTANCE if size > DISTANCE else size // 2, self.sinks)
+        size = torch.as_tensor(size)
+        return torch.where(size > DISTANCE, size - DISTANCE, size // 2).clamp_min(self.sinks)
 
 
 def load_ratios(ratios: str | Sequence[float]) -> Tensor | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..policy import Policy, Stats
+from ..policy import Policy, Stats, check_int
 from ..registry import register_policy
 from ..selection import edge_tokens, max_pool_keys
 
@@ -17,9 +17,9 @@ class SnapKV(Policy):
     queries = "window"
 
     def __init__(self, window: int = 32, kernel: int = 7):
-        if kernel < 1 or kernel % 2 == 0:
+        if check_int("kernel", kernel, 1) % 2 == 0:
             raise ValueError(f"kernel must be an odd positive int, got {kernel}")
-        self.window = window
+        self.window = check_int("window", window, 1)
         self.kernel = kernel
 
     def score(self, stats: Stats) -> Tensor:

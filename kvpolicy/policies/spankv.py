@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..policy import Policy, Stats
+from ..policy import Policy, Stats, check_int
 from ..registry import register_policy
 from ..selection import edge_tokens, max_pool_keys, select_keep
 
@@ -23,13 +23,13 @@ class SpanKV(Policy):
 
     def __init__(self, observe: int = 1, window: int = 16, span: int = 13, kernel: int = 7,
                  shared: float = 0.9, sinks: int = 4):
+        check_int("window", window, 0), check_int("sinks", sinks, 0)
         for name, v in (("span", span), ("kernel", kernel)):
-            if v < 1 or v % 2 == 0:
+            if check_int(name, v, 1) % 2 == 0:
                 raise ValueError(f"{name} must be an odd positive int, got {v}")
         if not 0.0 <= shared <= 1.0:
             raise ValueError(f"shared must be in [0, 1], got {shared}")
-        if observe < 1:
-            raise ValueError(f"observe must be >= 1, got {observe}")
+        check_int("observe", observe, 1)
         self.observe, self.window, self.span, self.kernel = observe, window, span, kernel
         self.shared, self.sinks = shared, sinks
 

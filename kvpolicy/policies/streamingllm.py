@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..policy import FixedSizePolicy, Stats
+from ..policy import FixedSizePolicy, Stats, check_int
 from ..registry import register_policy
 
 
@@ -16,7 +16,7 @@ class StreamingLLM(FixedSizePolicy):
     queries = "none"
 
     def __init__(self, sinks: int = 4):
-        self.sinks = sinks
+        self.sinks = check_int("sinks", sinks, 0)
 
     def score(self, stats: Stats) -> Tensor:
         L, B, G, N = stats.attn.shape

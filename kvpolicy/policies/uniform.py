@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..policy import Policy, Stats
+from ..policy import Policy, Stats, check_int
 from ..registry import get_policy, register_policy
 
 
@@ -19,7 +19,7 @@ class Uniform(Policy):
     queries = "window"
 
     def __init__(self, window: int = 8, scores: str | Policy = ""):
-        self.window = window
+        self.window = check_int("window", window, 1)
         self.scores = scores
         self.source = get_policy(scores) if scores else None
         if self.source is not None:
