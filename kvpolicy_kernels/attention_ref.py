@@ -33,9 +33,9 @@ def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chun
     dtype = torch.promote_types(query.dtype, torch.float32)
     q = query.to(dtype).reshape(B, G, g, Q, D)
     k, v = key.to(dtype), value.to(dtype)
-    visible = _visible(mask, is_causal, Q, S, query.device)
-    if visible is not None:
-        visible = torch.broadcast_to(visible, (B, H, Q, S)).view(B, G, g, Q, S)
+    if mask is not None:
+        mask = torch.broadcast_to(mask, (B, H, Q, S)).view(B, G, g, Q, S)  # a view, no copy
+    key_pos = torch.arange(S, device=query.device)
     sink = None if sinks is None else sinks.to(dtype).reshape(1, G, g, 1, 1)
     out = torch.empty(B, G, g, Q, Dv, dtype=query.dtype, device=query.device)
     lse = torch.empty(B, G, g, Q, dtype=torch.float32, device=query.device)
@@ -44,8 +44,11 @@ def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chun
         logits = torch.einsum("bgiqd,bgsd->bgiqs", q[:, :, :, start:stop], k).mul_(scaling)
         if softcap > 0:
             logits.div_(softcap).tanh_().mul_(softcap)
-        if visible is not None:
-            logits.masked_fill_(~visible[:, :, :, start:stop], float("-inf"))
+        if mask is not None:
+            logits.masked_fill_(~mask[:, :, :, start:stop], float("-inf"))
+        if is_causal:
+            rows = torch.arange(S - Q + start, S - Q + stop, device=query.device)
+            logits.masked_fill_(key_pos[None, :] > rows[:, None], float("-inf"))
         row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         if sink is not None:
             row_lse = torch.logaddexp(row_lse, sink)
