@@ -29,6 +29,7 @@ from .backend import is_interpreted
 
 BLOCK_Q = 64
 BLOCK_N = 64
+FP32_COLUMN_SUMS_WARPS = 8  # 4 warps spill fp32 tiles (ptxas: 264 bytes on sm_80), 8 do not
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -170,5 +171,6 @@ def accumulate_scores_triton(
             **common)
     wrap_triton(_column_sums_kernel)[(B * G, n_blocks)](
         query, key, key_mask_arg, query_mask_arg, lse, row_max, scores, below, *strides,
-        H, G, Q, N, D, scaling, softcap, tau, COUNT_BELOW=tau > 0, **common)
+        H, G, Q, N, D, scaling, softcap, tau, COUNT_BELOW=tau > 0, **common,
+        num_warps=FP32_COLUMN_SUMS_WARPS if query.dtype == torch.float32 else 4)
     return scores, below.sum(1).reshape(B, G)
