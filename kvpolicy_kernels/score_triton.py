@@ -1,15 +1,15 @@
 """Triton score accumulation: flash-style, two passes, never a [Q, N] matrix in memory.
 
 Logits are the model's: scaling * q.k, then softcap * tanh(. / softcap) when HAS_SOFTCAP
-(tanh from exp, which the interpreter has and libdevice's tanh is not). Pass 1 (grid B*H x
+(tanh built from exp: libdevice's tanh does not run in the interpreter). Pass 1 (grid B*H x
 query blocks): online softmax over key tiles gives each query row its maximum logit and
 log-sum-exp (fp32 [B, H, Q]); with HAS_SINKS, exp(sink[h]) joins the sum. Rows not counted
 or with no visible key get lse = +inf (sink alone: lse = sink), and add 0 later. A caller
 that already has the lse (``lse`` argument) skips pass 1, or runs it for the row maximum
-only when tau > 0 (NEED_LSE = False). Pass 2 (grid B*G x key blocks): each program owns one key
-tile, loops over the g query heads of its KV head and the query tiles that can see the tile,
-recomputes the logits and adds the column sums of exp(logit - lse): every output element has
-a single writer, so no atomics. The same pass counts probabilities below tau x row maximum
+only when tau > 0 (NEED_LSE = False). Pass 2 (grid B*G x key blocks): each program owns one
+key tile, loops over the g query heads of its KV head and the query tiles that can see the
+tile, recomputes the logits and adds the column sums of exp(logit - lse): every output
+element has a single writer, so no atomics. The same pass counts probabilities below tau x row maximum
 into one partial per program, summed afterwards. Memory O(B * H * Q + B * G * N).
 
 Tiles enter ``tl.dot`` in DOT_DTYPE with fp32 accumulation: the input dtype, except bf16
