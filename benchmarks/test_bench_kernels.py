@@ -73,6 +73,8 @@ def test_bench_scores_reusing_lse(benchmark, n):
     """All-query (Q = N) scoring against one causal SDPA pass of the same shapes, alternated in
     one process (A B C A B C ..., medians over 3 rounds): scores recomputing the softmax
     statistics, scores from the lse of ``attention_with_lse``, and that attention itself."""
+    if FAST and n > 1024:
+        pytest.skip("KVPOLICY_BENCH_FAST=1: only at 1k")
     gen = torch.Generator().manual_seed(0)
     query = torch.randn(1, HEADS, n, HEAD_DIM, generator=gen)
     key, value = (torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=gen) for _ in range(2))

@@ -20,10 +20,10 @@ TAU = 0.05
 
 
 @st.composite
-def score_cases(draw):
+def score_cases(draw, max_n: int = 300):
     """Random GQA shapes with left padding (possibly a whole sequence) and query masks."""
     B, G, g = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    N = draw(st.integers(1, 300))
+    N = draw(st.integers(1, max_n))
     case = dict(B=B, G=G, g=g, N=N, Q=draw(st.integers(1, N)), D=draw(st.sampled_from([16, 32, 64])),
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
                 pads=draw(st.lists(st.integers(0, N), min_size=B, max_size=B))
@@ -110,8 +110,8 @@ EDGE_ONE_TOKEN = dict(B=1, G=1, g=1, N=1, Q=1, D=16, dtype=torch.float32, pads=N
                       query_mask=False, logit_scale=1.0, softcap=0.0, sinks=False, seed=0)
 EDGE_ALL_PADDING = dict(B=2, G=2, g=3, N=70, Q=70, D=32, dtype=torch.bfloat16, pads=[70, 5],
                         query_mask=True, logit_scale=4.0, softcap=0.0, sinks=False, seed=1)
-EDGE_CAP_AND_SINKS = dict(EDGE_ALL_PADDING, N=130, Q=33, pads=[0, 64], dtype=torch.float16,
-                          softcap=2.0, sinks=True)
+EDGE_CAP_AND_SINKS = dict(B=2, G=2, g=2, N=70, Q=20, D=32, dtype=torch.float16, pads=[0, 30],
+                          query_mask=True, logit_scale=4.0, softcap=2.0, sinks=True, seed=2)
 
 
 @settings(max_examples=60, deadline=None)
@@ -124,10 +124,10 @@ def test_reference_matches_float64_dense(case):
 
 
 @settings(max_examples=12, deadline=None)
-@given(score_cases())
+@given(score_cases(max_n=150))  # the interpreter's time grows with B * H * Q * N
 @example(EDGE_ONE_TOKEN)
 @example(EDGE_ALL_PADDING)
-@example(dict(EDGE_CAP_AND_SINKS, softcap=0.0, sinks=False))
+@example(dict(EDGE_ALL_PADDING, N=130, Q=33, pads=[0, 64], dtype=torch.float16))
 @example(dict(EDGE_CAP_AND_SINKS, sinks=False, dtype=torch.float32))
 @example(dict(EDGE_CAP_AND_SINKS, softcap=0.0, dtype=torch.bfloat16))
 @example(EDGE_CAP_AND_SINKS)
