@@ -26,6 +26,10 @@ def accumulate_scores_op(
     softcap: float = 0.0, sinks: Tensor | None = None, lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(scores fp32 [B, G, N], below fp32 [B, G]); tau == 0 skips the count; softcap 0 = off."""
+    if sinks is not None and tuple(sinks.shape) != (query.shape[1],):
+        raise ValueError(f"sinks must be [H] = [{query.shape[1]}], got {tuple(sinks.shape)}")
+    if lse is not None and lse.shape != query.shape[:3]:
+        raise ValueError(f"lse must be [B, H, Q] = {list(query.shape[:3])}, got {list(lse.shape)}")
     if use_triton(query.device, _column_sums_kernel):
         return accumulate_scores_triton(query, key, scaling, tau, key_mask, query_mask,
                                         softcap, sinks, lse)
