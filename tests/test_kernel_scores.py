@@ -161,18 +161,24 @@ def test_compiles_without_graph_break():
     backend = CompileCounterWithBackend("aot_eager")
 
     @torch.compile(backend=backend, fullgraph=True)
-    def scores_twice(query, key, key_mask):
+    def scores_twice(query, key, key_mask, sinks, lse):
         scores, below = accumulate_scores_sparsity(query, key, scaling=0.25, tau=TAU, key_mask=key_mask)
-        return scores * 2, below, accumulate_scores(query, key, scaling=0.25)
+        capped = accumulate_scores(query, key, scaling=0.25, softcap=3.0, sinks=sinks, lse=lse)
+        return scores * 2, below, accumulate_scores(query, key, scaling=0.25), capped
 
     query, key = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
     key_mask = torch.arange(8)[None, :] >= torch.tensor([[0], [3]])
-    doubled, below, plain = scores_twice(query, key, key_mask)
+    sinks = torch.randn(4)
+    lse = torch.logaddexp(torch.logsumexp(  # the capped causal rows' lse, sink included
+        (3.0 * torch.tanh(query @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.25 / 3.0))
+        .masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), -math.inf), -1), sinks[:, None])
+    doubled, below, plain, capped = scores_twice(query, key, key_mask, sinks, lse)
     expected = accumulate_scores_sparsity(query, key, scaling=0.25, tau=TAU, key_mask=key_mask)
     assert backend.frame_count == 1 and not counters["graph_break"]
     torch.testing.assert_close(doubled, 2 * expected[0])
     torch.testing.assert_close(below, expected[1])
     torch.testing.assert_close(plain, accumulate_scores(query, key, scaling=0.25))
+    torch.testing.assert_close(capped, accumulate_scores(query, key, scaling=0.25, softcap=3.0, sinks=sinks))
 
 
 def test_backend_choice():
