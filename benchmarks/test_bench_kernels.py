@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from kvpolicy_kernels import accumulate_scores, compact_layers
+from kvpolicy_kernels import accumulate_scores, attention_with_lse, compact_layers
 
 FAST = os.environ.get("KVPOLICY_BENCH_FAST") == "1"
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
@@ -66,6 +66,43 @@ def test_bench_accumulate_scores(benchmark, n, queries):
     benchmark.extra_info.update(
         device=device_name(), n=n, queries=q_len,
         logit_gflop_per_s=2 * HEADS * causal_pairs * HEAD_DIM / benchmark.stats.stats.median / 1e9)
+
+
+@pytest.mark.parametrize("n", [1024, 2048])
+def test_bench_scores_reusing_lse(benchmark, n):
+    """All-query (Q = N) scoring against one causal SDPA pass of the same shapes, alternated in
+    one process (A B C A B C ..., medians over 3 rounds): scores recomputing the softmax
+    statistics, scores from the lse of ``attention_with_lse``, and that attention itself."""
+    if FAST and n > 1024:
+        pytest.skip("KVPOLICY_BENCH_FAST=1: only at 1k")
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(1, HEADS, n, HEAD_DIM, generator=gen)
+    key, value = (torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=gen) for _ in range(2))
+    _, lse = attention_with_lse(query, key, value, scaling=SCALING, is_causal=True)
+    runs = {
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, enable_gqa=True, scale=SCALING),
+        "attention_with_lse": lambda: attention_with_lse(query, key, value, scaling=SCALING, is_causal=True),
+        "scores": lambda: accumulate_scores(query, key, scaling=SCALING),
+        "scores_lse": lambda: accumulate_scores(query, key, scaling=SCALING, lse=lse),
+    }
+    times = {name: [] for name in runs}
+
+    def alternate():
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+
+    alternate()  # warm-up
+    times = {name: [] for name in runs}
+    benchmark.pedantic(alternate, rounds=3, warmup_rounds=0)
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    benchmark.extra_info.update(
+        device=device_name(), n=n, **{f"{name}_s": t for name, t in median.items()},
+        scores_over_sdpa=median["scores"] / median["sdpa"],
+        scores_lse_over_sdpa=median["scores_lse"] / median["sdpa"],
+        attention_with_lse_over_sdpa=median["attention_with_lse"] / median["sdpa"])
 
 
 @pytest.mark.parametrize("n", [1024, 8192])

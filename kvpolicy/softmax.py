@@ -1,5 +1,7 @@
 """Attention with the model's own softmax: plain SDPA where it is exact, otherwise logits
-with Gemma2's tanh softcapping and GPT-OSS's per-head sink logits in the denominator."""
+with Gemma2's tanh softcapping and GPT-OSS's per-head sink logits in the denominator
+(multi-token steps: kvpolicy_kernels.attention; one-token decode steps: here, grouped, with
+the probabilities an evicting layer accumulates)."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-QUERY_CHUNK = 256
+from kvpolicy_kernels import attention
 
 
 def probabilities(logits: Tensor, softcap: float | None, sinks: Tensor | None) -> Tensor:
@@ -46,28 +48,6 @@ def grouped_attention(query: Tensor, keys: Tensor, values: Tensor, visible: Tens
     return out.reshape(B, 1, H, -1), probs.sum(2) if need_probs else None
 
 
-def masked_attention(query: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scaling: float,
-                     softcap: float | None, sinks: Tensor | None) -> Tensor:
-    """Multi-token attention with softcapping / sinks, ``QUERY_CHUNK`` rows at a time.
-
-    query [B, H, q, D]; keys/values [B, G, S, D]; visible bool [B, 1, q, S].
-    Returns out [B, q, H, Dv] in the query's dtype.
-    """
-    B, H, q, D = query.shape
-    G = keys.shape[1]
-    g = H // G
-    qg = query.reshape(B, G, g, q, D).float()
-    k, v = keys.float(), values.float()
-    sink = None if sinks is None else sinks.view(G, g)
-    out = []
-    for start in range(0, q, QUERY_CHUNK):
-        rows = slice(start, start + QUERY_CHUNK)
-        logits = torch.einsum("bgiqd,bgsd->bgiqs", qg[:, :, :, rows], k) * scaling
-        logits = logits.masked_fill(~visible[:, :, None, rows], -torch.inf)
-        out.append(torch.einsum("bgiqs,bgsd->bgiqd", probabilities(logits, softcap, sink), v))
-    return torch.cat(out, 3).reshape(B, H, q, -1).transpose(1, 2).to(query.dtype)
-
-
 def attend(module, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None,
            scaling: float, softcap: float | None, sinks: Tensor | None) -> Tensor:
     """Multi-token attention: query [B, H, q, D] over key/value [B, G, S, D] with
@@ -76,7 +56,6 @@ def attend(module, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | 
     Returns out [B, q, H, Dv]."""
     if not softcap and sinks is None:
         return sdpa_attention_forward(module, query, key, value, visible, scaling=scaling)[0]
-    if visible is None:
-        S, q = key.shape[2], query.shape[2]
-        visible = torch.ones(q, S, dtype=torch.bool, device=key.device).tril(S - q)[None, None]
-    return masked_attention(query, key, value, visible, scaling, softcap, sinks)
+    out = attention(query, key, value, scaling=scaling, mask=visible, is_causal=visible is None,
+                    softcap=softcap or 0.0, sinks=sinks)
+    return out.transpose(1, 2)

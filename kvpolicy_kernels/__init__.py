@@ -1,29 +1,37 @@
 """Hot-path ops of kvpolicy: each a PyTorch reference (CPU path) and a Triton kernel (CUDA
-path) behind one torch custom op; ``KVPOLICY_BACKEND`` = auto | triton | torch (see backend)."""
+path) behind one torch custom op; ``KVPOLICY_BACKEND`` = auto | triton | torch (see backend).
+``attention`` / ``attention_with_lse``: attention with the model's own softmax (softcap,
+sinks), the latter also returning the log-sum-exp the score ops can reuse."""
 from __future__ import annotations
 
 from torch import Tensor
 
+from .attention_ref import attention, attention_with_lse
 from .ops import accumulate_scores_op, compact_layers_op
 
-__all__ = ["accumulate_scores", "accumulate_scores_sparsity", "compact_layers"]
+__all__ = ["accumulate_scores", "accumulate_scores_sparsity", "attention", "attention_with_lse",
+           "compact_layers"]
 
 
 def accumulate_scores(
     query: Tensor, key: Tensor, *, scaling: float, key_mask: Tensor | None = None,
-    query_mask: Tensor | None = None,
+    query_mask: Tensor | None = None, softcap: float = 0.0, sinks: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> Tensor:
-    """float32 [B, G, N]: attention each key receives from the counted queries (see score_ref)."""
-    return accumulate_scores_op(query, key, scaling, 0.0, key_mask, query_mask)[0]
+    """float32 [B, G, N]: attention each key receives from the counted queries under the
+    model's softmax (softcap > 0: tanh cap; sinks float [H]: per-head sink logits); lse fp32
+    [B, H, Q] reuses the attention's log-sum-exp instead of recomputing it (see score_ref)."""
+    return accumulate_scores_op(query, key, scaling, 0.0, key_mask, query_mask, softcap, sinks, lse)[0]
 
 
 def accumulate_scores_sparsity(
     query: Tensor, key: Tensor, *, scaling: float, tau: float, key_mask: Tensor | None = None,
-    query_mask: Tensor | None = None,
+    query_mask: Tensor | None = None, softcap: float = 0.0, sinks: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(scores float32 [B, G, N], below float32 [B, G]): scores plus the count of
-    probabilities below tau x row max, in the same pass."""
-    return accumulate_scores_op(query, key, scaling, tau, key_mask, query_mask)
+    probabilities below tau x row max (over the real keys), in the same pass."""
+    return accumulate_scores_op(query, key, scaling, tau, key_mask, query_mask, softcap, sinks, lse)
 
 
 def compact_layers(keys, values, keep, dst_keys, dst_values) -> None:

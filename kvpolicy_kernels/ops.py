@@ -23,11 +23,17 @@ from .score_triton import _column_sums_kernel, accumulate_scores_triton
 def accumulate_scores_op(
     query: Tensor, key: Tensor, scaling: float, tau: float,
     key_mask: Tensor | None, query_mask: Tensor | None,
+    softcap: float = 0.0, sinks: Tensor | None = None, lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(scores fp32 [B, G, N], below fp32 [B, G]); tau == 0 skips the count."""
+    """(scores fp32 [B, G, N], below fp32 [B, G]); tau == 0 skips the count; softcap 0 = off."""
+    if sinks is not None and tuple(sinks.shape) != (query.shape[1],):
+        raise ValueError(f"sinks must be [H] = [{query.shape[1]}], got {tuple(sinks.shape)}")
+    if lse is not None and lse.shape != query.shape[:3]:
+        raise ValueError(f"lse must be [B, H, Q] = {list(query.shape[:3])}, got {list(lse.shape)}")
     if use_triton(query.device, _column_sums_kernel):
-        return accumulate_scores_triton(query, key, scaling, tau, key_mask, query_mask)
-    return accumulate_scores_ref(query, key, scaling, key_mask, query_mask, tau)
+        return accumulate_scores_triton(query, key, scaling, tau, key_mask, query_mask,
+                                        softcap, sinks, lse)
+    return accumulate_scores_ref(query, key, scaling, key_mask, query_mask, tau, softcap, sinks, lse)
 
 
 @torch.library.custom_op("kvpolicy::compact_layers", mutates_args=("dst_keys", "dst_values"))

@@ -12,6 +12,9 @@ def accumulate_scores_ref(
     key_mask: Tensor | None = None,
     query_mask: Tensor | None = None,
     tau: float = 0.0,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    lse: Tensor | None = None,
     chunk: int = 128,
 ) -> tuple[Tensor, Tensor]:
     """Attention mass each key receives, summed over counted queries and group heads.
@@ -19,6 +22,10 @@ def accumulate_scores_ref(
     query: [B, H, Q, D], the last Q positions of the sequence (row i sits at N - Q + i).
     key: [B, G, N, D], H a multiple of G. key_mask: bool [B, N], False = padding.
     query_mask: bool [B, Q], False = row not counted. Any float dtype.
+    The model's softmax: logits = scaling * q.k, then softcap * tanh(logits / softcap) if
+    softcap > 0; sinks (float [H]) adds exp(sinks[h]) to each row's denominator (the sink
+    itself gets no score). lse: fp32 [B, H, Q], each counted row's natural log-sum-exp under
+    that softmax (sink included), reused instead of recomputed; other rows' values are unused.
     Returns (scores float32 [B, G, N], below float32 [B, G]) where ``below`` counts the
     causal, unmasked probabilities smaller than ``tau`` x their row maximum (0 if tau == 0).
     Rows are processed ``chunk`` at a time against only the keys they can see (in place), so
@@ -29,6 +36,8 @@ def accumulate_scores_ref(
     g = H // G
     q = query.float().reshape(B, G, g, Q, D)
     k = key.float()
+    sink = None if sinks is None else sinks.float().reshape(1, G, g, 1, 1)
+    given = None if lse is None else lse.float().reshape(B, G, g, Q, 1)
     scores = torch.zeros(B, G, N, dtype=torch.float32, device=key.device)
     below = torch.zeros(B, G, dtype=torch.float32, device=key.device)
     key_pos = torch.arange(N, device=key.device)
@@ -42,9 +51,17 @@ def accumulate_scores_ref(
             allowed = allowed & key_mask[:, None, None, None, :end]
         if query_mask is not None:
             allowed = allowed & query_mask[:, None, None, start:stop, None]
-        logits.mul_(scaling).masked_fill_(~allowed, float("-inf"))
-        probs = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_()
-        probs = probs.nan_to_num_(nan=0.0)
+        logits.mul_(scaling)
+        if softcap > 0:
+            logits.div_(softcap).tanh_().mul_(softcap)
+        logits.masked_fill_(~allowed, float("-inf"))
+        if given is not None:
+            row_lse = given[:, :, :, start:stop]
+        else:
+            row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            if sink is not None:
+                row_lse = torch.logaddexp(row_lse, sink)
+        probs = logits.sub_(row_lse).exp_().nan_to_num_(nan=0.0)
         scores[:, :, :end] += probs.sum(dim=(2, 3))
         if tau > 0:
             row_max = probs.amax(dim=-1, keepdim=True)

@@ -1,11 +1,15 @@
 """Triton score accumulation: flash-style, two passes, never a [Q, N] matrix in memory.
 
-Pass 1 (grid B*H x query blocks): online softmax over key tiles gives each query row its
-maximum logit and log-sum-exp (fp32 [B, H, Q]); rows not counted or with no visible key get
-lse = +inf, so they add 0 later. Pass 2 (grid B*G x key blocks): each program owns one key
-tile, loops over the g query heads of its KV head and the query tiles that can see the tile,
-recomputes the logits and adds the column sums of exp(logit - lse): every output element has
-a single writer, so no atomics. The same pass counts probabilities below tau x row maximum
+Logits are the model's: scaling * q.k, then softcap * tanh(. / softcap) when HAS_SOFTCAP
+(tanh built from exp: libdevice's tanh does not run in the interpreter). Pass 1 (grid B*H x
+query blocks): online softmax over key tiles gives each query row its maximum logit and
+log-sum-exp (fp32 [B, H, Q]); with HAS_SINKS, exp(sink[h]) joins the sum. Rows not counted
+or with no visible key get lse = +inf (sink alone: lse = sink), and add 0 later. A caller
+that already has the lse (``lse`` argument) skips pass 1, or runs it for the row maximum
+only when tau > 0 (NEED_LSE = False). Pass 2 (grid B*G x key blocks): each program owns one
+key tile, loops over the g query heads of its KV head and the query tiles that can see the
+tile, recomputes the logits and adds the column sums of exp(logit - lse): every output
+element has a single writer, so no atomics. The same pass counts probabilities below tau x row maximum
 into one partial per program, summed afterwards. Memory O(B * H * Q + B * G * N).
 
 Tiles enter ``tl.dot`` in DOT_DTYPE with fp32 accumulation: the input dtype, except bf16
@@ -25,6 +29,7 @@ from .backend import is_interpreted
 
 BLOCK_Q = 64
 BLOCK_N = 64
+FP32_COLUMN_SUMS_WARPS = 8  # 4 warps spill fp32 tiles (ptxas: 264 bytes on sm_80), 8 do not
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -42,11 +47,23 @@ def _visible(rows, cols, b, Q, N, key_mask_ptr, query_mask_ptr,
 
 
 @triton.jit
+def _logits(q, k, scaling, softcap, HAS_SOFTCAP: tl.constexpr):
+    """fp32 [BLOCK_Q, BLOCK_N]: scaling * q k^T, tanh-capped at +-softcap if HAS_SOFTCAP."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+    if HAS_SOFTCAP:
+        t = tl.exp(-2.0 * tl.abs(s) / softcap)  # tanh|x| = (1 - t) / (1 + t), no overflow
+        capped = softcap * (1.0 - t) / (1.0 + t)
+        s = tl.where(s < 0, -capped, capped)
+    return s
+
+
+@triton.jit
 def _row_stats_kernel(
-    q_ptr, k_ptr, key_mask_ptr, query_mask_ptr, lse_ptr, max_ptr,
+    q_ptr, k_ptr, key_mask_ptr, query_mask_ptr, sinks_ptr, lse_ptr, max_ptr,
     s_qb, s_qh, s_qq, s_qd, s_kb, s_kg, s_kn, s_kd,
-    H, G, Q, N, D, scaling,
-    HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    H, G, Q, N, D, scaling, softcap,
+    HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr, NEED_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_q = tl.program_id(0), tl.program_id(1)
@@ -63,15 +80,22 @@ def _row_stats_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_ptr + b * s_kb + kv * s_kg + cols[:, None] * s_kn + dims[None, :] * s_kd,
                     mask=(cols < N)[:, None] & (dims < D)[None, :], other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+        s = _logits(q, k, scaling, softcap, HAS_SOFTCAP)
         vis = _visible(rows, cols, b, Q, N, key_mask_ptr, query_mask_ptr, HAS_KEY_MASK, HAS_QUERY_MASK)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows stay finite
-        l_i = l_i * tl.exp(m_i - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
+        if NEED_LSE:
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows stay finite
+            l_i = l_i * tl.exp(m_i - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
         m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
-    tl.store(lse_ptr + pid_bh * Q + rows, lse, mask=rows < Q)
+    if NEED_LSE:
+        if HAS_SINKS:  # l_i is relative to m_i (0 when no key is visible)
+            sink = tl.load(sinks_ptr + h)
+            top = tl.maximum(m_i, sink)
+            lse = top + tl.log(l_i * tl.exp(m_i - top) + tl.exp(sink - top))
+        else:
+            lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+        tl.store(lse_ptr + pid_bh * Q + rows, lse, mask=rows < Q)
     tl.store(max_ptr + pid_bh * Q + rows, m_i, mask=rows < Q)
 
 
@@ -79,9 +103,9 @@ def _row_stats_kernel(
 def _column_sums_kernel(
     q_ptr, k_ptr, key_mask_ptr, query_mask_ptr, lse_ptr, max_ptr, scores_ptr, below_ptr,
     s_qb, s_qh, s_qq, s_qd, s_kb, s_kg, s_kn, s_kd,
-    H, G, Q, N, D, scaling, tau,
-    HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    COUNT_BELOW: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, G, Q, N, D, scaling, softcap, tau,
+    HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, COUNT_BELOW: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bg, pid_n = tl.program_id(0), tl.program_id(1)
     b, kv = pid_bg // G, pid_bg % G
@@ -100,7 +124,7 @@ def _column_sums_kernel(
             q = tl.load(q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_qq + dims[None, :] * s_qd,
                         mask=(rows < Q)[:, None] & (dims < D)[None, :], other=0.0).to(DOT_DTYPE)
             lse = tl.load(lse_ptr + (b * H + h) * Q + rows, mask=rows < Q, other=float("inf"))
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+            s = _logits(q, k, scaling, softcap, HAS_SOFTCAP)
             vis = _visible(rows, cols, b, Q, N, key_mask_ptr, query_mask_ptr,
                            HAS_KEY_MASK, HAS_QUERY_MASK)
             p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
@@ -117,29 +141,36 @@ def _column_sums_kernel(
 def accumulate_scores_triton(
     query: Tensor, key: Tensor, scaling: float, tau: float,
     key_mask: Tensor | None, query_mask: Tensor | None,
+    softcap: float = 0.0, sinks: Tensor | None = None, lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as ``accumulate_scores_ref`` (masks bool [B, N] / [B, Q]; query and key
-    fp32, bf16 or fp16, last dimension of any stride). Returns (scores, below), fp32."""
+    fp32, bf16 or fp16, last dimension of any stride; sinks float [H]; lse fp32 [B, H, Q]).
+    Returns (scores, below), fp32."""
     B, H, Q, D = query.shape
     G, N = key.shape[1], key.shape[2]
     dev = key.device
-    lse = torch.empty(B, H, Q, dtype=torch.float32, device=dev)
+    given = lse is not None
+    lse = lse.float().contiguous() if given else torch.empty(B, H, Q, dtype=torch.float32, device=dev)
     row_max = torch.empty(B, H, Q, dtype=torch.float32, device=dev)
     scores = torch.empty(B, G, N, dtype=torch.float32, device=dev)
     n_blocks = triton.cdiv(N, BLOCK_N)
     below = torch.zeros(B * G, n_blocks, dtype=torch.float32, device=dev)
     key_mask_arg = key_mask.contiguous() if key_mask is not None else None
     query_mask_arg = query_mask.contiguous() if query_mask is not None else None
+    sinks_arg = sinks.float().contiguous() if sinks is not None else None
     bf16_interpreted = query.dtype == torch.bfloat16 and is_interpreted(_row_stats_kernel)
     dot_dtype = tl.float32 if bf16_interpreted else _TL_DTYPES[query.dtype]
     common = dict(HAS_KEY_MASK=key_mask is not None, HAS_QUERY_MASK=query_mask is not None,
-                  DOT_DTYPE=dot_dtype, BLOCK_Q=BLOCK_Q, BLOCK_N=BLOCK_N,
-                  BLOCK_D=max(16, triton.next_power_of_2(D)))
+                  HAS_SOFTCAP=softcap > 0, DOT_DTYPE=dot_dtype, BLOCK_Q=BLOCK_Q,
+                  BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)))
     strides = (*query.stride(), *key.stride())
-    wrap_triton(_row_stats_kernel)[(B * H, triton.cdiv(Q, BLOCK_Q))](
-        query, key, key_mask_arg, query_mask_arg, lse, row_max, *strides,
-        H, G, Q, N, D, scaling, **common)
+    if not given or tau > 0:
+        wrap_triton(_row_stats_kernel)[(B * H, triton.cdiv(Q, BLOCK_Q))](
+            query, key, key_mask_arg, query_mask_arg, sinks_arg, lse, row_max, *strides,
+            H, G, Q, N, D, scaling, softcap, HAS_SINKS=sinks is not None, NEED_LSE=not given,
+            **common)
     wrap_triton(_column_sums_kernel)[(B * G, n_blocks)](
         query, key, key_mask_arg, query_mask_arg, lse, row_max, scores, below, *strides,
-        H, G, Q, N, D, scaling, tau, COUNT_BELOW=tau > 0, **common)
+        H, G, Q, N, D, scaling, softcap, tau, COUNT_BELOW=tau > 0, **common,
+        num_warps=FP32_COLUMN_SUMS_WARPS if query.dtype == torch.float32 else 4)
     return scores, below.sum(1).reshape(B, G)
