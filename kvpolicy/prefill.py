@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvpolicy_kernels import accumulate_scores, accumulate_scores_sparsity, compact_layers
+from kvpolicy_kernels import (accumulate_scores, accumulate_scores_sparsity, attention_with_lse,
+                              compact_layers)
 
 from .budget import capacity as buffer_slots
 from .cache import UNUSABLE, KVLayer, PolicyCache
@@ -54,10 +55,18 @@ class Step:
         layer = self.cache.layers[layer_idx]
         layer.adopt_window(window)
         self.attended.add(layer_idx)
-        out = attend(module, query, key, value, self.mask(layer, query.shape[2]), scaling,
-                     softcap, sinks)
+        visible = self.mask(layer, query.shape[2])
+        lse = None
+        if layer.scored and self.first == 0 and self.policy.queries == "all":
+            # every query is counted: reuse the attention's log-sum-exp (one QK^T pass less)
+            out, lse = attention_with_lse(query, key, value, scaling=scaling, mask=visible,
+                                          is_causal=visible is None, softcap=softcap or 0.0,
+                                          sinks=sinks)
+            out = out.transpose(1, 2)
+        else:
+            out = attend(module, query, key, value, visible, scaling, softcap, sinks)
         if layer.scored:
-            self.observe(layer_idx, layer, query, key, scaling, softcap, sinks)
+            self.observe(layer_idx, layer, query, key, scaling, softcap, sinks, lse)
         return out
 
     def mask(self, layer: KVLayer, q: int) -> Tensor | None:
@@ -82,8 +91,9 @@ class Step:
         return visible
 
     def observe(self, layer_idx: int, layer: KVLayer, query: Tensor, key: Tensor, scaling: float,
-                softcap: float | None, sinks: Tensor | None) -> None:
-        """Accumulate the counted queries' attention on every key of the layer."""
+                softcap: float | None, sinks: Tensor | None, lse: Tensor | None) -> None:
+        """Accumulate the counted queries' attention on every key of the layer (lse: fp32
+        [B, H, q] of every query row, when the attention already computed it)."""
         B, G, S, _ = key.shape
         self.heads_per_group = query.shape[1] // G
         if self.first is None:
@@ -94,6 +104,8 @@ class Step:
         extra = {} if not softcap else {"softcap": softcap}
         if sinks is not None:
             extra["sinks"] = sinks
+        if lse is not None:
+            extra["lse"] = lse[:, :, self.first:]
         args = dict(scaling=scaling, key_mask=None if bool(key_valid.all()) else key_valid,
                     query_mask=self.queries[:, self.first:], **extra)
         q = query[:, :, self.first:]
