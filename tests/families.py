@@ -48,3 +48,42 @@ def build(model_type: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model.float().eval()
+
+
+def families_doc() -> str:
+    """docs/models.md: the family matrix's classification (tests/test_families.py)."""
+    from test_families import EXACT, REFUSED, UNBUILDABLE
+
+    import transformers
+
+    def names(group):
+        return ", ".join(f"`{n}`" for n in sorted(group))
+
+    return (
+        "# Supported model families\n\n"
+        "Generated from the family matrix (`tests/test_families.py`; regenerate with\n"
+        "`python tests/families.py > docs/models.md`) on transformers "
+        f"{transformers.__version__}. Every decoder-only causal-LM family transformers ships is\n"
+        "built as a tiny random model (hidden 64, 3 layers) and classified:\n\n"
+        f"**Exact ({len(EXACT)})**: at budget 1.0 `generate` is token-identical to the unpatched\n"
+        "model for an appending (SnapKV) and an evicting (H2O) policy, and at 0.1 the cache\n"
+        "shrinks. Sliding-window layers keep their window as a ring (the budget counts the\n"
+        "full-attention layers); softcapping (Gemma2) and attention sinks (GPT-OSS) enter the\n"
+        f"attention and the scores.\n\n{names(EXACT)}\n\n"
+        f"**Refused ({len(REFUSED)})**: `kvpolicy.apply` raises `UnsupportedModelError` naming the\n"
+        "model and the reason before touching it: multi-head latent attention (DeepSeek-V2/V3,\n"
+        "GLM-4-MoE-Lite), chunked, linear or recurrent layers, KV sharing between layers,\n"
+        "attention computed outside transformers' AttentionInterface (Bloom, GPT-Neo, MPT, ...),\n"
+        f"and the families listed in `kvpolicy.models.UNSUPPORTED_FAMILIES`.\n\n{names(REFUSED)}\n\n"
+        f"**Not built here ({len(UNBUILDABLE)})**: the generic tiny config cannot build or run them\n"
+        "(encoder-decoders, multimodal wrappers, configs needing family-specific fields); they\n"
+        "are not claimed as supported. Encoder-decoders and state-space models are refused by\n"
+        f"`apply` in any case.\n\n{names(UNBUILDABLE)}\n")
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    print(families_doc(), end="")

@@ -2,35 +2,54 @@
 tiny random model, is exact under kvpolicy at budget 1.0 (an append and an evicting policy)
 and shrinks its cache at 0.1 — or ``apply`` refuses it with a clear error. A family added by
 a future transformers fails ``test_every_family_is_classified`` until it is listed here."""
+from pathlib import Path
+
 import pytest
 import torch
 
 import kvpolicy
-from families import build, causal_lm_types
+from families import build, causal_lm_types, families_doc
 from kvpolicy.models import UnsupportedModelError
 
 # Families the generic tiny config cannot build (or generate with) in this transformers;
 # they are not claimed as supported. The reason is what building or generating raised.
 UNBUILDABLE = {
-    "axk1", "axk2", "bailing_hybrid", "bamba", "bart", "big_bird", "bigbird_pegasus",
-    "blenderbot", "blenderbot-small", "bloom", "blt", "codegen", "cohere_compass_text", "cpmant",
-    "ctrl", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "dots1",
-    "dots3_note", "dots3_note_text", "falcon", "falcon_h1", "falcon_mamba", "flint", "gemma3",
-    "gemma3n", "gemma3n_text", "gemma4", "gemma4_assistant", "gemma4_text", "gemma4_unified",
-    "gemma4_unified_assistant", "gemma4_unified_text", "git", "glm_moe_dsa", "got_ocr2",
-    "gpt_neo", "gpt_neox_japanese", "gptj", "granite_swa", "granitemoe_swa", "granitemoehybrid",
-    "hrm_text", "hy_v4", "inkling2_text", "inkling_text", "jamba", "kimi_linear", "lfm2_moe",
-    "longcat_flash", "mamba", "mamba2", "marian", "mbart", "megatron-bert", "mimo_v2_flash",
-    "minicpm3", "moss_transcribe_diarize", "mpt", "musicgen", "musicgen_melody", "mvp",
-    "olmo_hybrid", "openai-gpt", "pegasus", "phi4_multimodal", "plbart", "prophetnet",
-    "qwen2_moe", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next",
-    "qwen4_exp", "qwen4_exp_text", "recurrent_gemma", "reformer", "rembert", "roc_bert",
-    "roformer", "rwkv", "trocr", "vaultgemma", "whisper", "xglm", "xlm", "xlnet", "xlstm", "xmod",
-    "youtu", "zamba", "zamba2",
+    "axk1", "axk2", "bailing_hybrid", "bamba", "bart", "bigbird_pegasus", "blenderbot",
+    "blenderbot-small", "blt", "codegen", "cohere_compass_text", "dbrx", "deepseek_v2",
+    "deepseek_v3", "deepseek_v32", "dots1", "dots3_note", "dots3_note_text", "falcon",
+    "falcon_h1", "falcon_mamba", "gemma3", "gemma3n", "gemma3n_text", "gemma4",
+    "gemma4_assistant", "gemma4_text", "gemma4_unified", "gemma4_unified_assistant",
+    "gemma4_unified_text", "git", "glm_moe_dsa", "got_ocr2", "gptj", "granitemoehybrid",
+    "hrm_text", "hy_v4", "inkling2_text", "jamba", "kimi_linear", "lfm2_moe", "longcat_flash",
+    "mamba", "mamba2", "marian", "mbart", "minicpm3", "moss_transcribe_diarize", "musicgen",
+    "musicgen_melody", "mvp", "olmo_hybrid", "pegasus", "phi4_multimodal", "plbart",
+    "prophetnet", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next",
+    "qwen4_exp", "qwen4_exp_text", "recurrent_gemma", "reformer", "roc_bert", "rwkv", "whisper",
+    "xlnet", "xlstm", "xmod", "youtu", "zamba", "zamba2",
+}
+# Families exact under kvpolicy (tiny random configs, budget 1.0, an append and an evicting
+# policy), listed in docs/models.md.
+EXACT = {
+    "afmoe", "apertus", "arcee", "aria_text", "beam", "bert", "bert-generation", "biogpt",
+    "bitnet", "camembert", "cohere", "cohere2", "cohere2_moe", "ctrl", "cwm", "data2vec-text",
+    "electra", "emu3", "ernie", "ernie4_5", "ernie4_5_moe", "exaone4", "exaone_moe", "flex_olmo",
+    "flint", "fuyu", "gemma", "gemma2", "gemma3_text", "glm", "glm4", "glm4_moe", "gpt-sw3",
+    "gpt2", "gpt_bigcode", "gpt_neox", "gpt_oss", "granite", "granite_swa", "granitemoe",
+    "granitemoe_swa", "granitemoeshared", "helium", "hunyuan_v1_dense", "hunyuan_v1_moe",
+    "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "kolibri1", "laguna", "lfm2",
+    "lfm3", "llama", "mellum", "mimo_v2_flash", "minimax_m2", "minimax_m3_vl_text", "ministral",
+    "ministral3", "mistral", "mixtral", "mllama", "modernbert-decoder", "moshi", "nanochat",
+    "olmo", "olmo2", "olmo3", "olmoe", "opt", "persimmon", "phi", "phi3", "qwen2", "qwen2_moe",
+    "qwen3", "qwen3_moe", "roberta", "roberta-prelayernorm", "seed_oss", "smollm3", "solar_open",
+    "starcoder2", "vaultgemma", "xlm-roberta", "xlm-roberta-xl",
 }
 # Families apply refuses (models.check_supported says why).
-REFUSED = {"diffllama", "doge", "glm4_moe_lite", "jetmoe", "llama4", "llama4_text", "minimax",
-           "nemotron", "nemotron_h", "phimoe", "stablelm", "zaya"}
+REFUSED = {
+    "big_bird", "bloom", "cpmant", "deepseek_v4", "diffllama", "doge", "glm4_moe_lite",
+    "gpt_neo", "gpt_neox_japanese", "inkling_text", "jetmoe", "llama4", "llama4_text",
+    "megatron-bert", "minimax", "mpt", "nemotron", "nemotron_h", "openai-gpt", "phimoe",
+    "rembert", "roformer", "stablelm", "trocr", "xglm", "xlm", "zaya",
+}
 # The families run in the quick CI sample; the rest is marked slow.
 QUICK = {"llama", "mistral", "gemma2", "gemma3_text", "gpt_oss", "cohere2", "qwen2", "gpt2",
          "gpt_neox", "phi3", "olmo", "diffllama", "glm4_moe_lite", "llama4_text"}
@@ -38,17 +57,21 @@ PROMPT, NEW = 40, 6
 
 
 def test_every_family_is_classified():
-    unknown = sorted(set(causal_lm_types()) - UNBUILDABLE - REFUSED - set(supported()))
-    assert not unknown, f"new families to classify: {unknown}"
+    listed = EXACT | UNBUILDABLE | REFUSED
+    assert len(listed) == len(EXACT) + len(UNBUILDABLE) + len(REFUSED)  # disjoint
+    unknown = sorted(set(causal_lm_types()) - listed)
+    assert not unknown, f"new families to classify (run them through test_family_is_exact_or_refused): {unknown}"
+    assert not listed - set(causal_lm_types()), "listed families transformers no longer ships"
 
 
-def supported() -> list[str]:
-    return sorted(set(causal_lm_types()) - UNBUILDABLE - REFUSED)
+def test_supported_models_doc_matches_the_matrix():
+    doc = (Path(__file__).parent.parent / "docs" / "models.md").read_text()
+    assert doc == families_doc(), "regenerate: python tests/families.py > docs/models.md"
 
 
 def families() -> list:
     params = []
-    for family in sorted(set(causal_lm_types()) - UNBUILDABLE):
+    for family in sorted(EXACT | REFUSED):
         marks = () if family in QUICK else (pytest.mark.slow,)
         params.append(pytest.param(family, marks=marks, id=family))
     return params
