@@ -12,14 +12,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvpolicy_kernels import attention
 
 
-def probabilities(logits: Tensor, softcap: float | None, sinks: Tensor | None) -> Tensor:
-    """softmax over the last dim of fp32 logits [B, G, g, q, S] (-inf = masked), after
-    ``softcap * tanh(logits / softcap)``; sinks fp32 [G, g] join the denominator only.
-    Fully masked rows give 0."""
+def probabilities(logits: Tensor, visible: Tensor, softcap: float | None,
+                  sinks: Tensor | None) -> Tensor:
+    """softmax over the last dim of fp32 logits [B, G, g, S] where visible (broadcastable
+    bool), after ``softcap * tanh(logits / softcap)`` (the cap comes before the mask, as in
+    the model); sinks fp32 [G, g] join the denominator only. Fully masked rows give 0."""
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~visible, -torch.inf)
     if sinks is not None:
-        sink = sinks.float()[None, :, :, None, None].expand(*logits.shape[:-1], 1)
+        sink = sinks.float()[None, :, :, None].expand(*logits.shape[:-1], 1)
         return torch.softmax(torch.cat([logits, sink], -1), dim=-1)[..., :-1]
     return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
@@ -41,9 +43,8 @@ def grouped_attention(query: Tensor, keys: Tensor, values: Tensor, visible: Tens
                                              scale=scaling)
         return out.reshape(B, 1, H, -1), None
     logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scaling  # [B, G, g, S]
-    logits = logits.masked_fill(~visible[:, :, None, :], -torch.inf)[:, :, :, None]
     sink = None if sinks is None else sinks.view(G, H // G)
-    probs = probabilities(logits, softcap, sink)[:, :, :, 0]  # [B, G, g, S]
+    probs = probabilities(logits, visible[:, :, None, :], softcap, sink)
     out = torch.matmul(probs, values.float()).to(query.dtype)
     return out.reshape(B, 1, H, -1), probs.sum(2) if need_probs else None
 
