@@ -19,7 +19,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 import kvpolicy
 from kvpolicy.apply import compile_config
-from kvpolicy.demo import built_in, needle_prompt
+from kvpolicy.tools.demo import built_in
+from kvpolicy.tools.embedded import load_smollm2, needle_prompt
 
 FAST = os.environ.get("KVPOLICY_BENCH_FAST") == "1"
 PROMPT = 1024 if FAST else 8192
@@ -39,10 +40,7 @@ CONFIGS = (FIRST[:3] + [("vlcache", "compiled")] if FAST
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from kvpolicy.evaluation.runner import load_model
-
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    return load_model("smollm2")
+    return load_smollm2(threads=min(2, os.cpu_count() or 1))
 
 
 def loadavg() -> float:

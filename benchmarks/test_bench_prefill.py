@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpolicy
-from kvpolicy.demo import needle_prompt
+from kvpolicy.tools.embedded import load_smollm2, needle_prompt
 
 FAST = os.environ.get("KVPOLICY_BENCH_FAST") == "1"
 LENGTHS = [256, 1024] if FAST else [1024, 4096]
@@ -21,10 +21,7 @@ PEAK_LENGTH = 1024 if FAST else 4096
 
 
 def load():
-    from kvpolicy.evaluation.runner import load_model
-
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    return load_model("smollm2")
+    return load_smollm2(threads=min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="module")

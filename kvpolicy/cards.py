@@ -1,14 +1,12 @@
-"""Policy cards: name, paper, rule and parameters of each policy; ``kvpolicy list`` renders them."""
+"""Policy cards: name, paper, rule and parameters of each policy (``kvpolicy list`` shows them)."""
 from __future__ import annotations
 
-import argparse
 import inspect
-import textwrap
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 
-from .registry import available_policies, policy_class
+from .registry import policy_class
 
 
 @dataclass
@@ -40,19 +38,3 @@ def card(name: str) -> Card:
     return Card(name=name, title=cls.__name__, paper=f"plugin: {cls.__module__}", rule=doc,
                 decode=cls.decode, parameters=cls.defaults())
 
-
-def render(c: Card) -> str:
-    params = ", ".join(f"{k}={v!r}" for k, v in c.parameters.items()) or "(none)"
-    rule = textwrap.indent(c.rule.strip(), "    ")
-    return (f"{c.name} - {c.title}\n  paper: {c.paper}{f' <{c.url}>' if c.url else ''}\n"
-            f"  rule:\n{rule}\n  decode: {c.decode}   parameters: {params}")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("names", nargs="*", help="policies to show (default: all)")
-
-
-def run(args: argparse.Namespace) -> int:
-    names = args.names or available_policies()
-    print("\n\n".join(render(card(n)) for n in names))
-    return 0

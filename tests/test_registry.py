@@ -8,7 +8,8 @@ import pytest
 
 import kvpolicy
 from kvpolicy import Budget, registry
-from kvpolicy.cards import builtin_card, card, render
+from kvpolicy.cards import builtin_card, card
+from kvpolicy.tools.list_cmd import render
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "registry" / "example_plugin"
 
@@ -83,7 +84,7 @@ def test_builtin_cards_match_the_code(name):
 
 
 def test_cli_list_prints_cards(capsys):
-    from kvpolicy.cli import main
+    from kvpolicy.tools.cli import main
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .policy import Plan
+from kvpolicy import Plan, apply
+
+from .embedded import load_smollm2
+from .eval.tasks import build_samples
 
 
 def kept_fraction(plan: Plan, num_positions: int, row: int = 0) -> Tensor:
@@ -73,17 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import kvpolicy
-    from .evaluation.runner import load_model
-    from .evaluation.tasks import build_samples
-
     params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
-    model, tok = load_model()
+    model, tok = load_smollm2()
     sample = build_samples(tok, args.index + 1, args.context, args.seed, tasks=[args.task])[-1]
     ids = sample.input_ids(tok)
     span = answer_span(tok, ids, sample.answers[0])
     input_ids = torch.tensor([ids])
-    with kvpolicy.apply(model, args.policy, budget=args.budget, **params), torch.no_grad():
+    with apply(model, args.policy, budget=args.budget, **params), torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     plan = out.past_key_values.plan

@@ -1,13 +1,14 @@
-"""The quality-vs-budget figure: accuracy and KL divergence per policy."""
+"""The quality-vs-budget figure: accuracy and KL divergence per policy (needs the eval extra)."""
 from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_summary(summary: list[dict], full_accuracy: float, path: str, title: str) -> None:
     """Write a PNG: accuracy (left) and mean KL vs the full cache (right) against budget."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in sorted({row["policy"] for row in summary}):
         rows = sorted((r for r in summary if r["policy"] == name), key=lambda r: r["budget"])

@@ -14,12 +14,12 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from .evaluation.metrics import score_answer
-from .evaluation.plot import plot_summary
-from .evaluation.report import format_table, kvpress_runs, summarize
-from .evaluation.runner import Runner, load_model
-from .evaluation.tasks import SPLIT_SEEDS, TASKS, build_samples
-from .registry import available_policies
+from kvpolicy import available_policies
+
+from .metrics import score_answer
+from .report import format_table, kvpress_runs, summarize
+from .runner import Runner, load_model
+from .tasks import SPLIT_SEEDS, TASKS, build_samples
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +52,8 @@ def parse_list(text: str, allowed: list[str], what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .plot import plot_summary  # the eval extra: missing fails here, not after the runs
+
     policies = parse_list(args.policies, available_policies(), "policy")
     tasks = parse_list(args.tasks, list(TASKS), "task")
     budgets = [float(b) for b in args.budgets.split(",")]

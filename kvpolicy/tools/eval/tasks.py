@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from ..embedded import docs_topics
+
 SPLIT_SEEDS = {"tune": 0, "heldout": 1_000_003}
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 KEYS = ("guitar", "volcano", "penguin", "lantern", "saturn", "walnut", "harbor", "tulip")
@@ -47,8 +49,7 @@ class Sample:
 @lru_cache(maxsize=1)
 def corpus_lines() -> tuple[str, ...]:
     """The docs as non-empty lines, topics in sorted order."""
-    from pydoc_data.topics import topics
-    return tuple(line for key in sorted(topics) for line in topics[key].splitlines() if line.strip())
+    return tuple(line for topic in docs_topics() for line in topic.splitlines() if line.strip())
 
 
 def line_tokens(tokenizer) -> list[int]:

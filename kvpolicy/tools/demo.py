@@ -9,12 +9,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from .apply import apply
-from .registry import available_policies, policy_class
+from kvpolicy import apply, available_policies, policy_class
 
-NEEDLE = "The secret code is 483920."
-ANSWER = "483920"
-QUESTION = "What is the secret code mentioned in the text above? Answer with the number only."
+from .embedded import ANSWER, NEEDLE, load_smollm2, needle_prompt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .evaluation.runner import load_model
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_model("smollm2")
+    model, tok = load_smollm2(threads=args.threads)
     inputs = needle_prompt(tok, args.tokens, args.depth)
     N = inputs["input_ids"].shape[1]
     print(f"prompt: {N} tokens, needle at depth {args.depth:.0%}: {NEEDLE!r}; budget {args.budget}")
@@ -50,20 +43,6 @@ def run(args: argparse.Namespace) -> int:
 def built_in() -> list[str]:
     """The policies shipped in kvpolicy.policies (not plugins)."""
     return [n for n in available_policies() if policy_class(n).__module__.startswith("kvpolicy.policies.")]
-
-
-def needle_prompt(tok, tokens: int, depth: float) -> dict:
-    """Chat-templated input_ids / attention_mask: ``tokens`` tokens of pydoc text with the
-    needle sentence inserted at ``depth``, then the question."""
-    from pydoc_data.topics import topics
-
-    text = " ".join(" ".join(topics[k] for k in sorted(topics)).split())
-    ids = tok(text, add_special_tokens=False)["input_ids"][:tokens]
-    sentences = tok.decode(ids).split(". ")
-    cut = round(depth * len(sentences))
-    body = ". ".join(sentences[:cut] + [NEEDLE.rstrip(".")] + sentences[cut:])
-    msgs = [{"role": "user", "content": f"{body}\n\n{QUESTION}"}]
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
 
 def measure(model, tok, inputs: dict, max_new_tokens: int, name: str, **generate_kwargs) -> dict:

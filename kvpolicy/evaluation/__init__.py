@@ -1,1 +1,0 @@
-"""The evaluation harness behind ``kvpolicy eval``: tasks, metrics, runner, plot."""

@@ -1,0 +1,1 @@
+"""``kvpolicy eval``: the command, its tasks, runner, metrics, report and plot."""
