@@ -1,4 +1,6 @@
-"""Policy cards: name, paper, rule and parameters of each policy (``kvpolicy list`` shows them)."""
+"""Policy cards: the single source of each built-in policy's title, paper, link and rule
+(registry/cards/NAME.toml); its decode mode and parameters come from the class. The rule
+is also the class's docstring (set at registration) and what ``kvpolicy list`` shows."""
 from __future__ import annotations
 
 import inspect
@@ -6,7 +8,6 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 
-from .registry import policy_class
 
 
 @dataclass
@@ -20,16 +21,27 @@ class Card:
     parameters: dict[str, object] = field(default_factory=dict)
 
 
+def card_fields(name: str) -> dict | None:
+    """The TOML fields of the card shipped for ``name`` (title, paper, url, rule), or None."""
+    path = resources.files("kvpolicy.cards_data") / f"{name}.toml"
+    return tomllib.loads(path.read_text()) if path.is_file() else None
+
+
 def builtin_card(name: str) -> Card | None:
     """The card shipped in registry/cards for a built-in policy, or None."""
-    path = resources.files("kvpolicy.cards_data") / f"{name}.toml"
-    if not path.is_file():
+    fields = card_fields(name)
+    if fields is None:
         return None
-    return Card(**tomllib.loads(path.read_text()))
+    from .registry import policy_class  # the registry reads cards when policies register
+
+    cls = policy_class(name)
+    return Card(**fields, decode=cls.decode, parameters=cls.defaults())
 
 
 def card(name: str) -> Card:
     """A policy's card; plugins without one get a card from their docstring and defaults."""
+    from .registry import policy_class
+
     found = builtin_card(name)
     if found is not None:
         return found

@@ -7,6 +7,7 @@ import warnings
 from importlib.metadata import entry_points
 from typing import Callable, TypeVar
 
+from .cards import card_fields
 from .policy import Policy
 
 ENTRY_POINT_GROUP = "kvpolicy.policies"
@@ -32,6 +33,9 @@ def register_policy(name: str) -> Callable[[P], P]:
             raise ValueError(f"policy name {name!r} is already registered by {_policies[name]!r}")
         cls.name = name
         _policies[name] = cls
+        fields = card_fields(name)
+        if fields is not None and not cls.__dict__.get("__doc__"):
+            cls.__doc__ = f"{fields['rule'].strip()}\n\n{fields['paper']}"
         return cls
 
     return deco

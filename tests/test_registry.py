@@ -81,6 +81,7 @@ def test_builtin_cards_match_the_code(name):
     assert c is not None and c.name == name and c.decode == cls.decode
     assert c.parameters == cls.defaults()
     assert len(c.rule.strip().splitlines()) == 2
+    assert cls.__doc__.startswith(c.rule.strip())  # the rule is written once, in the card
 
 
 def test_cli_list_prints_cards(capsys):

@@ -11,11 +11,7 @@ from ..selection import edge_tokens, select_keep
 
 @register_policy("h2o")
 class H2O(FixedSizePolicy):
-    """Score: attention accumulated from all prompt queries (then from each decoded token).
-    A layer of ``size`` slots holds its ``size - round(heavy_ratio * size)`` most recent
-    tokens and the highest-scoring others; while decoding, the new token overwrites the
-    lowest-scoring slot outside the recent window (Zhang et al., 2023)."""
-
+    # the rule: its card, registry/cards/h2o.toml (also its __doc__)
     queries = "all"
 
     def __init__(self, heavy_ratio: float = 0.5):

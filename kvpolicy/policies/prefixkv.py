@@ -17,19 +17,7 @@ DISTANCE = 25  # fixed-point elimination drops the token this far before the pro
 
 @register_policy("prefixkv")
 class PrefixKV(Policy):
-    """Each layer's normalised importance (attention of all prompt queries) sorted
-    descending gives a concave curve C_l. The largest shared level p with
-    sum_l (min{n : C_l(n) >= p} + protected) <= total is found, the protected tokens
-    (``sinks`` first, ``window`` last) counted on top of each prefix; the remainder goes
-    to the layers at the next level, larger next gain first (Wang et al., 2024).
-
-    shared_heads: one token set per layer (the reference); False selects per KV head.
-    ratios: per-layer kept fractions from ``calibrate`` (a sequence, or the path of a JSON
-        list), rescaled to the exact total; "" searches each prompt (the default).
-    fixed_point: hold each layer at its share of round(budget * (N + max_new_tokens))
-        while decoding, dropping the reference's token (see ``victim_priority``).
-    """
-
+    # the rule: its card, registry/cards/prefixkv.toml (also its __doc__)
     min_scored = 1
     queries = "all"
 

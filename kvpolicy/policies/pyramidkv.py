@@ -12,11 +12,7 @@ from .snapkv import SnapKV
 
 @register_policy("pyramidkv")
 class PyramidKV(SnapKV):
-    """The ``window`` is kept in every layer on top of a selected part falling linearly
-    with depth: with c = total / L - window, the last layer selects c / beta and the first
-    2c - c / beta, capped at N - window (the last then takes 2c - (N - window)); the
-    authors' shape in exact arithmetic. SnapKV scores."""
-
+    # the rule: its card, registry/cards/pyramidkv.toml (also its __doc__)
     def __init__(self, window: int = 32, kernel: int = 7, beta: float = 20.0):
         super().__init__(window, kernel)
         if beta < 1:

@@ -10,10 +10,7 @@ from ..selection import edge_tokens, max_pool_keys
 
 @register_policy("snapkv")
 class SnapKV(Policy):
-    """Score: attention of the last ``window`` prompt queries, summed per KV head and
-    max-pooled with ``kernel`` over the keys before the window (the window, always kept,
-    lends its scores to no neighbour); equal layer budgets."""
-
+    # the rule: its card, registry/cards/snapkv.toml (also its __doc__)
     queries = "window"
 
     def __init__(self, window: int = 32, kernel: int = 7):

@@ -12,13 +12,7 @@ from ..selection import edge_tokens, max_pool_keys, select_keep
 
 @register_policy("spankv")
 class SpanKV(Policy):
-    """Score: attention of the last ``observe`` prompt queries (the end of the question,
-    where induction heads look up the answer). A ``shared`` part of every layer's budget
-    keeps the same spans in all layers: the tokens within ``span // 2`` of the peaks of the
-    attention averaged over the upper half of the layers (each layer's share normalised).
-    The rest goes to each layer's own top scores, max-pooled with ``kernel``. Equal layer
-    budgets; the last ``window`` tokens and the first ``sinks`` are kept."""
-
+    # the rule: its card, registry/cards/spankv.toml (also its __doc__)
     queries = "window"
 
     def __init__(self, observe: int = 1, window: int = 16, span: int = 13, kernel: int = 7,

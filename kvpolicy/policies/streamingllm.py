@@ -10,9 +10,7 @@ from ..registry import register_policy
 
 @register_policy("streamingllm")
 class StreamingLLM(FixedSizePolicy):
-    """Keep the first ``sinks`` tokens and the most recent ones; while decoding, the new
-    token overwrites the oldest non-sink token (Xiao et al., 2024)."""
-
+    # the rule: its card, registry/cards/streamingllm.toml (also its __doc__)
     queries = "none"
 
     def __init__(self, sinks: int = 4):

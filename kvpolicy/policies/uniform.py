@@ -10,12 +10,7 @@ from ..registry import get_policy, register_policy
 
 @register_policy("uniform")
 class Uniform(Policy):
-    """Equal per-layer budgets (remainder to the first layers). Score: attention of the
-    last ``window`` prompt queries, the window kept; or, with ``scores`` (a policy name or
-    instance, with its defaults), that policy's queries, scores, protected tokens and
-    selection (``window`` is then unused), so that comparing it with that policy measures
-    allocation alone."""
-
+    # the rule: its card, registry/cards/uniform.toml (also its __doc__)
     queries = "window"
 
     def __init__(self, window: int = 8, scores: str | Policy = ""):

@@ -12,13 +12,7 @@ from ..selection import post_vision
 
 @register_policy("vlcache")
 class VLCache(Policy):
-    """Score: attention from the post-vision queries (the prompt after the last vision
-    token; the last 8 tokens without one), which are kept. Allocation: layer budgets in
-    proportion to density 1 - sparsity, sparsity being the share of post-vision attention
-    entries below ``tau`` x their row maximum; ``uniform_mix`` of the total is first
-    split equally. ``shared_heads`` keeps one token set per layer from the scores summed
-    over heads (the reference); False selects per KV head."""
-
+    # the rule: its card, registry/cards/vlcache.toml (also its __doc__)
     min_scored = 1
     queries = "post_vision"
     window = 0  # the protected tail is the post-vision span, known per prompt
