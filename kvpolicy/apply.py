@@ -115,6 +115,7 @@ class PolicyHandle:
                                 f"PolicyCache), not {type(cache).__name__}; remove the handle to use it")
             else:
                 continue_cache(cache, ids, new)
+                cache.compileable = True  # this model's mask function serves it
             if self._compile_config is not None:
                 kwargs.setdefault("compile_config", self._compile_config)
             out = generate(*args, **kwargs)
@@ -226,6 +227,8 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
         raise ValueError("compress needs input_ids as an int tensor [batch, length]")
     hooks: CacheHooks = attach(model)
     cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress)
+    # an unpatched model's generate would pre-build 4-D masks for a compileable cache
+    cache.compileable = getattr(model, "_kvpolicy_handle", None) is not None
     step = chunk_size or input_ids.shape[1]
     with torch.no_grad():
         for start in range(0, input_ids.shape[1], step):

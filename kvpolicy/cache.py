@@ -241,6 +241,13 @@ class PolicyCache(Cache):
         self.step = None  # the multi-token step in progress (kvpolicy.prefill.Step)
         self.plan: Plan | None = None
         self.owner: str | None = None  # the model class this cache was filled by
+        self.compileable = True
+
+    @property
+    def is_compileable(self) -> bool:
+        """Whether generate may compile decode steps with this cache (and so pre-build 4-D
+        masks): only on a model patched by ``apply``, whose mask function serves it."""
+        return self.compileable
 
     @property
     def compacted(self) -> bool:

@@ -82,7 +82,7 @@ def test_compress_once_ask_three_questions(smollm2, long_prompt):
             assert torch.equal(got, ref), q
             short = model.generate(ids, max_new_tokens=NEW, do_sample=False,
                                    past_key_values=small.copy())
-            assert short.shape == ref.shape
+            assert ids.shape[1] < short.shape[1] <= ids.shape[1] + NEW  # EOS may stop it early
     assert int(full.get_seq_length()) == ctx.shape[1]  # the copies left it untouched
     kvpolicy.detach(model)
     assert not model._forward_pre_hooks and not model._forward_hooks
