@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import kvpolicy
 from families import build, causal_lm_types, families_doc
@@ -56,6 +57,14 @@ QUICK = {"llama", "mistral", "gemma2", "gemma3_text", "gpt_oss", "cohere2", "qwe
 PROMPT, NEW = 40, 6
 
 
+LISTED_FOR = "5.23"  # the transformers release the lists classify (CI's main environment)
+same_release = pytest.mark.skipif(
+    not transformers.__version__.startswith(LISTED_FOR),
+    reason=f"the family lists classify transformers {LISTED_FOR}; other releases run the "
+           f"per-family test over the listed families they ship")
+
+
+@same_release
 def test_every_family_is_classified():
     listed = EXACT | UNBUILDABLE | REFUSED
     assert len(listed) == len(EXACT) + len(UNBUILDABLE) + len(REFUSED)  # disjoint
@@ -64,6 +73,7 @@ def test_every_family_is_classified():
     assert not listed - set(causal_lm_types()), "listed families transformers no longer ships"
 
 
+@same_release
 def test_supported_models_doc_matches_the_matrix():
     doc = (Path(__file__).parent.parent / "docs" / "models.md").read_text()
     assert doc == families_doc(), "regenerate: python tests/families.py > docs/models.md"
@@ -79,6 +89,8 @@ def families() -> list:
 
 @pytest.mark.parametrize("family", families())
 def test_family_is_exact_or_refused(family):
+    if family not in causal_lm_types():
+        pytest.skip(f"transformers {transformers.__version__} does not ship {family}")
     model = build(family)
     ids = torch.randint(3, 900, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     if family in REFUSED:
