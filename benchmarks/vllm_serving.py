@@ -34,11 +34,13 @@ def prompts(tokenizer, count: int, words: int) -> list[list[int]]:
 
 def serve(model: str, token_ids: list[list[int]], new_tokens: int, blocks: int,
           kvpolicy: dict | None) -> dict:
-    """Run all requests at once on a pool of ``blocks`` 32-token blocks; step to the end."""
+    """Run all requests at once on a pool of ``blocks`` 32-token blocks; step to the end.
+    The model length is the longest request's, rounded up to whole blocks."""
     from vllm import LLM, SamplingParams
 
     extra = {"additional_config": {"kvpolicy": kvpolicy}} if kvpolicy else {}
-    llm = LLM(model=model, dtype="float32", max_model_len=4096, enforce_eager=True, seed=0,
+    max_len = -(-(max(len(t) for t in token_ids) + new_tokens) // 32) * 32
+    llm = LLM(model=model, dtype="float32", max_model_len=max_len, enforce_eager=True, seed=0,
               block_size=32, num_gpu_blocks_override=blocks, disable_log_stats=True, **extra)
     engine = llm.llm_engine
     sched = engine.engine_core.engine_core.scheduler
@@ -73,7 +75,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--words", type=int, default=700, help="words of text per prompt (~1.5 tokens each)")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--blocks", type=int, default=96, help="KV pool size in 32-token blocks")
+    ap.add_argument("--blocks", type=int, default=72, help="KV pool size in 32-token blocks")
     ap.add_argument("--policy", default="snapkv")
     ap.add_argument("--budget", type=float, default=0.1)
     args = ap.parse_args()

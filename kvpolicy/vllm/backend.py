@@ -8,6 +8,7 @@ import torch
 from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.config import get_current_vllm_config
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadataBuilder)
@@ -75,7 +76,7 @@ class KVPolicyCPUImpl(CPUAttentionBackendImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
-        step = runner.worker().step if attn_metadata is not None else None
+        step = _step(attn_metadata)
         if step is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
@@ -88,7 +89,8 @@ class KVPolicyCPUImpl(CPUAttentionBackendImpl):
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        step = runner.worker().step
+        metadata = get_forward_context().attn_metadata
+        step = _step(metadata.get(layer.layer_name) if isinstance(metadata, dict) else None)
         if step is not None:
             _, slot_mapping = step.view(extract_layer_index(layer.layer_name), slot_mapping)
         self.write(layer, key, value, kv_cache, slot_mapping)
@@ -97,3 +99,9 @@ class KVPolicyCPUImpl(CPUAttentionBackendImpl):
               slot_mapping: torch.Tensor) -> None:
         """Write key/value [T, G, D] at slot_mapping [T] with the CPU backend's own op."""
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+
+
+def _step(metadata):
+    """The worker's step if it was built on ``metadata`` (None for dummy/profiling runs)."""
+    step = runner.worker().step
+    return step if step is not None and metadata is not None and step.metadata is metadata else None

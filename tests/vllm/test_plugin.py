@@ -34,7 +34,8 @@ def test_budget_one_equals_plain_vllm(hf_dir, prompts, plain_tokens):
 @pytest.mark.parametrize("policy", APPEND)
 def test_budget_tenth_equals_hf_generate(smollm2, hf_dir, prompts, policy):
     """Tokens equal kvpolicy's HF generate; the blocks freed are those below the base the
-    HF plan implies, floor((N - max_l n_l) / block size)."""
+    HF plan implies, floor((N - max_l n_l) / block size) (VL-Cache's density allocation can
+    give one layer nearly the whole prompt, and then frees nothing)."""
     llm = make_llm(hf_dir, {"policy": policy, "budget": 0.1})
     try:
         block = llm.llm_engine.vllm_config.cache_config.block_size
@@ -44,7 +45,6 @@ def test_budget_tenth_equals_hf_generate(smollm2, hf_dir, prompts, policy):
     tokens, kept = hf_reference(smollm2, prompts[-1], policy, 0.1)
     assert run["tokens"] == [tokens]
     assert run["freed"] == [(len(prompts[-1]) - max(kept)) // block]
-    assert run["freed"][0] >= 1
 
 
 def test_concurrent_chunked_requests_in_a_small_pool(smollm2, hf_dir, prompts):
@@ -52,7 +52,7 @@ def test_concurrent_chunked_requests_in_a_small_pool(smollm2, hf_dir, prompts):
     cannot hold them all at full size: each equals its HF reference and, with blocks freed,
     all three run at once."""
     full_blocks = sum(-(-(len(p) + 12) // 32) for p in prompts)
-    llm = make_llm(hf_dir, {"policy": "pyramidkv", "budget": 0.1}, block_size=32,
+    llm = make_llm(hf_dir, {"policy": "pyramidkv", "budget": 0.1}, block_size=32, max_model_len=1024,
                    max_num_batched_tokens=128, max_num_seqs=4,
                    num_gpu_blocks_override=full_blocks - 8)
     try:
@@ -90,3 +90,21 @@ def test_options_that_cannot_work_are_refused(hf_dir, option, message):
 
     with pytest.raises(ValueError, match=message):
         LLM(model=hf_dir, additional_config={"kvpolicy": {"policy": "snapkv"}}, **option)
+
+
+@pytest.mark.parametrize("entry, error", [('{"policy": "nope"}', kvpolicy.UnknownPolicyError),
+                                          ('{"policy": "snapkv", "budget": 0.1}', None)])
+def test_serve_cli_reaches_the_plugin(hf_dir, entry, error):
+    """``vllm serve MODEL --additional-config '{"kvpolicy": ...}'`` builds its engine config
+    through the plugin: bad settings fail, good ones switch prefix caching off."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    cli = parser.parse_args(["--model", hf_dir, "--additional-config", f'{{"kvpolicy": {entry}}}'])
+    args = AsyncEngineArgs.from_cli_args(cli)
+    if error is not None:
+        with pytest.raises(error):
+            args.create_engine_config()
+    else:
+        assert args.create_engine_config().cache_config.enable_prefix_caching is False

@@ -19,9 +19,11 @@ def make_llm(hf_dir: str, kvpolicy: dict | None = None, **kwargs):
     """An in-process vLLM engine on the exported model (float32, eager, no stats)."""
     from vllm import LLM
 
-    extra = {"additional_config": {"kvpolicy": kvpolicy}} if kvpolicy is not None else {}
-    return LLM(model=hf_dir, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
-               disable_log_stats=True, **extra, **kwargs)
+    if kvpolicy is not None:
+        kwargs["additional_config"] = {"kvpolicy": kvpolicy}
+    kwargs.setdefault("max_model_len", 2048)
+    return LLM(model=hf_dir, dtype="float32", enforce_eager=True, seed=0, disable_log_stats=True,
+               **kwargs)
 
 
 def close(llm) -> None:
