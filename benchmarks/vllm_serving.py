@@ -46,24 +46,32 @@ def serve(model: str, token_ids: list[list[int]], new_tokens: int, blocks: int,
     sched = engine.engine_core.engine_core.scheduler
     pool = sched.kv_cache_manager.block_pool
     params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0)
+    watch = {"peak": 0, "running": 0}
+    schedule = sched.schedule
+
+    def watched(*args, **kwargs):  # blocks in use once a step is scheduled, before it frees any
+        out = schedule(*args, **kwargs)
+        watch["peak"] = max(watch["peak"], blocks - 1 - pool.get_num_free_blocks())
+        watch["running"] = max(watch["running"], len(sched.running))
+        return out
+
+    sched.schedule = watched
     start = time.perf_counter()
     for i, ids in enumerate(token_ids):
         engine.add_request(str(i), {"prompt_token_ids": ids}, params)
-    peak = running = generated = 0
+    generated = 0
     preemptions: dict[str, int] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 generated += len(out.outputs[0].token_ids)
-        peak = max(peak, blocks - 1 - pool.get_num_free_blocks())
-        running = max(running, len(sched.running))
         preemptions.update({r: q.num_preemptions for r, q in sched.requests.items()})
     seconds = time.perf_counter() - start
     engine.engine_core.shutdown()
     del llm
     gc.collect()
     prompt_tokens = sum(len(t) for t in token_ids)
-    return {"config": kvpolicy or "full", "max_running": running, "peak_blocks": peak,
+    return {"config": kvpolicy or "full", "max_running": watch["running"], "peak_blocks": watch["peak"],
             "preemptions": sum(preemptions.values()),
             "seconds": round(seconds, 1), "output_tok_s": round(generated / seconds, 2),
             "total_tok_s": round((prompt_tokens + generated) / seconds, 1)}

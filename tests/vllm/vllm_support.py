@@ -47,7 +47,8 @@ def scheduler(llm):
 def run_stepwise(llm, token_ids: list[list[int]], params) -> dict:
     """Submit all prompts at once and step the engine to the end, watching the block pool.
 
-    Returns tokens (list per prompt), peak_blocks (most blocks in use at once),
+    Returns tokens (list per prompt), peak_blocks (most blocks in use at once, sampled
+    when a step is scheduled),
     max_running (most requests running at once) and freed (per request, the most of its
     blocks that held the null block at once).
     """
@@ -55,20 +56,28 @@ def run_stepwise(llm, token_ids: list[list[int]], params) -> dict:
     pool = sched.kv_cache_manager.block_pool
     manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
     total = pool.num_gpu_blocks - 1  # block 0 is the null block
+    watch = {"peak": 0, "running": 0}
+    schedule = sched.schedule
+
+    def watched(*args, **kwargs):  # blocks in use once a step is scheduled, before it frees any
+        out = schedule(*args, **kwargs)
+        watch["peak"] = max(watch["peak"], total - pool.get_num_free_blocks())
+        watch["running"] = max(watch["running"], len(sched.running))
+        return out
+
+    sched.schedule = watched
     for i, ids in enumerate(token_ids):
         engine.add_request(str(i), {"prompt_token_ids": ids}, params)
-    tokens, peak, running, freed = {}, 0, 0, {}
+    tokens, freed = {}, {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
-        peak = max(peak, total - pool.get_num_free_blocks())
-        running = max(running, len(sched.running))
         for req_id, blocks in manager.req_to_blocks.items():
             nulls = sum(b is manager._null_block for b in blocks)
             freed[req_id] = max(freed.get(req_id, 0), nulls)
     order = sorted(tokens, key=int)
-    return {"tokens": [tokens[k] for k in order], "peak_blocks": peak, "max_running": running,
+    return {"tokens": [tokens[k] for k in order], "peak_blocks": watch["peak"], "max_running": watch["running"],
             "freed": [v for _, v in sorted(freed.items(), key=lambda kv: kv[0])]}
 
 
