@@ -34,11 +34,13 @@ def register() -> None:
 def _checked(create):
     @functools.wraps(create)
     def create_engine_config(self, *args, **kwargs):
-        from .config import check_engine_config, prepare_engine_args
+        from .config import check_engine_config, log, prepare_engine_args
 
-        prepare_engine_args(self)
-        vllm_config = create(self, *args, **kwargs)
+        notes = prepare_engine_args(self)
+        vllm_config = create(self, *args, **kwargs)  # also configures vLLM's logging
         check_engine_config(vllm_config)
+        for note in notes:
+            log.info(note)
         return vllm_config
 
     return create_engine_config

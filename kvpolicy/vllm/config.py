@@ -10,7 +10,7 @@ from ..budget import Budget
 from ..policy import Policy
 from ..registry import get_policy
 
-log = logging.getLogger("kvpolicy.vllm")
+log = logging.getLogger("vllm.kvpolicy")  # under vLLM's logger: shown with its INFO lines
 KEY = "kvpolicy"
 
 
@@ -48,20 +48,22 @@ def settings(additional_config: dict | None) -> Settings | None:
     return Settings(policy, budget)
 
 
-def prepare_engine_args(args: Any) -> None:
-    """Adjust vLLM EngineArgs before the engine config is built (front-end process).
+def prepare_engine_args(args: Any) -> list[str]:
+    """Adjust vLLM EngineArgs before the engine config is built (front-end process);
+    returns the changes to log once vLLM's logging is configured.
 
-    Prefix caching cannot work on compacted blocks: off by default with a log line, an
-    explicit ``enable_prefix_caching=True`` is refused. Speculative decoding, tensor and
-    pipeline parallelism are refused.
+    Prefix caching cannot work on compacted blocks: off by default (logged), an explicit
+    ``enable_prefix_caching=True`` is refused. Speculative decoding, tensor and pipeline
+    parallelism are refused.
     """
     if settings(args.additional_config) is None:
-        return
+        return []
     if args.enable_prefix_caching:
         raise ValueError("kvpolicy cannot run with enable_prefix_caching=True: compacted blocks no "
                          "longer hold the tokens their hashes name; leave it unset or False")
+    notes = []
     if args.enable_prefix_caching is None:
-        log.info("kvpolicy: prefix caching switched off (compacted blocks cannot be shared)")
+        notes.append("kvpolicy: prefix caching switched off (compacted blocks cannot be shared)")
     args.enable_prefix_caching = False
     if args.speculative_config:
         raise ValueError("kvpolicy does not support speculative decoding (several tokens per "
@@ -70,6 +72,7 @@ def prepare_engine_args(args: Any) -> None:
         raise ValueError("kvpolicy on vLLM supports tensor_parallel_size=1 and "
                          "pipeline_parallel_size=1 only (the per-layer allocation would need the "
                          "statistics of every rank)")
+    return notes
 
 
 def check_engine_config(vllm_config: Any) -> None:

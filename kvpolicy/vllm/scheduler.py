@@ -10,7 +10,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from .runner import REPORT_ATTR
 
-log = logging.getLogger("kvpolicy.vllm")
+log = logging.getLogger("vllm.kvpolicy")
 
 
 def free_prefix(scheduler, req_id: str, base: int) -> int:

@@ -20,7 +20,7 @@ from kvpolicy_kernels import accumulate_scores, accumulate_scores_sparsity
 from ..policy import Stats
 from .config import Settings
 
-log = logging.getLogger("kvpolicy.vllm")
+log = logging.getLogger("vllm.kvpolicy")
 
 
 @dataclass
