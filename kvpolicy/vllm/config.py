@@ -86,6 +86,10 @@ def check_engine_config(vllm_config: Any) -> None:
                          f"{current_platform.device_name} path is not implemented")
     if vllm_config.cache_config.enable_prefix_caching:
         raise ValueError("kvpolicy cannot run with prefix caching enabled")
-    if vllm_config.model_config.is_multimodal_model:
+    model = vllm_config.model_config
+    if model.use_mla or model.is_hybrid:
+        raise ValueError("kvpolicy on vLLM supports models whose layers all use standard "
+                         "attention with a per-head KV cache (not MLA, not hybrid state-space)")
+    if model.is_multimodal_model:
         raise ValueError("kvpolicy on vLLM serves text-only models (vision tokens are not "
                          "located in the engine yet)")
