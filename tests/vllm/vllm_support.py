@@ -1,0 +1,96 @@
+"""Helpers for the vLLM plugin tests: engines built in this process, a stepwise runner
+that watches the scheduler's block pool, and kvpolicy's HF reference generate."""
+import gc
+
+NEW_TOKENS = 12
+WORDS = (180, 300, 420)  # about 300, 460 and 620 prompt tokens
+
+
+def chat_prompt(tok, words: int, question: str) -> list[int]:
+    """Token ids of a chat-templated prompt: ``words`` words of pydoc text, then the question."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(" ".join(topics[k] for k in sorted(topics)).split()[:words])
+    msgs = [{"role": "user", "content": f"{text}\n\n{question}"}]
+    return tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def make_llm(hf_dir: str, kvpolicy: dict | None = None, **kwargs):
+    """An in-process vLLM engine on the exported model (float32, eager, no stats)."""
+    from vllm import LLM
+
+    if kvpolicy is not None:
+        kwargs["additional_config"] = {"kvpolicy": kvpolicy}
+    kwargs.setdefault("max_model_len", 2048)
+    return LLM(model=hf_dir, dtype="float32", enforce_eager=True, seed=0, disable_log_stats=True,
+               **kwargs)
+
+
+def close(llm) -> None:
+    """Shut an in-process engine down and release its KV pool."""
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def greedy(new_tokens: int = NEW_TOKENS):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=new_tokens, temperature=0.0)
+
+
+def scheduler(llm):
+    """The engine's scheduler (in-process engines only)."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def run_stepwise(llm, token_ids: list[list[int]], params) -> dict:
+    """Submit all prompts at once and step the engine to the end, watching the block pool.
+
+    Returns tokens (list per prompt), peak_blocks (most blocks in use at once, sampled
+    when a step is scheduled),
+    max_running (most requests running at once) and freed (per request, the most of its
+    blocks that held the null block at once).
+    """
+    engine, sched = llm.llm_engine, scheduler(llm)
+    pool = sched.kv_cache_manager.block_pool
+    manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
+    total = pool.num_gpu_blocks - 1  # block 0 is the null block
+    watch = {"peak": 0, "running": 0}
+    schedule = sched.schedule
+
+    def watched(*args, **kwargs):  # blocks in use once a step is scheduled, before it frees any
+        out = schedule(*args, **kwargs)
+        watch["peak"] = max(watch["peak"], total - pool.get_num_free_blocks())
+        watch["running"] = max(watch["running"], len(sched.running))
+        return out
+
+    sched.schedule = watched
+    for i, ids in enumerate(token_ids):
+        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+    tokens, freed = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+        for req_id, blocks in manager.req_to_blocks.items():
+            nulls = sum(b is manager._null_block for b in blocks)
+            freed[req_id] = max(freed.get(req_id, 0), nulls)
+    order = sorted(tokens, key=int)
+    return {"tokens": [tokens[k] for k in order], "peak_blocks": watch["peak"], "max_running": watch["running"],
+            "freed": [v for _, v in sorted(freed.items(), key=lambda kv: kv[0])]}
+
+
+def hf_reference(smollm2, token_ids: list[int], policy: str, budget: float, new_tokens: int = NEW_TOKENS,
+                 **params) -> tuple[list[int], list[int]]:
+    """(new tokens, kept prompt tokens per layer) of kvpolicy's HF greedy generate."""
+    import torch
+
+    import kvpolicy
+
+    model, _ = smollm2
+    ids = torch.tensor([token_ids])
+    with torch.no_grad(), kvpolicy.apply(model, policy, budget, **params):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens, return_dict_in_generate=True)
+    return out.sequences[0, ids.shape[1]:].tolist(), out.past_key_values.kept
