@@ -174,11 +174,13 @@ class Step:
             G = key.shape[1]
             s.attn[l] = torch.zeros(1, G, N)
             s.below[l] = torch.zeros(1, G) if policy.tau > 0 else None
-        if not bool(qmask.any()):
+        rows = qmask[0].nonzero()
+        if len(rows) == 0:
             return
-        end = r.start + counted
+        first, end = int(rows[0]), r.start + counted  # queries from the first counted one
+        qmask = qmask[:, first:]
         k = torch.cat(s.keys[l])[:end].transpose(0, 1)[None]  # [1, G, end, D]
-        q = query[r.t0:r.t0 + counted].transpose(0, 1)[None]  # [1, H, counted, D]
+        q = query[r.t0 + first:r.t0 + counted].transpose(0, 1)[None]  # [1, H, counted - first, D]
         if policy.tau > 0:
             attn, below = accumulate_scores_sparsity(q, k, scaling=scale, tau=policy.tau,
                                                      query_mask=qmask)
