@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 # ---- the embedded SmolLM2 model (end-to-end tests), loaded once per session ------------
 import pytest  # noqa: E402
 
-from kvpolicy.tools.embedded import chat_prompt, load_smollm2  # noqa: E402, F401 (chat_prompt: for tests)
+from kvpolicy.tools.embedded import chat_prompt, load_smollm2  # noqa: E402
 
 NEW_TOKENS = 30
 

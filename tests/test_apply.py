@@ -1,10 +1,12 @@
 """End-to-end: kvpolicy.apply on the embedded SmolLM2 (a real trained Llama-family model)."""
 import pytest
 import torch
-from conftest import NEW_TOKENS, chat_prompt
 
 import kvpolicy
+from kvpolicy.tools.embedded import chat_prompt
 from kvpolicy.registry import UnknownPolicyError
+
+NEW_TOKENS = 30  # as conftest's reference_tokens (tests/vllm has a conftest too, so no import by name)
 
 BUILT_IN = ["h2o", "prefixkv", "pyramidkv", "snapkv", "streamingllm", "uniform", "vlcache"]
 
@@ -47,7 +49,7 @@ def test_batch_with_left_padding(smollm2):
     short = chat_prompt(tok, 60, "What is this text about?")["input_ids"][0]
     long = chat_prompt(tok, 110, "What is this text about?")["input_ids"][0]
     pad = len(long) - len(short)
-    ids = torch.stack([torch.cat([torch.full((pad,), tok.pad_token_id), short]), long])
+    ids = torch.stack([torch.cat([torch.full((pad,), tok.pad_token_id or 0), short]), long])
     inputs = {"input_ids": ids, "attention_mask": (torch.arange(len(long)) >= torch.tensor([[pad], [0]])).long()}
     reference = greedy(model, inputs, new_tokens=12)
     with kvpolicy.apply(model, "uniform", 1.0):

@@ -2,7 +2,7 @@
 the same tokens as eager; via apply(compile=True) and via generate's own auto-compile."""
 import pytest
 import torch
-from conftest import chat_prompt
+from kvpolicy.tools.embedded import chat_prompt
 from torch._dynamo.utils import counters
 from transformers.generation.configuration_utils import CompileConfig
 

@@ -213,7 +213,7 @@ def test_uniform_refuses_fixed_size_sources():
 
 @pytest.mark.slow
 def test_calibrate_on_the_embedded_model(smollm2):
-    from conftest import chat_prompt
+    from kvpolicy.tools.embedded import chat_prompt
 
     model, tok = smollm2
     samples = [chat_prompt(tok, words, "Summarize.") for words in (120, 160)]
