@@ -14,6 +14,7 @@ from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward a
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
 
 from kvpolicy_kernels import accumulate_scores, accumulate_scores_sparsity, attention, attention_with_lse
+from memory_probe import largest_intermediate
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
@@ -168,22 +169,11 @@ def test_triton_scores_from_lse_equal_recomputed(case):
 def test_attention_chunks_never_hold_q_by_s():
     """The largest intermediate of ``attention`` is [B, H, chunk, S], at S = 8k (meta tensors)."""
     B, G, g, S, D, chunk = 1, 3, 3, 8192, 64, 128
-    largest = 0
-
-    class Largest(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal largest
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    largest = max(largest, t.numel())
-            return out
-
     query = torch.empty(B, G * g, S, D, device="meta")
     key, value = torch.empty(B, G, S, D, device="meta"), torch.empty(B, G, S, D, device="meta")
-    with Largest():
-        attention(query, key, value, scaling=0.125, is_causal=True, softcap=5.0,
-                  sinks=torch.zeros(G * g, device="meta"), chunk=chunk)
+    largest = largest_intermediate(lambda: attention(
+        query, key, value, scaling=0.125, is_causal=True, softcap=5.0,
+        sinks=torch.zeros(G * g, device="meta"), chunk=chunk))
     assert largest == B * G * g * chunk * S < S * S
 
 

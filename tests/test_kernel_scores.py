@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from kvpolicy_kernels import accumulate_scores, accumulate_scores_sparsity
 from kvpolicy_kernels.backend import use_triton
 from kvpolicy_kernels.score_ref import accumulate_scores_ref
+from memory_probe import largest_intermediate
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TAU = 0.05
@@ -138,21 +139,9 @@ def test_triton_matches_float64_dense(case):
 def test_reference_chunks_never_hold_n_by_n():
     """The reference's largest intermediate is [B, H, chunk, N], at N = 8k (meta tensors)."""
     B, G, g, N, D, chunk = 1, 3, 3, 8192, 64, 128
-    largest = 0
-
-    class Largest(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal largest
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    largest = max(largest, t.numel())
-            return out
-
     query = torch.empty(B, G * g, N, D, device="meta")
     key = torch.empty(B, G, N, D, device="meta")
-    with Largest():
-        accumulate_scores_ref(query, key, 0.125, tau=TAU, chunk=chunk)
+    largest = largest_intermediate(lambda: accumulate_scores_ref(query, key, 0.125, tau=TAU, chunk=chunk))
     assert largest == B * G * g * chunk * N < N * N
 
 
