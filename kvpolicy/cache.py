@@ -127,7 +127,6 @@ class KVLayer(CacheLayerMixin):
         self.scores = scores
         self.sizes = None if sizes is None else sizes.view(-1, 1, 1)
         self.used = torch.full((1,), kept, dtype=torch.long, device=keys.device)
-        self.seen = self.seen.clone()
         self.is_open = False
         for t in self.owned():
             torch._dynamo.mark_static_address(t)

@@ -165,7 +165,7 @@ class Step:
                           None if vision is None else vision[b:b + 1],
                           None if below is None else below[:, b:b + 1], new,
                           int(self.rows_seen[b]) if self.continued else None)
-            rows.append(policy.plan(stats, budget) if recompress else keep_all(stats, policy))
+            rows.append(policy.plan(stats, budget) if recompress else keep_all(stats))
         keeps, fill = [], {}
         for i, l in enumerate(scored):
             n = max(r.keep[i].shape[-1] for r in rows)
@@ -232,7 +232,7 @@ def pad_keep(keep: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return keep, fill
 
 
-def keep_all(stats: Stats, policy) -> Plan:
+def keep_all(stats: Stats) -> Plan:
     """Every valid slot kept (a continuation appended without recompression)."""
     n = int(stats.valid.sum())
     G = stats.attn.shape[2]
