@@ -27,6 +27,14 @@ UNSUPPORTED_FAMILIES = {
 }
 
 
+# Families whose prefill mask is not causal: image (or prefix) tokens attend to each other in
+# both directions (transformers builds a block mask from token_type_ids). kvpolicy's prefill
+# attention and scores are causal, so these would be inexact.
+BIDIRECTIONAL_PREFILL = {"gemma3", "gemma4", "gemma4_unified", "paligemma", "molmo2",
+                         "deepseek_ocr2", "diffusion_gemma", "git", "hrm_text", "pi0",
+                         "step3p7", "unlimited_ocr"}
+
+
 class UnsupportedModelError(TypeError):
     """The model is not a decoder (causal LM or VLM) kvpolicy can patch."""
 
@@ -70,6 +78,13 @@ def check_supported(model: nn.Module) -> None:
     if family in UNSUPPORTED_FAMILIES:
         raise UnsupportedModelError(f"{name} ({family}) is not supported: "
                                     f"{UNSUPPORTED_FAMILIES[family]}. Run it without kvpolicy.")
+    top = getattr(model.config, "model_type", None)
+    if top in BIDIRECTIONAL_PREFILL or getattr(text, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(
+            f"{name} ({top}) lets some prompt tokens (images, a prefix) attend to later ones at "
+            f"prefill; kvpolicy's prefill attention and scores are causal, so it would be "
+            f"inexact. For text-only prompts load the family's causal-LM class (e.g. "
+            f"Gemma3ForCausalLM); otherwise run it without kvpolicy.")
     if getattr(text, "kv_lora_rank", None) is not None:
         raise UnsupportedModelError(
             f"{name} caches multi-head latent attention (MLA: compressed latents, not per-head "

@@ -53,6 +53,7 @@ def build(model_type: str, seed: int = 0):
 def families_doc() -> str:
     """docs/models.md: the family matrix's classification (tests/test_families.py)."""
     from test_families import EXACT, REFUSED, UNBUILDABLE
+    from tiny_vlms import EXACT_VLMS, REFUSED_VLMS
 
     import transformers
 
@@ -78,7 +79,15 @@ def families_doc() -> str:
         f"**Not built here ({len(UNBUILDABLE)})**: the generic tiny config cannot build or run them\n"
         "(encoder-decoders, multimodal wrappers, configs needing family-specific fields); they\n"
         "are not claimed as supported. Encoder-decoders and state-space models are refused by\n"
-        f"`apply` in any case.\n\n{names(UNBUILDABLE)}\n")
+        f"`apply` in any case.\n\n{names(UNBUILDABLE)}\n\n"
+        "## Vision-language models\n\n"
+        "Built as tiny random VLMs with an image in the prompt (`tests/tiny_vlms.py`,\n"
+        "`tests/test_vlm.py`); only the language model is patched.\n\n"
+        f"**Exact ({len(EXACT_VLMS)})**: {names(EXACT_VLMS)}\n\n"
+        f"**Refused ({len(REFUSED_VLMS)})**: {names(REFUSED_VLMS)}: their image (PaliGemma: whole\n"
+        "prefix) tokens attend to each other in both directions at prefill, which kvpolicy's\n"
+        "causal prefill attention and scores cannot reproduce. Their causal-LM text classes\n"
+        "(e.g. `Gemma3ForCausalLM`, family `gemma3_text` above) are exact.\n")
 
 
 if __name__ == "__main__":
