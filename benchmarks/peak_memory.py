@@ -1,7 +1,10 @@
 """Peak memory of prefilling a long prompt on the embedded SmolLM2: a full-cache prefill
 (DynamicCache, last position's logits only) against ``kvpolicy.compress`` per policy, whole
 and in chunks. Each configuration runs in its own process; the number is the growth of the
-process's peak resident set (VmHWM) over its resident set just before the prefill.
+process's peak resident set (VmHWM) over its resident set just before the prefill. So that
+the resident set follows the live tensors, glibc's heap is trimmed before the baseline and
+its mmap threshold is fixed (else memory freed while loading the model stays resident and
+is reused unseen, which understates every peak and most the smaller ones).
 
     python benchmarks/peak_memory.py --tokens 6000 --chunk 512 [--policies snapkv,h2o]
 
@@ -10,6 +13,7 @@ Prints a markdown table (MiB, and the ratio to the full-cache prefill).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -36,6 +40,7 @@ def child(policy: str, tokens: int, chunk: int | None, budget: float) -> None:
     with torch.no_grad():  # warm-up on a short prompt: allocator and kernels
         model(ids[:, :64], past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
         kvpolicy.compress(model, ids[:, :64], "snapkv", budget=0.5)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back before the baseline
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     before = status_bytes("VmRSS:")
@@ -52,10 +57,11 @@ def child(policy: str, tokens: int, chunk: int | None, budget: float) -> None:
 
 
 def run(policy: str, tokens: int, chunk: int | None, budget: float) -> dict:
-    args = [sys.executable, __file__, "--child", policy, "--tokens", str(tokens), "--budget", str(budget)]
-    if chunk:
-        args += ["--chunk", str(chunk)]
-    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    args = [sys.executable, __file__, "--child", policy, "--tokens", str(tokens), "--budget",
+            str(budget), "--chunk", str(chunk or 0)]
+    # a fixed threshold: large tensors get their own mappings, returned to the OS when freed
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run(args, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -68,7 +74,7 @@ def main() -> None:
     parser.add_argument("--child")
     a = parser.parse_args()
     if a.child:
-        return child(a.child, a.tokens, a.chunk, a.budget)
+        return child(a.child, a.tokens, a.chunk or None, a.budget)  # --chunk 0: whole prompt
     full = run("full", a.tokens, None, a.budget)
     mib = 2 ** 20
     print(f"prompt {full['tokens']} tokens, budget {a.budget}, chunk {a.chunk}; full-cache prefill "
