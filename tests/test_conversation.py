@@ -127,3 +127,19 @@ def test_bad_continuations_are_refused_with_the_cache_untouched(smollm2, long_pr
         with pytest.raises(ValueError, match="batch"):
             model(torch.cat([ids, ids]), past_key_values=cache)
     assert int(cache.get_seq_length()) == before
+
+
+def test_document_chat_example_runs(smollm2):
+    """docs/examples/document_chat.py (compress once, two questions from copies, a follow-up
+    turn) at budget 1.0: the embedded model finds both planted numbers."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "docs" / "examples" / "document_chat.py"
+    spec = importlib.util.spec_from_file_location("document_chat", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with torch.no_grad():
+        replies = example.run(*smollm2, budget=1.0, words=300, new_tokens=16)
+    assert "582914" in replies[0] and "3307" in replies[1]
+    assert len(replies) == 3
