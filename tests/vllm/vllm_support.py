@@ -1,9 +1,11 @@
 """Helpers for the vLLM plugin tests: engines built in this process, a stepwise runner
 that watches the scheduler's block pool, and kvpolicy's HF reference generate."""
 import gc
+import itertools
 
 NEW_TOKENS = 12
 WORDS = (180, 300, 420)  # about 300, 460 and 620 prompt tokens
+_runs = itertools.count()
 
 
 def chat_prompt(tok, words: int, question: str) -> list[int]:
@@ -44,13 +46,16 @@ def scheduler(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
-def run_stepwise(llm, token_ids: list[list[int]], params) -> dict:
+def run_stepwise(llm, token_ids: list[list[int]], params, preempt_at: int | None = None) -> dict:
     """Submit all prompts at once and step the engine to the end, watching the block pool.
 
+    preempt_at: once a request has that many new tokens, the scheduler preempts every
+    running request (vLLM's own preemption, through ``reset_prefix_cache``); they resume
+    by recomputing their prompt and new tokens.
     Returns tokens (list per prompt), peak_blocks (most blocks in use at once, sampled
-    when a step is scheduled),
-    max_running (most requests running at once) and freed (per request, the most of its
-    blocks that held the null block at once).
+    when a step is scheduled), max_running (most requests running at once), freed (per
+    request, the most of its blocks that held the null block at once) and preemptions
+    (per request).
     """
     engine, sched = llm.llm_engine, scheduler(llm)
     pool = sched.kv_cache_manager.block_pool
@@ -66,19 +71,30 @@ def run_stepwise(llm, token_ids: list[list[int]], params) -> dict:
         return out
 
     sched.schedule = watched
-    for i, ids in enumerate(token_ids):
-        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
-    tokens, freed = {}, {}
+    run = next(_runs)  # request ids unique per engine: an engine may serve several runs
+    index = {f"{run}-{i}": i for i in range(len(token_ids))}
+    for req_id, i in index.items():
+        engine.add_request(req_id, {"prompt_token_ids": token_ids[i]}, params)
+    tokens, freed, preemptions = {}, {}, {}
+
+    def ours(engine_id: str) -> str:  # the engine's request id is ours plus "-" and a random tag
+        return engine_id if engine_id in index else engine_id.rsplit("-", 1)[0]
+
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
+        for req_id, req in sched.requests.items():
+            preemptions[ours(req_id)] = req.num_preemptions
+        if preempt_at is not None and any(r.num_output_tokens >= preempt_at for r in sched.running):
+            engine.reset_prefix_cache(reset_running_requests=True)
+            preempt_at = None
         for req_id, blocks in manager.req_to_blocks.items():
             nulls = sum(b is manager._null_block for b in blocks)
-            freed[req_id] = max(freed.get(req_id, 0), nulls)
-    order = sorted(tokens, key=int)
+            freed[ours(req_id)] = max(freed.get(ours(req_id), 0), nulls)
+    order = sorted(index, key=index.get)
     return {"tokens": [tokens[k] for k in order], "peak_blocks": watch["peak"], "max_running": watch["running"],
-            "freed": [v for _, v in sorted(freed.items(), key=lambda kv: kv[0])]}
+            "freed": [freed[k] for k in order], "preemptions": [preemptions[k] for k in order]}
 
 
 def hf_reference(smollm2, token_ids: list[int], policy: str, budget: float, new_tokens: int = NEW_TOKENS,
