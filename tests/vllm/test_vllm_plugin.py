@@ -93,8 +93,9 @@ def test_preempted_requests_resume_exactly(small_pool_llm, prompts, pyramid_refe
     unpreempted run."""
     llm, _ = small_pool_llm
     run = run_stepwise(llm, prompts, greedy(), preempt_at=4)
-    assert run["tokens"] == [tokens for tokens, _ in pyramid_references]
     assert run["preemptions"][0] == 1  # the first request, 4 tokens into its answer
+    assert run["crossed"] == [False, False, False]
+    assert run["tokens"] == [tokens for tokens, _ in pyramid_references]
 
 
 @pytest.mark.parametrize("entry, error", [

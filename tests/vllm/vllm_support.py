@@ -54,32 +54,38 @@ def run_stepwise(llm, token_ids: list[list[int]], params, preempt_at: int | None
     by recomputing their prompt and new tokens.
     Returns tokens (list per prompt), peak_blocks (most blocks in use at once, sampled
     when a step is scheduled), max_running (most requests running at once), freed (per
-    request, the most of its blocks that held the null block at once) and preemptions
-    (per request).
+    request, the most of its blocks that held the null block at once), preemptions (per
+    request) and crossed (per request: whether a step computed tokens on both sides of its
+    prompt's end, which only a resumed request can be scheduled to do).
     """
     engine, sched = llm.llm_engine, scheduler(llm)
     pool = sched.kv_cache_manager.block_pool
     manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
     total = pool.num_gpu_blocks - 1  # block 0 is the null block
+    run = next(_runs)  # request ids unique per engine: an engine may serve several runs
+    index = {f"{run}-{i}": i for i in range(len(token_ids))}
+
+    def ours(engine_id: str) -> str:  # the engine's request id is ours plus "-" and a random tag
+        return engine_id if engine_id in index else engine_id.rsplit("-", 1)[0]
+
     watch = {"peak": 0, "running": 0}
+    crossed: set[str] = set()
     schedule = sched.schedule
 
     def watched(*args, **kwargs):  # blocks in use once a step is scheduled, before it frees any
         out = schedule(*args, **kwargs)
         watch["peak"] = max(watch["peak"], total - pool.get_num_free_blocks())
         watch["running"] = max(watch["running"], len(sched.running))
+        for req_id, n in out.num_scheduled_tokens.items():  # computed tokens already advanced
+            req = sched.requests[req_id]
+            if req.num_computed_tokens - n < req.num_prompt_tokens < req.num_computed_tokens:
+                crossed.add(ours(req_id))
         return out
 
     sched.schedule = watched
-    run = next(_runs)  # request ids unique per engine: an engine may serve several runs
-    index = {f"{run}-{i}": i for i in range(len(token_ids))}
     for req_id, i in index.items():
         engine.add_request(req_id, {"prompt_token_ids": token_ids[i]}, params)
     tokens, freed, preemptions = {}, {}, {}
-
-    def ours(engine_id: str) -> str:  # the engine's request id is ours plus "-" and a random tag
-        return engine_id if engine_id in index else engine_id.rsplit("-", 1)[0]
-
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
@@ -94,7 +100,8 @@ def run_stepwise(llm, token_ids: list[list[int]], params, preempt_at: int | None
             freed[ours(req_id)] = max(freed.get(ours(req_id), 0), nulls)
     order = sorted(index, key=index.get)
     return {"tokens": [tokens[k] for k in order], "peak_blocks": watch["peak"], "max_running": watch["running"],
-            "freed": [freed[k] for k in order], "preemptions": [preemptions[k] for k in order]}
+            "freed": [freed[k] for k in order], "preemptions": [preemptions[k] for k in order],
+            "crossed": [k in crossed for k in order]}
 
 
 def hf_reference(smollm2, token_ids: list[int], policy: str, budget: float, new_tokens: int = NEW_TOKENS,
