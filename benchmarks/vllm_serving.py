@@ -17,6 +17,9 @@ import os
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler is watched
+# The pool is fixed by --blocks; an explicit KV space also spares vLLM's start-up check that
+# most of the machine's memory is free (which fails on a machine shared with other jobs).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def prompts(tokenizer, count: int, words: int) -> list[list[int]]:

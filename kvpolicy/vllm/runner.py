@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+from .config import KEY
 from .worker import Worker
 
 REPORT_ATTR = "kvpolicy_bases"
@@ -34,7 +35,8 @@ def install(w: Worker) -> None:
 def _publishing(build):
     @functools.wraps(build)
     def wrapper(self, num_tokens, num_reqs, *args, **kwargs):
-        if _worker is not None and not kwargs.get("for_cudagraph_capture"):
+        if (_worker is not None and KEY in (self.vllm_config.additional_config or {})
+                and not kwargs.get("for_cudagraph_capture")):
             batch = self.input_batch
             ids = batch.req_ids[:num_reqs]
             if len(ids) == num_reqs and all(r in self.requests for r in ids):

@@ -1,6 +1,8 @@
 """The scheduler side of the plugin (engine-core process): free the blocks a compacted
 request no longer needs, as vLLM's sliding-window manager does (the freed positions hold
-the null block in the request's block list; the worker never reads them again)."""
+the null block in the request's block list; the worker never reads them again), and end
+a resumed request's recomputed prefill at its prompt's end, so that its generated tokens
+are recomputed over the compacted cache, as they were first computed."""
 from __future__ import annotations
 
 import functools
@@ -8,6 +10,7 @@ import logging
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
+from .config import KEY
 from .runner import REPORT_ATTR
 
 log = logging.getLogger("vllm.kvpolicy")
@@ -27,8 +30,17 @@ def free_prefix(scheduler, req_id: str, base: int) -> int:
     return freed
 
 
+def stop_at_prompt_end(num_prompt: int, num_computed: int, num_new: int) -> int:
+    """The tokens to schedule so that a chunk never runs past the prompt's end: a request
+    resumed after preemption recomputes prompt and generated tokens, and the generated
+    ones must see the compacted cache (planned at the prompt's end), not the whole prompt."""
+    if num_computed < num_prompt < num_computed + num_new:
+        return num_prompt - num_computed
+    return num_new
+
+
 def install() -> None:
-    """Patch the scheduler class once per process; inert without reports from a worker."""
+    """Patch the scheduler class once per process; inert for engines without the key."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     if getattr(Scheduler, "_kvpolicy_patched", False):
@@ -43,4 +55,15 @@ def install() -> None:
         return update(self, scheduler_output, model_runner_output)
 
     Scheduler.update_from_output = update_from_output
+    reserve = Scheduler._reserve_prefill_lookahead
+
+    @functools.wraps(reserve)
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+        num_new_tokens = reserve(self, request, num_computed_tokens, num_new_tokens)
+        if KEY in (self.vllm_config.additional_config or {}):
+            num_new_tokens = stop_at_prompt_end(request.num_prompt_tokens, num_computed_tokens,
+                                                num_new_tokens)
+        return num_new_tokens
+
+    Scheduler._reserve_prefill_lookahead = _reserve_prefill_lookahead
     Scheduler._kvpolicy_patched = True

@@ -90,8 +90,9 @@ class Worker:
             state = self.requests.get(req_id)
             if start == 0 or state is None:
                 if state is not None:
-                    log.warning("kvpolicy: request %s restarts from its first token (preempted); "
-                                "planning its prompt again", req_id)
+                    log.info("kvpolicy: request %s restarts from its first token (preempted): "
+                             "its prompt is planned again, its new tokens recomputed over the "
+                             "compacted cache", req_id)
                 state = self.requests[req_id] = RequestState(prompt, max_new)
             rows.append(Row(i, state, req_id, qsl[i], q, start))
         self.step = Step(self, metadata, builder, rows)

@@ -13,6 +13,18 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer): a SmolLM2 of these tests' own, so that the exported weights and
+    the HF references do not depend on what other test modules did to the shared one."""
+    from kvpolicy.tools.embedded import load_smollm2
+
+    try:
+        return load_smollm2(threads=min(2, os.cpu_count() or 1))
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
 def hf_dir(smollm2, tmp_path_factory):
     """A Hugging Face folder holding the embedded SmolLM2 (float32)."""
     from smollm2_hf import export_smollm2

@@ -1,9 +1,11 @@
 """Helpers for the vLLM plugin tests: engines built in this process, a stepwise runner
 that watches the scheduler's block pool, and kvpolicy's HF reference generate."""
 import gc
+import itertools
 
 NEW_TOKENS = 12
 WORDS = (180, 300, 420)  # about 300, 460 and 620 prompt tokens
+_runs = itertools.count()
 
 
 def chat_prompt(tok, words: int, question: str) -> list[int]:
@@ -44,41 +46,62 @@ def scheduler(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
-def run_stepwise(llm, token_ids: list[list[int]], params) -> dict:
+def run_stepwise(llm, token_ids: list[list[int]], params, preempt_at: int | None = None) -> dict:
     """Submit all prompts at once and step the engine to the end, watching the block pool.
 
+    preempt_at: once a request has that many new tokens, the scheduler preempts every
+    running request (vLLM's own preemption, through ``reset_prefix_cache``); they resume
+    by recomputing their prompt and new tokens.
     Returns tokens (list per prompt), peak_blocks (most blocks in use at once, sampled
-    when a step is scheduled),
-    max_running (most requests running at once) and freed (per request, the most of its
-    blocks that held the null block at once).
+    when a step is scheduled), max_running (most requests running at once), freed (per
+    request, the most of its blocks that held the null block at once), preemptions (per
+    request) and crossed (per request: whether a step computed tokens on both sides of its
+    prompt's end, which only a resumed request can be scheduled to do).
     """
     engine, sched = llm.llm_engine, scheduler(llm)
     pool = sched.kv_cache_manager.block_pool
     manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
     total = pool.num_gpu_blocks - 1  # block 0 is the null block
+    run = next(_runs)  # request ids unique per engine: an engine may serve several runs
+    index = {f"{run}-{i}": i for i in range(len(token_ids))}
+
+    def ours(engine_id: str) -> str:  # the engine's request id is ours plus "-" and a random tag
+        return engine_id if engine_id in index else engine_id.rsplit("-", 1)[0]
+
     watch = {"peak": 0, "running": 0}
+    crossed: set[str] = set()
     schedule = sched.schedule
 
     def watched(*args, **kwargs):  # blocks in use once a step is scheduled, before it frees any
         out = schedule(*args, **kwargs)
         watch["peak"] = max(watch["peak"], total - pool.get_num_free_blocks())
         watch["running"] = max(watch["running"], len(sched.running))
+        for req_id, n in out.num_scheduled_tokens.items():  # computed tokens already advanced
+            req = sched.requests[req_id]
+            if req.num_computed_tokens - n < req.num_prompt_tokens < req.num_computed_tokens:
+                crossed.add(ours(req_id))
         return out
 
     sched.schedule = watched
-    for i, ids in enumerate(token_ids):
-        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
-    tokens, freed = {}, {}
+    for req_id, i in index.items():
+        engine.add_request(req_id, {"prompt_token_ids": token_ids[i]}, params)
+    tokens, freed, preemptions = {}, {}, {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
+        for req_id, req in sched.requests.items():
+            preemptions[ours(req_id)] = req.num_preemptions
+        if preempt_at is not None and any(r.num_output_tokens >= preempt_at for r in sched.running):
+            engine.reset_prefix_cache(reset_running_requests=True)
+            preempt_at = None
         for req_id, blocks in manager.req_to_blocks.items():
             nulls = sum(b is manager._null_block for b in blocks)
-            freed[req_id] = max(freed.get(req_id, 0), nulls)
-    order = sorted(tokens, key=int)
+            freed[ours(req_id)] = max(freed.get(ours(req_id), 0), nulls)
+    order = sorted(index, key=index.get)
     return {"tokens": [tokens[k] for k in order], "peak_blocks": watch["peak"], "max_running": watch["running"],
-            "freed": [v for _, v in sorted(freed.items(), key=lambda kv: kv[0])]}
+            "freed": [freed[k] for k in order], "preemptions": [preemptions[k] for k in order],
+            "crossed": [k in crossed for k in order]}
 
 
 def hf_reference(smollm2, token_ids: list[int], policy: str, budget: float, new_tokens: int = NEW_TOKENS,
