@@ -158,7 +158,7 @@ def new_tokens(config: GenerationConfig, kwargs: dict, prompt: torch.Tensor | No
 def continue_cache(cache: PolicyCache, ids: torch.Tensor | None, new: int) -> None:
     """Prepare a filled cache for another generate call: check that ``ids`` continue what it
     saw, size fixed-size layers for this call, make room for ``new`` tokens."""
-    seen = getattr(cache, "tokens", None)
+    seen = cache.tokens
     if seen is not None and ids is not None and ids.dim() == 2:
         n = min(seen.shape[1], ids.shape[1])
         if seen.shape[0] != ids.shape[0] or not torch.equal(seen[:, :n].to(ids.device), ids[:, :n]):

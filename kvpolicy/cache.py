@@ -224,8 +224,9 @@ class PolicyCache(Cache):
     attention; kvpolicy.models.layer_windows), or the layer count. max_new_tokens: decode steps planned by the
     current generate call (sizes append buffers and the fixed size of evicting layers);
     bucket: round append buffers up to a multiple of this (fewer torch.compile shapes);
-    recompress: whether a continuation (a new chat turn, a prompt chunk) is compressed
-    again so that each layer keeps ``budget`` of everything seen (else it is appended).
+    recompress: whether a new turn (a call continuing a cache that finished an earlier
+    call) is compressed again so that each layer keeps ``budget`` of everything seen (else
+    it is appended). The chunks of one call's prompt are always compressed.
     After each multi-token forward ``plan`` holds the policy's Plan for the scored layers.
     """
 
@@ -240,6 +241,7 @@ class PolicyCache(Cache):
         self.step = None  # the multi-token step in progress (kvpolicy.prefill.Step)
         self.plan: Plan | None = None
         self.owner: str | None = None  # the model class this cache was filled by
+        self.tokens: Tensor | None = None  # ids [B, n] of the calls finished so far
         self.compileable = True
 
     @property

@@ -157,7 +157,8 @@ class Step:
         if self.below and self.below[scored[0]] is not None:
             below = torch.stack([self.below[l] for l in scored])
         new = self.cache.max_new_tokens
-        recompress = not self.continued or self.cache.recompress or policy.decode == "evict"
+        new_turn = self.cache.tokens is not None  # else a chunk of the first call's prompt
+        recompress = not new_turn or self.cache.recompress or policy.decode == "evict"
         rows = []
         for b in range(valid.shape[0]):
             rv = valid[b:b + 1]

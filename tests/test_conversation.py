@@ -113,6 +113,19 @@ def test_chunked_prefill_runs_every_policy_and_is_exact_at_full_budget(smollm2, 
     kvpolicy.detach(model)
 
 
+@pytest.mark.parametrize("recompress", [True, False])
+def test_chunks_of_one_prompt_are_compressed_whatever_recompress(smollm2, long_prompt, recompress):
+    """recompress governs new turns only: every chunk of the first prompt is compressed, so
+    the cache holds about budget x prompt (a final chunk of up to 100 tokens included)."""
+    model, _ = smollm2
+    n = long_prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        cache = kvpolicy.compress(model, long_prompt["input_ids"], "snapkv", budget=0.1,
+                                  chunk_size=100, recompress=recompress, window=8)
+    assert sum(cache.kept) / len(cache.kept) <= 0.1 * n + 8
+    kvpolicy.detach(model)
+
+
 def test_bad_continuations_are_refused_with_the_cache_untouched(smollm2, long_prompt):
     model, _ = smollm2
     ids = long_prompt["input_ids"]
