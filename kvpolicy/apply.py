@@ -16,6 +16,7 @@ from .cache import PolicyCache
 from .hooks import CacheHooks, attach
 from .policy import Policy
 from .registry import get_policy
+from .selection import POST_VISION_FALLBACK
 
 COMPILE_BUCKET = 64  # compiled decode: append buffers rounded up to this many slots
 DEFAULT_MAX_LENGTH = 20  # new tokens generate makes when neither length argument is set
@@ -108,6 +109,9 @@ class PolicyHandle:
             ids = prompt_of(args, kwargs)
             new = new_tokens(config, kwargs, ids)
             cache = kwargs.get("past_key_values")
+            seen = getattr(cache, "tokens", None) if isinstance(cache, PolicyCache) else None
+            check_prompt_budget(self.model, self.policy, self.budget, ids,
+                                kwargs.get("attention_mask"), 0 if seen is None else seen.shape[1])
             if cache is None:
                 kwargs["past_key_values"] = cache = self.new_cache(new)
             elif not isinstance(cache, PolicyCache):
@@ -169,6 +173,21 @@ def continue_cache(cache: PolicyCache, ids: torch.Tensor | None, new: int) -> No
         cache.reserve(new + 1)
 
 
+def check_prompt_budget(model: nn.Module, policy: Policy, budget: Budget, ids: torch.Tensor | None,
+                        attention_mask: torch.Tensor | None, seen: int = 0) -> None:
+    """Refuse, before any forward, an int budget that cannot hold the tokens ``policy``
+    protects in every layer of this prompt (VL-Cache: the tokens after its last vision
+    token). ids int [B, N]; seen: tokens a continued cache already holds (vision tokens
+    among them no longer count). Prompts given as embeddings are not checked."""
+    if budget.is_fraction or ids is None or ids.dim() != 2 or ids.is_floating_point():
+        return
+    valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    vision = models.vision_mask(model, ids)
+    if vision is not None and seen:
+        vision = torch.cat([torch.zeros_like(vision[:, :seen]), vision[:, seen:]], -1)
+    budget.check_holds(policy.prompt_min_tokens(valid, vision), policy.name, policy.protects)
+
+
 def compile_config(device: torch.device) -> CompileConfig:
     """Decode-step compilation for generate: one full graph, CUDA graphs on GPU; on other
     devices too (transformers compiles only CUDA-like devices unless told to)."""
@@ -196,6 +215,9 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     models.check_supported(model)
+    if not models.vision_token_ids(model):  # a text model's post-vision span: its last 8 tokens
+        text = torch.ones(1, POST_VISION_FALLBACK, dtype=torch.bool)
+        b.check_holds(pol.prompt_min_tokens(text, None), pol.name, pol.protects)
     if getattr(model, "_kvpolicy_handle", None) is not None:
         raise RuntimeError(f"kvpolicy is already applied to this model ({model._kvpolicy_handle!r}); "
                            f"remove that handle first")
@@ -225,6 +247,7 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("compress needs input_ids as an int tensor [batch, length]")
+    check_prompt_budget(model, pol, b, input_ids, attention_mask)
     hooks: CacheHooks = attach(model)
     cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress)
     # an unpatched model's generate would pre-build 4-D masks for a compileable cache
