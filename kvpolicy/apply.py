@@ -16,6 +16,7 @@ from .cache import PolicyCache
 from .hooks import CacheHooks, attach
 from .policy import Policy
 from .registry import get_policy
+from .rotary import CacheRotary
 from .selection import POST_VISION_FALLBACK
 
 COMPILE_BUCKET = 64  # compiled decode: append buffers rounded up to this many slots
@@ -39,8 +40,9 @@ class PolicyHandle:
     """
 
     def __init__(self, model: nn.Module, policy: Policy, budget: Budget, compile: bool,
-                 recompress: bool):
+                 recompress: bool, rotary: CacheRotary | None = None):
         self.model, self.policy, self.budget, self.compile = model, policy, budget, compile
+        self.rotary = rotary
         self.recompress = recompress
         self.windows = models.layer_windows(model)
         self._attn = models.attn_implementation(model)
@@ -66,7 +68,7 @@ class PolicyHandle:
     def new_cache(self, max_new_tokens: int) -> PolicyCache:
         bucket = COMPILE_BUCKET if self.compile else 1
         return PolicyCache(self.windows, self.policy, self.budget, max_new_tokens, bucket,
-                           self.recompress)
+                           self.recompress, self.rotary)
 
     def remove(self) -> None:
         """Restore the model exactly: attention implementation, generate, hooks."""
@@ -188,6 +190,15 @@ def check_prompt_budget(model: nn.Module, policy: Policy, budget: Budget, ids: t
     budget.check_holds(policy.prompt_min_tokens(valid, vision), policy.name, policy.protects)
 
 
+def cache_rotary(model: nn.Module, policy: Policy) -> CacheRotary | None:
+    """The rotary a positions="cache" policy re-applies (refused by name where it cannot
+    be exact); None for every other policy."""
+    if policy.positions == "original":
+        return None
+    models.check_supported(model)
+    return CacheRotary(model)
+
+
 def compile_config(device: torch.device) -> CompileConfig:
     """Decode-step compilation for generate: one full graph, CUDA graphs on GPU; on other
     devices too (transformers compiles only CUDA-like devices unless told to)."""
@@ -218,10 +229,14 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
     if not models.vision_token_ids(model):  # a text model's post-vision span: its last 8 tokens
         text = torch.ones(1, POST_VISION_FALLBACK, dtype=torch.bool)
         b.check_holds(pol.prompt_min_tokens(text, None), pol.name, pol.protects)
+    rotary = cache_rotary(model, pol)
+    if rotary is not None and compile:
+        raise ValueError(f"{pol.name}(positions='cache') runs eager decode steps only; pass "
+                         f"compile=False or positions='original'")
     if getattr(model, "_kvpolicy_handle", None) is not None:
         raise RuntimeError(f"kvpolicy is already applied to this model ({model._kvpolicy_handle!r}); "
                            f"remove that handle first")
-    handle = PolicyHandle(model, pol, b, compile, recompress)
+    handle = PolicyHandle(model, pol, b, compile, recompress, rotary)
     handle.install()
     return handle
 
@@ -248,8 +263,9 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("compress needs input_ids as an int tensor [batch, length]")
     check_prompt_budget(model, pol, b, input_ids, attention_mask)
+    rotary = cache_rotary(model, pol)
     hooks: CacheHooks = attach(model)
-    cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress)
+    cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary)
     # an unpatched model's generate would pre-build 4-D masks for a compileable cache
     cache.compileable = getattr(model, "_kvpolicy_handle", None) is not None
     step = chunk_size or input_ids.shape[1]

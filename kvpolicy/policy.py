@@ -103,6 +103,7 @@ class Policy:
     sinks: int = 0
     window: int = 8
     protects: ClassVar[str] = "the first `sinks` and the last `window` tokens"
+    positions: str = "original"  # "cache": rotary positions inside the cache (kvpolicy.rotary)
 
     # ---- the three steps -------------------------------------------------------------
     def score(self, stats: Stats) -> Tensor:
