@@ -1,6 +1,6 @@
 """Perplexity of the embedded SmolLM2 on text twice its context window: the full cache vs
 StreamingLLM with keys at their text positions vs StreamingLLM with positions inside the
-cache (``streamingllm(positions="cache")``).
+cache (``streamingllm(positions="cache")``) vs the same window without attention sinks.
 
 The context is shrunk, artificially: SmolLM2 has 8192 positions, and twice that is too
 slow on a shared CPU. The benchmark multiplies the model's rotary frequencies by
@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--stretch", type=int, default=4)
     parser.add_argument("--size", type=int, default=512, help="StreamingLLM slots per layer")
     parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=0, help="text length (default: 2 x context)")
+    parser.add_argument("--rows", default="full,original,cache,window",
+                        help="which of full, original, cache, window to run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tok = load_smollm2(threads=1)
@@ -61,22 +64,26 @@ def main() -> None:
     rotary.original_inv_freq.mul_(args.stretch)
     model.config.max_position_embeddings = context
     text = " ".join(" ".join(docs_topics()).split())
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :2 * context]
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :args.tokens or 2 * context]
     print(f"SmolLM2, rotary x{args.stretch}: context {context} tokens, text {ids.shape[1]} tokens, "
           f"StreamingLLM {args.size} slots per layer (4 sinks), chunks of {args.chunk}")
     print("| cache | perplexity, tokens 1..{c} | perplexity, tokens {c}..{n} | seconds |".format(
-        c=context, n=ids.shape[1]))
+        c=min(context, ids.shape[1] // 2), n=ids.shape[1]))
     print("|---|---|---|---|")
-    runs = [("full (DynamicCache)", None)] + [
-        (f"streamingllm, positions={p!r}", p) for p in ("original", "cache")]
-    for label, positions in runs:
+    runs = {"full": ("full (DynamicCache)", None, 4),
+            "original": ("streamingllm, positions='original'", "original", 4),
+            "cache": ("streamingllm, positions='cache'", "cache", 4),
+            "window": ("window: streamingllm(sinks=0), positions='cache'", "cache", 0)}
+    for label, positions, sinks in (runs[r] for r in args.rows.split(",")):
         start = time.perf_counter()
         if positions is None:
             losses = token_losses(model, ids, DynamicCache(config=model.config), args.chunk)
         else:
-            with kvpolicy.apply(model, "streamingllm", args.size, positions=positions) as handle:
+            with kvpolicy.apply(model, "streamingllm", args.size, positions=positions,
+                                sinks=sinks) as handle:
                 losses = token_losses(model, ids, handle.new_cache(0), args.chunk)
-        first, second = losses[:context - 1], losses[context - 1:]
+        half = min(context, ids.shape[1] // 2)
+        first, second = losses[:half - 1], losses[half - 1:]
         print(f"| {label} | {math.exp(first.mean()):.2f} | {math.exp(second.mean()):.2f} | "
               f"{time.perf_counter() - start:.0f} |", flush=True)
 
