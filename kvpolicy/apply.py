@@ -16,6 +16,8 @@ from .cache import PolicyCache
 from .hooks import CacheHooks, attach
 from .policy import Policy
 from .registry import get_policy
+from .rotary import CacheRotary
+from .selection import POST_VISION_FALLBACK
 
 COMPILE_BUCKET = 64  # compiled decode: append buffers rounded up to this many slots
 DEFAULT_MAX_LENGTH = 20  # new tokens generate makes when neither length argument is set
@@ -38,8 +40,9 @@ class PolicyHandle:
     """
 
     def __init__(self, model: nn.Module, policy: Policy, budget: Budget, compile: bool,
-                 recompress: bool):
+                 recompress: bool, rotary: CacheRotary | None = None):
         self.model, self.policy, self.budget, self.compile = model, policy, budget, compile
+        self.rotary = rotary
         self.recompress = recompress
         self.windows = models.layer_windows(model)
         self._attn = models.attn_implementation(model)
@@ -65,7 +68,7 @@ class PolicyHandle:
     def new_cache(self, max_new_tokens: int) -> PolicyCache:
         bucket = COMPILE_BUCKET if self.compile else 1
         return PolicyCache(self.windows, self.policy, self.budget, max_new_tokens, bucket,
-                           self.recompress)
+                           self.recompress, self.rotary)
 
     def remove(self) -> None:
         """Restore the model exactly: attention implementation, generate, hooks."""
@@ -108,6 +111,9 @@ class PolicyHandle:
             ids = prompt_of(args, kwargs)
             new = new_tokens(config, kwargs, ids)
             cache = kwargs.get("past_key_values")
+            seen = getattr(cache, "tokens", None) if isinstance(cache, PolicyCache) else None
+            check_prompt_budget(self.model, self.policy, self.budget, ids,
+                                kwargs.get("attention_mask"), 0 if seen is None else seen.shape[1])
             if cache is None:
                 kwargs["past_key_values"] = cache = self.new_cache(new)
             elif not isinstance(cache, PolicyCache):
@@ -169,6 +175,30 @@ def continue_cache(cache: PolicyCache, ids: torch.Tensor | None, new: int) -> No
         cache.reserve(new + 1)
 
 
+def check_prompt_budget(model: nn.Module, policy: Policy, budget: Budget, ids: torch.Tensor | None,
+                        attention_mask: torch.Tensor | None, seen: int = 0) -> None:
+    """Refuse, before any forward, an int budget that cannot hold the tokens ``policy``
+    protects in every layer of this prompt (VL-Cache: the tokens after its last vision
+    token). ids int [B, N]; seen: tokens a continued cache already holds (vision tokens
+    among them no longer count). Prompts given as embeddings are not checked."""
+    if budget.is_fraction or ids is None or ids.dim() != 2 or ids.is_floating_point():
+        return
+    valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    vision = models.vision_mask(model, ids)
+    if vision is not None and seen:
+        vision = torch.cat([torch.zeros_like(vision[:, :seen]), vision[:, seen:]], -1)
+    budget.check_holds(policy.prompt_min_tokens(valid, vision), policy.name, policy.protects)
+
+
+def cache_rotary(model: nn.Module, policy: Policy) -> CacheRotary | None:
+    """The rotary a positions="cache" policy re-applies (refused by name where it cannot
+    be exact); None for every other policy."""
+    if policy.positions == "original":
+        return None
+    models.check_supported(model)
+    return CacheRotary(model)
+
+
 def compile_config(device: torch.device) -> CompileConfig:
     """Decode-step compilation for generate: one full graph, CUDA graphs on GPU; on other
     devices too (transformers compiles only CUDA-like devices unless told to)."""
@@ -196,10 +226,17 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     models.check_supported(model)
+    if not models.vision_token_ids(model):  # a text model's post-vision span: its last 8 tokens
+        text = torch.ones(1, POST_VISION_FALLBACK, dtype=torch.bool)
+        b.check_holds(pol.prompt_min_tokens(text, None), pol.name, pol.protects)
+    rotary = cache_rotary(model, pol)
+    if rotary is not None and compile:
+        raise ValueError(f"{pol.name}(positions='cache') runs eager decode steps only; pass "
+                         f"compile=False or positions='original'")
     if getattr(model, "_kvpolicy_handle", None) is not None:
         raise RuntimeError(f"kvpolicy is already applied to this model ({model._kvpolicy_handle!r}); "
                            f"remove that handle first")
-    handle = PolicyHandle(model, pol, b, compile, recompress)
+    handle = PolicyHandle(model, pol, b, compile, recompress, rotary)
     handle.install()
     return handle
 
@@ -225,8 +262,10 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("compress needs input_ids as an int tensor [batch, length]")
+    check_prompt_budget(model, pol, b, input_ids, attention_mask)
+    rotary = cache_rotary(model, pol)
     hooks: CacheHooks = attach(model)
-    cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress)
+    cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary)
     # an unpatched model's generate would pre-build 4-D masks for a compileable cache
     cache.compileable = getattr(model, "_kvpolicy_handle", None) is not None
     step = chunk_size or input_ids.shape[1]

@@ -43,11 +43,14 @@ class Budget:
             return round(self.value * num_tokens * num_layers)
         return int(self.value) * num_layers
 
-    def check_holds(self, min_tokens: int, policy: str) -> None:
-        """Raise if an int budget cannot hold ``min_tokens`` protected tokens per layer."""
+    def check_holds(self, min_tokens: int, policy: str, which: str = "") -> None:
+        """Raise if an int budget cannot hold ``min_tokens`` protected tokens per layer
+        (``which``: what they are, for the message)."""
         if not self.is_fraction and self.value < min_tokens:
+            which = f" ({which})" if which else ""
             raise ValueError(f"budget {self} cannot hold the {min_tokens} protected tokens per "
-                             f"layer of {policy}: pass budget >= {min_tokens} (or a float fraction)")
+                             f"layer of {policy}{which}: pass budget >= {min_tokens} (or a float "
+                             f"fraction)")
 
     def __str__(self) -> str:
         return f"{self.value:g}" if self.is_fraction else f"{self.value} tokens/layer"

@@ -54,6 +54,8 @@ class KVLayer(CacheLayerMixin):
         self.scores: Tensor | None = None
         self.sizes: Tensor | None = None
         self.seen = torch.zeros((), dtype=torch.long)
+        self.rotary = None  # kvpolicy.rotary.CacheRotary: keys stored un-rotated
+        self.given: Tensor | None = None  # int64 [B, q]: the positions the model rotated at
 
     def adopt_window(self, window: int | None) -> None:
         """Take the sliding window the model's attention masks this layer with (None =
@@ -100,6 +102,8 @@ class KVLayer(CacheLayerMixin):
     def _extend(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
         B, G, q, _ = key_states.shape
         new_pos = self._new_pos[:, None, :].expand(B, G, q)
+        if self.rotary is not None:
+            key_states = self.rotary.rotate(key_states, self.given, inverse=True)
         if self.keys is None:
             self.keys, self.values, self.pos = key_states, value_states, new_pos
         else:
@@ -135,6 +139,8 @@ class KVLayer(CacheLayerMixin):
     def _write(self, key_states: Tensor, value_states: Tensor) -> None:
         """Write one token [B, G, 1, D] into its slot."""
         B, G, C, D = self.keys.shape
+        if self.rotary is not None:
+            key_states = self.rotary.rotate(key_states, self.given, inverse=True)
         if self.kind == "append" or (self.kind == "sliding" and C < self.window):
             self.keys.index_copy_(2, self.used, key_states)
             self.values.index_copy_(2, self.used, value_states)
@@ -161,7 +167,11 @@ class KVLayer(CacheLayerMixin):
         visible = self.pos >= 0
         if self.attn_window is not None:  # the newest token is next_pos - 1
             visible = visible & (self.pos > (self.next_pos - 1 - self.attn_window).view(-1, 1, 1))
-        out, probs = grouped_attention(query, self.keys, self.values, visible, scaling, softcap,
+        keys = self.keys
+        if self.rotary is not None:
+            query, keys = self.rotary.place(query, keys, self.pos[:, 0], self.next_pos[:, None] - 1,
+                                            self.given)
+        out, probs = grouped_attention(query, keys, self.values, visible, scaling, softcap,
                                        sinks, need_probs=self.scores is not None)
         if probs is not None:
             self.scores.add_(probs)
@@ -227,11 +237,13 @@ class PolicyCache(Cache):
     recompress: whether a new turn (a call continuing a cache that finished an earlier
     call) is compressed again so that each layer keeps ``budget`` of everything seen (else
     it is appended). The chunks of one call's prompt are always compressed.
+    rotary: a kvpolicy.rotary.CacheRotary for policies with positions="cache".
     After each multi-token forward ``plan`` holds the policy's Plan for the scored layers.
     """
 
     def __init__(self, layer_windows: list[int | None] | int, policy: Policy, budget: Budget,
-                 max_new_tokens: int = 0, bucket: int = 1, recompress: bool = True):
+                 max_new_tokens: int = 0, bucket: int = 1, recompress: bool = True,
+                 rotary=None):
         if isinstance(layer_windows, int):
             layer_windows = [None] * layer_windows
         kind = "evict" if policy.decode == "evict" else "append"
@@ -243,6 +255,9 @@ class PolicyCache(Cache):
         self.owner: str | None = None  # the model class this cache was filled by
         self.tokens: Tensor | None = None  # ids [B, n] of the calls finished so far
         self.compileable = True
+        self.rotary = rotary  # positions="cache": kvpolicy.rotary.CacheRotary
+        for layer in self.layers:
+            layer.rotary = rotary
 
     @property
     def is_compileable(self) -> bool:

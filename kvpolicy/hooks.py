@@ -11,6 +11,7 @@ from torch import nn
 from . import attention, models
 from .cache import PolicyCache
 from .prefill import Step
+from .rotary import cache_position_ids
 
 
 class CacheHooks:
@@ -44,11 +45,15 @@ class CacheHooks:
         if models.attn_implementation(self.model) != attention.NAME:
             self._switched = models.attn_implementation(self.model)
             models.set_attn_implementation(self.model, attention.NAME)
-        if q > 1 or not cache.compacted:
-            Step(cache, self.new_valid(kwargs.get("attention_mask"), B, q, ref.device),
-                 self.vision(cache, input_ids))
-        else:
+        decode = q == 1 and cache.compacted
+        new_valid = torch.ones(B, 1, dtype=torch.bool, device=ref.device) if decode else \
+            self.new_valid(kwargs.get("attention_mask"), B, q, ref.device)
+        if cache.rotary is not None:  # positions inside the cache, checked before the forward
+            kwargs["position_ids"] = place_positions(cache, new_valid, decode)
+        if decode:
             cache.reserve(1)
+        else:
+            Step(cache, new_valid, self.vision(cache, input_ids))
         kwargs[attention.CACHE_KWARG] = cache
         return args, kwargs
 
@@ -94,6 +99,28 @@ class CacheHooks:
             raise ValueError(f"{cache.policy.name} needs input_ids to find the vision tokens; "
                              f"inputs_embeds alone carry no token ids")
         return None
+
+
+def place_positions(cache: PolicyCache, new_valid: torch.Tensor, decode: bool) -> torch.Tensor:
+    """The position ids int64 [B, q] of a forward's tokens inside the cache (positions=
+    "cache"), handed to every layer; refuses a forward whose positions, or whose layers'
+    fixed size after it, would reach the model's max_position_embeddings."""
+    given = cache_position_ids(cache, new_valid, decode)
+    limit = cache.rotary.max_positions
+    reach = int(given.max()) + 1
+    if not decode:  # the fixed size each layer keeps after this step (budget.total / L, rounded up)
+        first, L = cache.layers[0], len(cache.layers)
+        held = 0 if first.next_pos is None else int(first.next_pos.max())
+        seen = held + int(new_valid.sum(-1).max()) + cache.max_new_tokens
+        reach = max(reach, -(-cache.budget.total(seen, L) // L))
+    if reach > limit:
+        raise ValueError(f"kvpolicy {cache.policy.name}(positions='cache'): {reach} positions inside "
+                         f"the cache exceed the model's {limit} (max_position_embeddings); prefill "
+                         f"a long prompt in chunks (kvpolicy.compress(..., chunk_size=...)) and keep "
+                         f"budget x (tokens + max_new_tokens) within {limit}")
+    for layer in cache.layers:
+        layer.given = given
+    return given
 
 
 def attach(model: nn.Module) -> CacheHooks:

@@ -102,6 +102,8 @@ class Policy:
 
     sinks: int = 0
     window: int = 8
+    protects: ClassVar[str] = "the first `sinks` and the last `window` tokens"
+    positions: str = "original"  # "cache": rotary positions inside the cache (kvpolicy.rotary)
 
     # ---- the three steps -------------------------------------------------------------
     def score(self, stats: Stats) -> Tensor:
@@ -137,6 +139,14 @@ class Policy:
         """Tokens per layer an int budget must at least hold (the fixed protected ones)."""
         return max(1, self.sinks + self.window + self.min_scored)
 
+    def prompt_min_tokens(self, valid: Tensor, vision: Tensor | None) -> int:
+        """Tokens per layer an int budget must hold for one prompt (valid bool [B, N],
+        vision bool [B, N] | None): its protected tokens plus ``min_scored``, at least
+        ``min_tokens()`` (they differ where the protected span depends on the prompt)."""
+        B, N = valid.shape
+        probe = Stats(valid.new_zeros((1, B, 1, N), dtype=torch.float32), valid, valid, vision=vision)
+        return max(self.min_tokens(), int(self.protected(probe).sum(-1).max()) + self.min_scored)
+
     def room(self, stats: Stats) -> int:
         """Most tokens a layer can hold (see budget.room)."""
         return arithmetic.room(stats.num_tokens, stats.max_new_tokens, self.decode)
@@ -168,7 +178,8 @@ class Policy:
         if total < floor * L:
             log.warning(
                 "kvpolicy %s: budget %s of a %d-token prompt cannot hold the %d protected "
-                "tokens per layer; keeping exactly those (effective budget %.3f)",
+                "tokens per layer; keeping exactly those in every layer, so the allocation has "
+                "nothing to split (effective budget %.3f)",
                 self.name, budget, N, floor, floor / N)
             total = floor * L
         n = self.allocate(stats, total, floor)

@@ -54,6 +54,8 @@ class Step:
         Returns out [B, q, H, Dv]; observes the scores of a planned layer."""
         layer = self.cache.layers[layer_idx]
         layer.adopt_window(window)
+        if layer.rotary is not None:
+            query, key = layer.rotary.place(query, key, layer.pos[:, 0], self.new_pos, layer.given)
         self.attended.add(layer_idx)
         visible = self.mask(layer, query.shape[2])
         lse = None

@@ -32,7 +32,10 @@ def edge_tokens(valid: Tensor, first: int, last: int) -> Tensor:
     return valid & ((rank < first) | (rank >= count - last))
 
 
-def post_vision(valid: Tensor, vision: Tensor | None, fallback: int = 8) -> Tensor:
+POST_VISION_FALLBACK = 8  # post-vision queries of a prompt without vision tokens: its last 8
+
+
+def post_vision(valid: Tensor, vision: Tensor | None, fallback: int = POST_VISION_FALLBACK) -> Tensor:
     """bool [B, N]: real tokens after each row's last vision token (the last ``fallback``
     real tokens in rows without one)."""
     if vision is None:

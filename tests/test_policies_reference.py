@@ -106,6 +106,47 @@ def test_vlcache_warns_when_post_vision_tokens_fill_the_budget(caplog):
     assert plan.kept == [31] * L and "cannot hold the 31 protected" in caplog.text
 
 
+def tiny_llama(max_positions: int = 512):
+    """A random-weight 2-layer Llama (text only), float32, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                         max_position_embeddings=max_positions)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("policy", ["vlcache", "uniform-vlcache"])
+def test_vlcache_int_budget_below_a_text_models_post_vision_span_is_refused_at_apply(policy):
+    # a text model's post-vision queries are its last 8 prompt tokens: 8 protected + 1 scored
+    model = tiny_llama()
+    attn = model.config._attn_implementation
+    params = dict(scores="vlcache") if policy == "uniform-vlcache" else {}
+    with pytest.raises(ValueError, match=r"cannot hold the 9 protected tokens .*last 8 tokens"):
+        kvpolicy.apply(model, policy.split("-")[0], 8, **params)
+    assert model.config._attn_implementation == attn and not hasattr(model, "_kvpolicy_handle")
+    kvpolicy.apply(model, policy.split("-")[0], 9, **params).remove()
+
+
+def test_vlcache_int_budget_below_a_prompts_post_vision_span_is_refused_before_the_forward():
+    import tiny_vlms
+
+    model, inputs = tiny_vlms.llava()  # 5 text tokens, 16 image tokens, 12 text tokens
+    forwards = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    with kvpolicy.apply(model, "vlcache", 12):  # a VLM's span is known per prompt only
+        with pytest.raises(ValueError, match=r"cannot hold the 13 protected .*last vision token"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert not forwards
+        with pytest.raises(ValueError, match="cannot hold the 13 protected"):
+            kvpolicy.compress(model, inputs["input_ids"], "vlcache", 12)
+        assert not forwards
+    with kvpolicy.apply(model, "vlcache", 13), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert out.past_key_values.kept == [13] * model.config.text_config.num_hidden_layers
+
+
 # ---- PrefixKV (THU-MIG/PrefixKV prefixkv.py) ----------------------------------------------
 
 def prefix_stats() -> Stats:

@@ -13,8 +13,12 @@ class StreamingLLM(FixedSizePolicy):
     # the rule: its card, registry/cards/streamingllm.toml (also its __doc__)
     queries = "none"
 
-    def __init__(self, sinks: int = 4):
+    def __init__(self, sinks: int = 4, positions: str = "original"):
         self.sinks = check_int("sinks", sinks, 0)
+        if positions not in ("original", "cache"):
+            raise ValueError(f"positions must be 'original' (keys keep the positions they were "
+                             f"seen at) or 'cache' (positions inside the cache), got {positions!r}")
+        self.positions = positions
 
     def score(self, stats: Stats) -> Tensor:
         L, B, G, N = stats.attn.shape

@@ -22,7 +22,7 @@ class Uniform(Policy):
                 raise ValueError(f"uniform(scores={scores!r}): {self.source.name} holds a fixed "
                                  f"size while decoding and already splits equally; use it directly")
             self.queries, self.tau = self.source.queries, self.source.tau
-            self.min_scored = self.source.min_scored
+            self.min_scored, self.protects = self.source.min_scored, self.source.protects
 
     def query_mask(self, valid: Tensor, vision: Tensor | None) -> Tensor:
         if self.source is not None:

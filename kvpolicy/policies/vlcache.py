@@ -16,6 +16,8 @@ class VLCache(Policy):
     min_scored = 1
     queries = "post_vision"
     window = 0  # the protected tail is the post-vision span, known per prompt
+    protects = ("the prompt's tokens after its last vision token, or its last 8 tokens "
+                "without vision tokens")
 
     def __init__(self, tau: float = 0.01, uniform_mix: float = 0.0, shared_heads: bool = True):
         if not 0.0 < tau < 1.0:
