@@ -66,3 +66,15 @@ def test_query_agnostic_compresses_the_document_alone(smollm2):
         out = model.generate(p.input_ids, past_key_values=cache.copy(), max_new_tokens=6, do_sample=False)
     kvpolicy.detach(model)
     assert runs[1].answer == tok.decode(out[0, p.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_query_agnostic_chunks_keep_the_budget(smollm2):
+    """Chunked compress keeps ``budget`` of the whole document (every chunk compressed), and
+    the question is then appended uncompressed."""
+    model, tok = smollm2
+    runner = Runner(model, tok, build_samples(tok, 1, 200, seed=5), max_new_tokens=4,
+                    mode="query-agnostic", chunk_size=64)
+    runner.run_references(runner.prompts)
+    runs = runner.run_config("snapkv", 0.25)
+    assert [r.error for r in runs] == ["", ""]
+    assert 0.2 < runs[0].kept < 0.3

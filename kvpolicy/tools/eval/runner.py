@@ -4,8 +4,9 @@ configuration then answers every prompt and is compared with it.
 Modes: ``query-aware`` prefills the whole prompt (document and question) under the policy,
 as ``apply`` + ``generate`` does. ``query-agnostic`` compresses each document alone with
 ``kvpolicy.compress`` and asks each of its questions from a copy of that cache (the
-question is appended, not compressed again: ``recompress=False``). ``chunk_size`` feeds
-the compressed part in chunks, compressing after each one.
+question is appended, not compressed again: the cache's ``recompress`` is turned off after
+``compress``, whose chunks are compressed). ``chunk_size`` feeds the compressed part in
+chunks, compressing after each one.
 """
 from __future__ import annotations
 
@@ -181,7 +182,8 @@ class Runner:
         start = time.perf_counter()
         longest = max(p.rest_ids.shape[1] for p in prompts)
         cache = kvpolicy.compress(self.model, context, policy, budget=budget, chunk_size=self.chunk_size,
-                                  max_new_tokens=longest + self.max_new_tokens, recompress=False, **params)
+                                  max_new_tokens=longest + self.max_new_tokens, **params)
+        cache.recompress = False  # chunks were compressed; the question is appended as it is
         seconds = time.perf_counter() - start
         kept = sum(cache.kept) / (len(cache.kept) * context.shape[1])
         runs = []
