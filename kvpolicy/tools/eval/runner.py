@@ -1,5 +1,13 @@
-"""Run policies x budgets over samples. The full cache runs once per sample; each
-configuration then prefills through ``kvpolicy.apply``'s cache and is compared with it."""
+"""Run policies x budgets over prompts. The full cache runs once per prompt; each
+configuration then answers every prompt and is compared with it.
+
+Modes: ``query-aware`` prefills the whole prompt (document and question) under the policy,
+as ``apply`` + ``generate`` does. ``query-agnostic`` compresses each document alone with
+``kvpolicy.compress`` and asks each of its questions from a copy of that cache (the
+question is appended, not compressed again: the cache's ``recompress`` is turned off after
+``compress``, whose chunks are compressed). ``chunk_size`` feeds the compressed part in
+chunks, compressing after each one.
+"""
 from __future__ import annotations
 
 import copy
@@ -15,6 +23,8 @@ import kvpolicy
 from ..embedded import load_smollm2
 from .metrics import kl_divergence, prefix_agreement, score_answer, shared_prefix
 from .tasks import Sample
+
+MODES = ("query-aware", "query-agnostic")
 
 
 def load_model(name: str = "smollm2"):
@@ -33,17 +43,31 @@ class Generation:
     tokens: list[int]
     logits: Tensor
     seconds: float
-    kept: float = 1.0  # kept fraction of the prompt's KV entries
 
 
 @dataclass
 class Prompt:
-    """A sample with its tokens and, once run, the full-cache reference."""
+    """One question of a sample: its tokens split into the document part and the rest, and,
+    once run, the full-cache reference."""
 
     sample: Sample
-    input_ids: Tensor  # [1, N]
+    question: int
+    context_ids: Tensor  # [1, Nc]: template start and document
+    rest_ids: Tensor  # [1, Nq]: question, end of turn, generation prompt (or answer prefix)
     reference: Generation | None = None
     reference_answer: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.sample.id}/q{self.question}"
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.context_ids, self.rest_ids], -1)
+
+    @property
+    def answers(self) -> list[str]:
+        return self.sample.questions[self.question].answers
 
 
 @dataclass
@@ -65,9 +89,17 @@ class Run:
 class Runner:
     """Holds the model, the tokenized prompts and their full-cache references."""
 
-    def __init__(self, model, tokenizer, samples: list[Sample], max_new_tokens: int):
+    def __init__(self, model, tokenizer, samples: list[Sample], max_new_tokens: int,
+                 answer_prefix: bool = False, mode: str = "query-aware", chunk_size: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
-        self.prompts = [Prompt(s, torch.tensor([s.input_ids(tokenizer)])) for s in samples]
+        self.mode, self.chunk_size = mode, chunk_size
+        self.prompts = []
+        for s in samples:
+            for q in range(len(s.questions)):
+                ctx, rest = s.split_ids(tokenizer, q, answer_prefix)
+                self.prompts.append(Prompt(s, q, torch.tensor([ctx]), torch.tensor([rest])))
         eos = model.generation_config.eos_token_id
         self.stop = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
 
@@ -77,10 +109,17 @@ class Runner:
         return self.model(input_ids=ids, past_key_values=cache, use_cache=True,
                           logits_to_keep=1).logits[0, -1].float()
 
-    def _greedy(self, input_ids: Tensor, cache) -> tuple[Generation, object]:
-        """Prefill then decode greedily; also returns a copy of the cache after prefill."""
+    def _prefill(self, ids: Tensor, cache) -> Tensor:
+        """The last position's logits after feeding ``ids`` (in chunks of ``chunk_size``)."""
+        step = self.chunk_size or ids.shape[1]
+        for start in range(0, ids.shape[1], step):
+            logits = self._step(ids[:, start:start + step], cache)
+        return logits
+
+    def _greedy(self, ids: Tensor, cache, chunked: bool) -> tuple[Generation, object]:
+        """Feed ``ids`` then decode greedily; also returns a copy of the cache after the feed."""
         start = time.perf_counter()
-        logits = [self._step(input_ids, cache)]
+        logits = [self._prefill(ids, cache) if chunked else self._step(ids, cache)]
         after_prefill = copy.deepcopy(cache)
         tokens = [int(logits[0].argmax())]
         while len(tokens) < self.max_new_tokens and tokens[-1] not in self.stop:
@@ -100,16 +139,21 @@ class Runner:
         return self.tokenizer.decode(text_ids, skip_special_tokens=True)
 
     # ---- the full cache and one configuration ----------------------------------------
-    def run_reference(self, prompt: Prompt) -> None:
-        gen, _ = self._greedy(prompt.input_ids, DynamicCache(config=self.model.config))
-        prompt.reference, prompt.reference_answer = gen, self.decode(gen.tokens)
+    def run_references(self, prompts: list[Prompt]) -> None:
+        """Full-cache answers of one sample's questions: its document prefilled once into a
+        DynamicCache, each question continued from a copy."""
+        context = DynamicCache(config=self.model.config)
+        start = time.perf_counter()
+        self._step(prompts[0].context_ids, context)
+        seconds = (time.perf_counter() - start) / len(prompts)
+        for p in prompts:
+            gen, _ = self._greedy(p.rest_ids, copy.deepcopy(context), False)
+            gen.seconds += seconds
+            p.reference, p.reference_answer = gen, self.decode(gen.tokens)
 
-    def run_policy(self, prompt: Prompt, handle) -> Run:
-        """Greedy answer under ``handle``'s policy, scored and compared with the reference."""
-        sample, ref = prompt.sample, prompt.reference
-        run = Run(handle.policy.name, handle.budget.value, sample.id, sample.task)
-        cache = handle.new_cache(self.max_new_tokens)
-        gen, after_prefill = self._greedy(prompt.input_ids, cache)
+    def _compare(self, run: Run, prompt: Prompt, gen: Generation, after_prefill) -> Run:
+        """Score ``gen`` and compare it with the reference (KL teacher-forced on divergence)."""
+        ref = prompt.reference
         T = len(ref.tokens)
         if shared_prefix(gen.tokens, ref.tokens) >= T - 1 and len(gen.tokens) >= T:
             logits = gen.logits[:T]  # every position saw the reference's history
@@ -117,24 +161,63 @@ class Runner:
             logits = self._teacher_forced(after_prefill, gen.logits[0], ref.tokens)
         kl = kl_divergence(ref.logits, logits)
         run.answer = self.decode(gen.tokens)
-        run.score = score_answer(run.answer, sample.answers)
+        run.score = score_answer(run.answer, prompt.answers)
         run.agreement = prefix_agreement(gen.tokens, ref.tokens)
         run.kl, run.kl_first = float(kl.mean()), float(kl[0])
-        run.kept = sum(cache.kept) / (len(cache.kept) * prompt.input_ids.shape[1])
         run.seconds = gen.seconds
         return run
+
+    def run_policy(self, prompt: Prompt, handle) -> Run:
+        """Query-aware: the whole prompt prefilled under ``handle``'s policy."""
+        run = Run(handle.policy.name, handle.budget.value, prompt.id, prompt.sample.task)
+        cache = handle.new_cache(self.max_new_tokens)
+        gen, after_prefill = self._greedy(prompt.input_ids, cache, True)
+        run.kept = sum(cache.kept) / (len(cache.kept) * prompt.input_ids.shape[1])
+        return self._compare(run, prompt, gen, after_prefill)
+
+    def run_agnostic(self, prompts: list[Prompt], policy: str, budget: float, **params) -> list[Run]:
+        """Query-agnostic: one sample's document compressed once, each question from a copy."""
+        context = prompts[0].context_ids
+        assert all(torch.equal(p.context_ids, context) for p in prompts)
+        start = time.perf_counter()
+        longest = max(p.rest_ids.shape[1] for p in prompts)
+        cache = kvpolicy.compress(self.model, context, policy, budget=budget, chunk_size=self.chunk_size,
+                                  max_new_tokens=longest + self.max_new_tokens, **params)
+        cache.recompress = False  # chunks were compressed; the question is appended as it is
+        seconds = time.perf_counter() - start
+        kept = sum(cache.kept) / (len(cache.kept) * context.shape[1])
+        runs = []
+        for p in prompts:
+            gen, after_prefill = self._greedy(p.rest_ids, cache.copy(), False)
+            run = Run(cache.policy.name, budget, p.id, p.sample.task, kept=kept)
+            runs.append(self._compare(run, p, gen, after_prefill))
+            run.seconds += seconds / len(prompts)
+        return runs
 
     def run_config(self, policy: str, budget: float, on_sample=lambda: None, **params) -> list[Run]:
         """All prompts under one policy and budget (errors are recorded, not raised)."""
         runs = []
         try:
-            with kvpolicy.apply(self.model, policy, budget=budget, **params) as handle:
-                for prompt in self.prompts:
-                    runs.append(self.run_policy(prompt, handle))
-                    on_sample()
+            if self.mode == "query-aware":
+                with kvpolicy.apply(self.model, policy, budget=budget, **params) as handle:
+                    for prompt in self.prompts:
+                        runs.append(self.run_policy(prompt, handle))
+                        on_sample()
+            else:
+                for group in self.by_sample():
+                    runs += self.run_agnostic(group, policy, budget, **params)
+                    for _ in group:
+                        on_sample()
         except Exception as exc:  # one broken configuration must not end a long evaluation
             done = {r.sample for r in runs}
-            runs += [Run(policy, budget, p.sample.id, p.sample.task, error=f"{type(exc).__name__}: {exc}")
-                     for p in self.prompts if p.sample.id not in done]
+            runs += [Run(policy, budget, p.id, p.sample.task, error=f"{type(exc).__name__}: {exc}")
+                     for p in self.prompts if p.id not in done]
+        finally:
+            kvpolicy.detach(self.model)
         return runs
 
+    def by_sample(self) -> list[list[Prompt]]:
+        groups: dict[str, list[Prompt]] = {}
+        for p in self.prompts:
+            groups.setdefault(p.sample.id, []).append(p)
+        return list(groups.values())

@@ -1,168 +1,154 @@
-"""Retrieval and QA tasks over the Python docs (``pydoc_data.topics``), deterministic per seed.
+"""Eval samples: a document (``corpus``) with facts planted at chosen depths, and two or
+more questions about it, deterministic per seed and split.
 
-Each sample is a document of about ``context`` tokens cut from the docs, possibly with
-facts inserted as their own lines at chosen depths, followed by one question. Answers
-are short strings checked by substring match (see ``metrics.score_answer``).
+The natural format (the default): the document and one question in the user turn, then the
+chat template's generation prompt; the answer is looked for in the reply. With
+``answer_prefix`` the prompt instead ends inside the assistant's reply with the start of
+the answer ("The secret code is"), the format of the ``-v1`` splits' published numbers.
+
+Splits ``tune`` and ``heldout`` draw from disjoint pools of fact and question wordings
+and keys, and each sample's document comes from either source, so a rule tuned on one
+cannot key on a phrasing. ``tune-v1`` / ``heldout-v1`` are the earlier one-question
+tasks (``tasks_v1``), kept so their numbers stay reproducible.
 """
 from __future__ import annotations
 
 import hashlib
 import random
-import re
-from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from ..embedded import docs_topics
+from . import tasks_v1
+from .corpus import SOURCES, cut_document, insert_lines, number
 
-SPLIT_SEEDS = {"tune": 0, "heldout": 1_000_003}
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-KEYS = ("guitar", "volcano", "penguin", "lantern", "saturn", "walnut", "harbor", "tulip")
-MAX_ANSWER_COUNT = 20  # a doc_sentence answer's first word occurs at most this often in the docs
-ANSWER_WORDS = 4
-COLORS = ("red", "blue", "green", "yellow", "purple", "orange")
+SPLIT_SEEDS = {"tune": 7_919, "heldout": 104_729, "tune-v1": 0, "heldout-v1": 1_000_003}
+
+# (fact, question, answer prefix) per split; {v} is the value. Disjoint between splits.
+CODE_WORDINGS = {
+    "tune": [("The secret code is {v}.", "What is the secret code mentioned in the text above?",
+              "The secret code is"),
+             ("The access code for the vault is {v}.", "What is the access code for the vault?",
+              "The access code for the vault is"),
+             ("Note: the PIN of the office safe is {v}.", "Which PIN opens the office safe?",
+              "The PIN of the office safe is"),
+             ("Your order was given the ticket number {v}.", "What ticket number was the order given?",
+              "The ticket number is")],
+    "heldout": [("Remember this password: {v}.", "Which password were you asked to remember?",
+                 "The password is"),
+                ("The serial number printed on the device is {v}.",
+                 "Tell me the serial number printed on the device.", "The serial number is"),
+                ("The customer's account number is {v}.", "What is the customer's account number?",
+                 "The customer's account number is"),
+                ("The parcel can be tracked with the number {v}.",
+                 "With which number can the parcel be tracked?", "The tracking number is")],
+}
+# (table line, question, answer prefix) per split; {k} is a key, {v} a 4-digit value.
+TABLE_WORDINGS = {
+    "tune": ("The locker number of {k} is {v}.", "What is the locker number of {k}?",
+             "The locker number of {k} is"),
+    "heldout": ("{k} stays in room {v}.", "In which room does {k} stay?", "{k} stays in room"),
+}
+TABLE_KEYS = {"tune": ("guitar", "volcano", "penguin", "lantern", "saturn", "walnut", "harbor", "tulip"),
+              "heldout": ("Alice", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiro")}
+# (fact, question, answer prefix, answers) per split: facts with word answers
+WORD_FACTS = {
+    "tune": [("The meeting with the auditors is on {a}.", "On which day is the meeting with the auditors?",
+              "The meeting with the auditors is on", ("Monday", "Tuesday", "Thursday", "Friday")),
+             ("The spare key is hidden under the {a}.", "Where is the spare key hidden?",
+              "The spare key is hidden under the", ("doormat", "flowerpot", "bench", "stairs")),
+             ("Maria's favourite fruit is the {a}.", "What is Maria's favourite fruit?",
+              "Maria's favourite fruit is the", ("mango", "apricot", "pear", "cherry"))],
+    "heldout": [("The conference will take place in {a}.", "In which city will the conference take place?",
+                 "The conference will take place in", ("Lisbon", "Oslo", "Nairobi", "Kyoto")),
+                ("The winning horse was called {a}.", "What was the name of the winning horse?",
+                 "The winning horse was called", ("Thunderbolt", "Moonlight", "Juniper", "Bramble")),
+                ("The lab's new microscope is painted {a}.", "What colour is the lab's new microscope?",
+                 "The lab's new microscope is painted", ("orange", "purple", "turquoise", "silver"))],
+}
+
+
+@dataclass
+class Question:
+    text: str
+    answers: list[str]
+    answer_prefix: str  # the reply's start in the answer-prefix format
+    depth: float = 0.0  # where its fact sits (0..1)
 
 
 @dataclass
 class Sample:
-    """One prompt: ``document`` then ``question``, and the start of the assistant's reply
-    (``answer_prefix``), which the model continues; the answer is every string in ``answers``."""
+    """One document and the questions asked about it."""
 
     id: str
     task: str
+    source: str
     document: str
-    question: str
-    answer_prefix: str
-    answers: list[str]
-    depths: list[float] = field(default_factory=list)  # where the facts sit (0..1)
+    questions: list[Question] = field(default_factory=list)
 
-    def messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": f"{self.document}\n\n{self.question}"},
-                {"role": "assistant", "content": self.answer_prefix}]
+    def messages(self, q: int, answer_prefix: bool = False) -> list[dict[str, str]]:
+        question = self.questions[q]
+        out = [{"role": "user", "content": f"{self.document}\n\n{question.text}"}]
+        if answer_prefix:
+            out.append({"role": "assistant", "content": question.answer_prefix})
+        return out
 
-    def input_ids(self, tokenizer) -> list[int]:
-        """The chat-templated prompt, ending inside the assistant's reply."""
-        return tokenizer.apply_chat_template(self.messages(), continue_final_message=True,
-                                             tokenize=True, return_dict=True)["input_ids"]
-
-
-@lru_cache(maxsize=1)
-def corpus_lines() -> tuple[str, ...]:
-    """The docs as non-empty lines, topics in sorted order."""
-    return tuple(line for topic in docs_topics() for line in topic.splitlines() if line.strip())
-
-
-def line_tokens(tokenizer) -> list[int]:
-    """Token count of each corpus line (cached on the tokenizer)."""
-    counts = getattr(tokenizer, "_kvpolicy_line_tokens", None)
-    if counts is None:
-        counts = [len(ids) for ids in tokenizer(list(corpus_lines()), add_special_tokens=False).input_ids]
-        tokenizer._kvpolicy_line_tokens = counts
-    return counts
+    def split_ids(self, tokenizer, q: int, answer_prefix: bool = False) -> tuple[list[int], list[int]]:
+        """(context, rest) token ids of question ``q``'s prompt: the context ends with the
+        document (what query-agnostic mode compresses alone); the rest is the question, the
+        template's end of turn and the generation prompt (or the answer prefix)."""
+        text = tokenizer.apply_chat_template(self.messages(q, answer_prefix), tokenize=False,
+                                             add_generation_prompt=not answer_prefix,
+                                             continue_final_message=answer_prefix)
+        cut = text.index(self.document) + len(self.document)
+        enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+        return enc(text[:cut]), enc(text[cut:])
 
 
-def cut_document(rng: random.Random, tokenizer, context: int) -> list[str]:
-    """Consecutive corpus lines from a random start, about ``context`` tokens in all."""
-    lines, counts = corpus_lines(), line_tokens(tokenizer)
-    i, total, out = rng.randrange(len(lines)), 0, []
-    while total < context:
-        out.append(lines[i])
-        total += counts[i] + 1  # + the newline
-        i = (i + 1) % len(lines)
-    return out
+def _plant(rng, tokenizer, context, facts):
+    """A document from a random source with ``facts`` [(fact line, ...)] at distinct depths."""
+    source = rng.choice(SOURCES)
+    depths = sorted(rng.sample(DEPTHS, len(facts)))
+    rng.shuffle(depths)
+    lines = insert_lines(cut_document(rng, tokenizer, context, source),
+                         [(d, f) for d, f in zip(depths, facts)], tokenizer)
+    return source, "\n".join(lines), depths
 
 
-def insert_lines(lines: list[str], facts: list[tuple[float, str]], tokenizer) -> list[str]:
-    """``lines`` with each (depth, fact) inserted at the line boundary nearest that depth."""
-    sizes = [len(tokenizer(l, add_special_tokens=False).input_ids) + 1 for l in lines]
-    total, bounds, acc = sum(sizes), [0], 0
-    for s in sizes:
-        acc += s
-        bounds.append(acc)
-    out = list(lines)
-    for depth, fact in sorted(facts, reverse=True):  # deepest first keeps indices valid
-        at = min(range(len(bounds)), key=lambda b: abs(bounds[b] - depth * total))
-        out.insert(at, fact)
-    return out
+def needle(rng, tokenizer, context, sid, split):
+    """Two codes (6 digits) with different labels at two depths; each is asked."""
+    wordings = rng.sample(CODE_WORDINGS[split], 2)
+    codes = [number(rng, 6) for _ in wordings]
+    source, doc, depths = _plant(rng, tokenizer, context, [f.format(v=c) for (f, _, _), c in zip(wordings, codes)])
+    qs = [Question(q, [c], p, d) for (_, q, p), c, d in zip(wordings, codes, depths)]
+    return Sample(sid, "needle", source, doc, qs)
 
 
-def number(rng: random.Random, digits: int) -> str:
-    return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
-
-
-def needle(rng, tokenizer, context, sid):
-    """One secret code at one of ``DEPTHS``."""
-    depth, code = rng.choice(DEPTHS), number(rng, 6)
-    doc = insert_lines(cut_document(rng, tokenizer, context), [(depth, f"The secret code is {code}.")], tokenizer)
-    return Sample(sid, "needle", "\n".join(doc), "What is the secret code mentioned in the text above?",
-                  "The secret code is", [code], [depth])
-
-
-def multi_needle(rng, tokenizer, context, sid):
-    """Three secret codes of differently coloured boxes spread over the document (the
-    others are distractors); one box is asked."""
-    depths = sorted(rng.sample(DEPTHS, 3))
-    colors = rng.sample(COLORS, 3)
-    codes = [number(rng, 6) for _ in colors]
-    facts = [(d, f"The secret code of the {c} box is {v}.") for d, c, v in zip(depths, colors, codes)]
-    asked = rng.randrange(3)
-    doc = insert_lines(cut_document(rng, tokenizer, context), facts, tokenizer)
-    return Sample(sid, "multi_needle", "\n".join(doc),
-                  f"What is the secret code of the {colors[asked]} box mentioned in the text above?",
-                  f"The secret code of the {colors[asked]} box is", [codes[asked]], [depths[asked]])
-
-
-def key_value(rng, tokenizer, context, sid):
-    """Three distinctive keys with 4-digit values on adjacent lines; one key is asked."""
-    keys = rng.sample(KEYS, 3)
+def key_value(rng, tokenizer, context, sid, split):
+    """Three keys with 4-digit values on adjacent lines at one depth; two keys are asked."""
+    line, question, prefix = TABLE_WORDINGS[split]
+    keys = rng.sample(TABLE_KEYS[split], 3)
     values = [number(rng, 4) for _ in keys]
-    depth = rng.choice(DEPTHS)
-    table = "\n".join(f"The locker number of {k} is {v}." for k, v in zip(keys, values))
-    asked = rng.randrange(len(keys))
-    doc = insert_lines(cut_document(rng, tokenizer, context), [(depth, table)], tokenizer)
-    return Sample(sid, "key_value", "\n".join(doc),
-                  f"What is the locker number of {keys[asked]}?",
-                  f"The locker number of {keys[asked]} is", [values[asked]], [depth])
+    table = "\n".join(line.format(k=k, v=v) for k, v in zip(keys, values))
+    source, doc, (depth,) = _plant(rng, tokenizer, context, [table])
+    asked = rng.sample(range(3), 2)
+    qs = [Question(question.format(k=keys[i]), [values[i]], prefix.format(k=keys[i]), depth) for i in asked]
+    return Sample(sid, "key_value", source, doc, qs)
 
 
-def doc_sentence(rng, tokenizer, context, sid):
-    """Recall how a line of the document itself goes on: the reply starts with the line's
-    first words (at least six, unique in the document); the answer is the next
-    ``ANSWER_WORDS`` words, the first of them rare in the docs, so that the start of the
-    line alone does not give them away."""
-    while True:  # a document without a usable line (rare: tables, grammar) is redrawn
-        lines = cut_document(rng, tokenizer, context)
-        text = "\n".join(lines)
-        options = [option for i, line in enumerate(lines) if (option := _recall_point(i, line, text))]
-        if options:
-            break
-    i, head, phrase = rng.choice(options)
-    return Sample(sid, "doc_sentence", text,
-                  "Continue quoting the sentence of the text above that your reply begins with.",
-                  head, [phrase], [i / len(lines)])
+def word_fact(rng, tokenizer, context, sid, split):
+    """Two facts with one-word answers (a day, a city, a name...) at two depths; each is asked."""
+    facts = rng.sample(WORD_FACTS[split], 2)
+    answers = [rng.choice(options) for *_, options in facts]
+    source, doc, depths = _plant(rng, tokenizer, context, [f.format(a=a) for (f, *_), a in zip(facts, answers)])
+    qs = [Question(q, [a], p, d) for (_, q, p, _), a, d in zip(facts, answers, depths)]
+    return Sample(sid, "word_fact", source, doc, qs)
 
 
-@lru_cache(maxsize=1)
-def word_counts() -> Counter:
-    """How often each lower-case word occurs in the docs."""
-    return Counter(re.findall(r"[a-z]+", "\n".join(corpus_lines()).lower()))
+TASKS = {"needle": needle, "key_value": key_value, "word_fact": word_fact}
 
 
-def _recall_point(i, line, text):
-    """(line index, head, next words) at the first usable point of the line, else None."""
-    words = line.split()
-    for k in range(6, len(words) - ANSWER_WORDS + 1):
-        head, phrase = " ".join(words[:k]), words[k:k + ANSWER_WORDS]
-        phrase[-1] = phrase[-1].rstrip(".,;:")
-        first = phrase[0]
-        if (all(re.fullmatch(r"[A-Za-z]+", w) for w in phrase) and re.fullmatch(r"[a-z]{5,}", first)
-                and word_counts()[first] <= MAX_ANSWER_COUNT and first not in head.lower()
-                and text.count(head) == 1):
-            return i, head, " ".join(phrase)
-    return None
-
-
-TASKS = {"needle": needle, "multi_needle": multi_needle, "key_value": key_value, "doc_sentence": doc_sentence}
+def task_names(split: str) -> list[str]:
+    return list(tasks_v1.TASKS if split.endswith("-v1") else TASKS)
 
 
 def sample_seed(seed: int, split: str, index: int) -> int:
@@ -172,11 +158,16 @@ def sample_seed(seed: int, split: str, index: int) -> int:
 
 def build_samples(tokenizer, n: int, context: int, seed: int = 0, split: str = "tune",
                   tasks: list[str] | None = None) -> list[Sample]:
-    """``n`` samples cycling through ``tasks`` (all by default), deterministic per seed/split."""
-    names = tasks or list(TASKS)
+    """``n`` documents cycling through ``tasks`` (all of the split's by default),
+    deterministic per seed and split."""
+    names = tasks or task_names(split)
     out = []
     for i in range(n):
         task = names[i % len(names)]
         rng = random.Random(sample_seed(seed, split, i))
-        out.append(TASKS[task](rng, tokenizer, context, f"{split}-{seed}-{i}-{task}"))
+        sid = f"{split}-{seed}-{i}-{task}"
+        if split.endswith("-v1"):
+            out.append(tasks_v1.TASKS[task](rng, tokenizer, context, sid))
+        else:
+            out.append(TASKS[task](rng, tokenizer, context, sid, split))
     return out
