@@ -109,7 +109,9 @@ def prefill_overheads(model, tok, tokens: int, rounds: int) -> dict[str, float]:
 def decode_ratios(model, tok, tokens: int, rounds: int, steps: int) -> dict[str, float]:
     """Decode at context ``tokens`` under DECODE_POLICY at BUDGET against the full cache at
     BUDGET x tokens, eager and compiled, and compiled against eager."""
-    long, short = needle_prompt(tok, tokens, 0.5), needle_prompt(tok, int(BUDGET * tokens), 0.5)
+    long = needle_prompt(tok, tokens, 0.5)
+    n = long["input_ids"].shape[1]  # the text's tokens plus the template's and the question's
+    short = needle_prompt(tok, round(BUDGET * n) - (n - tokens), 0.5)  # BUDGET x n in all
     configs = {
         "full_short_eager": lambda: decode_ms(model, short, None, False, steps),
         "policy_eager": lambda: decode_ms(model, long, DECODE_POLICY, False, steps),
