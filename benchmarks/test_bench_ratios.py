@@ -21,7 +21,8 @@ import time
 
 import pytest
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from test_bench_decode import Stamps  # benchmarks/ is on sys.path (pytest and script alike)
+from transformers import DynamicCache, StoppingCriteriaList
 
 import kvpolicy
 from kvpolicy.apply import compile_config
@@ -35,18 +36,6 @@ WARMUP = 3  # decode steps before them (compilation, allocator)
 BUDGET = 0.1
 PREFILL_POLICIES = ["snapkv", "vlcache", "spankv", "pyramidkv", "uniform", "h2o", "prefixkv"]
 DECODE_POLICY = "snapkv"
-
-
-class Stamps(StoppingCriteria):
-    """Stamps the time after every generation step; never stops (outside the compiled
-    forward, so it breaks no graph)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def prefill_seconds(model, inputs: dict, policy: str | None) -> float:
