@@ -63,12 +63,16 @@ class PolicyHandle:
         self._own_hooks = getattr(self.model, "_kvpolicy_hooks", None) is None
         attach(self.model)
         self.model.generate = self._wrap_generate(self.model.generate)
+        if self.policy.defer:
+            self.model.get_compiled_call = self._wrap_compiled_call(self.model.get_compiled_call)
         self.model._kvpolicy_handle = self
 
     def new_cache(self, max_new_tokens: int) -> PolicyCache:
         bucket = COMPILE_BUCKET if self.compile else 1
-        return PolicyCache(self.windows, self.policy, self.budget, max_new_tokens, bucket,
-                           self.recompress, self.rotary)
+        cache = PolicyCache(self.windows, self.policy, self.budget, max_new_tokens, bucket,
+                            self.recompress, self.rotary)
+        cache.defer_steps = min(self.policy.defer, max(0, max_new_tokens - 1))
+        return cache
 
     def remove(self) -> None:
         """Restore the model exactly: attention implementation, generate, hooks."""
@@ -82,6 +86,7 @@ class PolicyHandle:
         else:
             del model.generate
         models.set_attn_implementation(model, self._attn)
+        vars(model).pop("get_compiled_call", None)
         for key in ("_compiled_call", "_last_compile_config"):
             vars(model).pop(key, None)
         vars(model).update(self._compiled_call)
@@ -124,9 +129,30 @@ class PolicyHandle:
                 cache.compileable = True  # this model's mask function serves it
             if self._compile_config is not None:
                 kwargs.setdefault("compile_config", self._compile_config)
-            out = generate(*args, **kwargs)
+            cache.defer_steps = min(self.policy.defer, max(0, new - 1))
+            try:
+                out = generate(*args, **kwargs)
+            finally:
+                cache.settle()
             cache.tokens = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
             return out
+
+        return wrapper
+
+    def _wrap_compiled_call(self, get_compiled_call):
+        """generate's compiled decode step, except while a deferred compaction waits: those
+        decode steps run eagerly (their hooks count them), so the graph sees one shape."""
+
+        def wrapper(compile_config):
+            compiled = get_compiled_call(compile_config)
+
+            def call(*args, **kwargs):
+                cache = kwargs.get("past_key_values")
+                if isinstance(cache, PolicyCache) and cache.pending is not None:
+                    return self.model(*args, **kwargs)
+                return compiled(*args, **kwargs)
+
+            return call
 
         return wrapper
 
@@ -230,6 +256,9 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
         text = torch.ones(1, POST_VISION_FALLBACK, dtype=torch.bool)
         b.check_holds(pol.prompt_min_tokens(text, None), pol.name, pol.protects)
     rotary = cache_rotary(model, pol)
+    if pol.defer and (pol.decode != "append" or pol.tau > 0):
+        raise ValueError(f"{pol.name}: defer needs an append-only policy without sparsity counts "
+                         f"(decode steps add attention only); pass defer=0")
     if rotary is not None and compile:
         raise ValueError(f"{pol.name}(positions='cache') runs eager decode steps only; pass "
                          f"compile=False or positions='original'")

@@ -191,7 +191,9 @@ class KVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, self.keys.new_zeros(B, G, extra, D)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(B, G, extra, self.values.shape[-1])], 2)
         self.pos = torch.cat([self.pos, self.pos.new_full((B, G, extra), -1)], 2)
-        for t in (self.keys, self.values, self.pos):
+        if self.scores is not None:  # a deferred step's running scores
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(B, G, extra)], 2)
+        for t in self.owned():
             torch._dynamo.mark_static_address(t)
 
     def owned(self) -> list[Tensor]:
@@ -239,6 +241,8 @@ class PolicyCache(Cache):
     it is appended). The chunks of one call's prompt are always compressed.
     rotary: a kvpolicy.rotary.CacheRotary for policies with positions="cache".
     After each multi-token forward ``plan`` holds the policy's Plan for the scored layers.
+    defer_steps: decode steps the next multi-token step waits before compacting (set by
+    apply's generate to the policy's ``defer``); ``pending`` is that step meanwhile.
     """
 
     def __init__(self, layer_windows: list[int | None] | int, policy: Policy, budget: Budget,
@@ -251,6 +255,8 @@ class PolicyCache(Cache):
         self.policy, self.budget = policy, budget
         self.max_new_tokens, self.bucket, self.recompress = max_new_tokens, bucket, recompress
         self.step = None  # the multi-token step in progress (kvpolicy.prefill.Step)
+        self.defer_steps = 0
+        self.pending = None  # a Step whose compaction waits for decode steps
         self.plan: Plan | None = None
         self.owner: str | None = None  # the model class this cache was filled by
         self.tokens: Tensor | None = None  # ids [B, n] of the calls finished so far
@@ -278,6 +284,11 @@ class PolicyCache(Cache):
             raise RuntimeError("PolicyCache.kept: no prompt has been processed yet (run a forward "
                                "or generate with this cache first)")
         return self.plan.kept
+
+    def settle(self) -> None:
+        """Compact a step still waiting for decode steps (a generate call that ended first)."""
+        if self.pending is not None:
+            self.pending.resume()
 
     def reserve(self, new_tokens: int) -> None:
         """Make room for ``new_tokens`` decode steps in every append layer (eager)."""

@@ -53,6 +53,7 @@ class CacheHooks:
         if decode:
             cache.reserve(1)
         else:
+            cache.settle()  # a deferred step compacts before the next one opens
             Step(cache, new_valid, self.vision(cache, input_ids))
         kwargs[attention.CACHE_KWARG] = cache
         return args, kwargs
@@ -63,6 +64,8 @@ class CacheHooks:
             return None
         if cache.step is not None:
             cache.step.finish()
+        elif cache.pending is not None:  # a decode step of a deferred compaction
+            cache.pending.tick()
         if self._switched is not None:
             models.set_attn_implementation(self.model, self._switched)
             self._switched = None

@@ -90,7 +90,8 @@ class Policy:
     score op counts: all, the last ``window``, post-vision, or none), ``tau`` (> 0 asks
     the score op for sparsity counts), ``decode`` ("append", or "evict" for policies that
     hold a fixed size while decoding: see FixedSizePolicy), ``min_scored`` (a layer's
-    floor above its protected tokens). Constructor parameters are the policy's tunables;
+    floor above its protected tokens), ``defer`` (decode steps of a generate call that run
+    on the whole prompt before it is compacted, their queries counted with the prompt's). Constructor parameters are the policy's tunables;
     ``params()`` lists them with their values.
     """
 
@@ -104,6 +105,7 @@ class Policy:
     window: int = 8
     protects: ClassVar[str] = "the first `sinks` and the last `window` tokens"
     positions: str = "original"  # "cache": rotary positions inside the cache (kvpolicy.rotary)
+    defer: int = 0
 
     # ---- the three steps -------------------------------------------------------------
     def score(self, stats: Stats) -> Tensor:

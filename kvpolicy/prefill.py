@@ -5,6 +5,10 @@ policy's plan per batch row, and one compaction of every layer.
 A step is a whole prompt, a prompt chunk (chunked prefill) or a new chat turn over a
 compacted cache: each layer attends its kept slots followed by the step's tokens (causal
 among them), so the score op sees the kept keys and the new ones alike.
+
+A policy with ``defer = k`` (generate only) keeps the whole step for its first k decode
+steps, whose attention the scored layers add to their slots' scores; then ``resume``
+plans with the step's counted queries and those decoded tokens as queries, and compacts.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ class Step:
         counted = self.queries.any(0).nonzero()
         self.first = int(counted[0]) if len(counted) else None
         self.continued = first.keys is not None
+        self.new_tokens = cache.max_new_tokens  # decode steps the plan sizes buffers for
+        self.defer, self.deferring, self.decoded = cache.defer_steps, False, 0
         self.attn: dict[int, Tensor] = {}
         self.below: dict[int, Tensor | None] = {}
         self.heads_per_group = 1
@@ -143,6 +149,29 @@ class Step:
                 caps[l] = min(layer.window, buffer_slots(keep[l][0].shape[-1],
                                                          cache.max_new_tokens, "append", cache.bucket))
         self.compact(keep, caps)
+        if self.deferring:
+            cache.pending = self
+
+    # ---- deferred compaction -----------------------------------------------------------
+    def tick(self) -> None:
+        """After one decode step of a deferred step: resume once ``defer`` steps ran."""
+        self.decoded += 1
+        if self.decoded >= self.defer:
+            self.resume()
+
+    def resume(self) -> None:
+        """Plan the deferred step with its counted prompt queries and the decoded tokens as
+        queries (their attention is in the scored layers' ``scores``), and compact."""
+        cache = self.cache
+        cache.pending = None
+        pos = next(layer for layer in cache.layers if layer.scored).pos[:, 0]  # [B, C]
+        self.queries = at_slots(self.queries, self.new_pos, pos) | (pos >= self.rows_seen[:, None])
+        if self.vision is not None:
+            self.vision = at_slots(self.vision, self.new_pos, pos)
+        self.rows_seen = cache.layers[0].next_pos.clone()
+        self.new_tokens = max(0, cache.max_new_tokens - self.decoded)
+        self.continued, self.deferring, self.defer, self.attn, self.below = True, False, 0, {}, {}
+        self.finish()
 
     def plan(self, scored: list[int]) -> tuple[Plan, dict[int, Tensor]]:
         """The policy's plan for the scored layers, made for each batch row alone (a row's
@@ -158,9 +187,11 @@ class Step:
         below = None
         if self.below and self.below[scored[0]] is not None:
             below = torch.stack([self.below[l] for l in scored])
-        new = self.cache.max_new_tokens
+        new = self.new_tokens
         new_turn = self.cache.tokens is not None  # else a chunk of the first call's prompt
         recompress = not new_turn or self.cache.recompress or policy.decode == "evict"
+        if recompress and self.defer:
+            self.deferring, recompress = True, False  # keep everything until resume
         rows = []
         for b in range(valid.shape[0]):
             rv = valid[b:b + 1]
@@ -183,12 +214,12 @@ class Step:
         return Plan(keeps, caps), fill
 
     def running(self, l: int) -> Tensor:
-        """float32 [B, G, S]: layer l's observed scores, plus an evicting layer's running
-        scores of its old slots."""
-        layer = self.cache.layers[l]
+        """float32 [B, G, S]: layer l's observed scores, plus the running scores of its old
+        slots (an evicting layer's, or a deferred step's decode attention)."""
+        layer, attn = self.cache.layers[l], self.attn.get(l)
         if layer.scores is None:
-            return self.attn[l]
-        return self.attn[l] + layer.scores
+            return attn
+        return layer.scores if attn is None else attn + layer.scores
 
     def compact(self, keep: dict[int, tuple[Tensor, Tensor]], caps: dict[int, int]) -> None:
         """Gather every layer's kept slots into new buffers in one call and close it."""
@@ -217,7 +248,19 @@ class Step:
                 pos.masked_fill_(beyond[:, None, :], UNUSABLE)
                 scores = torch.zeros(B, G, caps[l], dtype=torch.float32, device=k.device)
                 scores[..., :n] = torch.gather(self.running(l), 2, k)
+            elif self.deferring and layer.scored:  # decode steps add their attention
+                scores = torch.zeros(B, G, caps[l], dtype=torch.float32, device=k.device)
+                scores[..., :n] = torch.gather(self.running(l), 2, k)
             layer.close(dst_k[l], dst_v[l], pos, n, self.rows_seen.clone(), scores, sizes)
+
+
+def at_slots(mask: Tensor, new_pos: Tensor, pos: Tensor) -> Tensor:
+    """bool [B, C]: ``mask`` bool [B, q] over a step's tokens (positions new_pos int64
+    [B, q], -1 at padding) carried to the slots holding those positions (pos int64 [B, C])."""
+    B = pos.shape[0]
+    table = torch.zeros(B, int(max(pos.max(), new_pos.max())) + 2, dtype=torch.bool, device=pos.device)
+    table.scatter_(1, new_pos.clamp_min(-1) + 1, mask & (new_pos >= 0))
+    return torch.gather(table, 1, pos.clamp_min(-1) + 1) & (pos >= 0)
 
 
 def left_pad(x: Tensor, width: int) -> Tensor:

@@ -13,11 +13,12 @@ class SnapKV(Policy):
     # the rule: its card, registry/cards/snapkv.toml (also its __doc__)
     queries = "window"
 
-    def __init__(self, window: int = 32, kernel: int = 7):
+    def __init__(self, window: int = 32, kernel: int = 7, defer: int = 0):
         if check_int("kernel", kernel, 1) % 2 == 0:
             raise ValueError(f"kernel must be an odd positive int, got {kernel}")
         self.window = check_int("window", window, 1)
         self.kernel = kernel
+        self.defer = check_int("defer", defer, 0)
 
     def score(self, stats: Stats) -> Tensor:
         before = stats.valid & ~edge_tokens(stats.valid, 0, self.window)  # [B, N]

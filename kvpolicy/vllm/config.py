@@ -45,6 +45,9 @@ def settings(additional_config: dict | None) -> Settings | None:
     if policy.decode != "append":
         raise ValueError(f"kvpolicy on vLLM supports append-only policies; {policy.name!r} evicts "
                          f"while decoding (fixed size), which vLLM's paged cache cannot do here")
+    if policy.defer:
+        raise ValueError(f"kvpolicy on vLLM compacts at the end of the prompt; {policy.name}"
+                         f"(defer={policy.defer}) waits for decode steps: pass defer=0")
     return Settings(policy, budget)
 
 
