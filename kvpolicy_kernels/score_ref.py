@@ -28,42 +28,76 @@ def accumulate_scores_ref(
     that softmax (sink included), reused instead of recomputed; other rows' values are unused.
     Returns (scores float32 [B, G, N], below float32 [B, G]) where ``below`` counts the
     causal, unmasked probabilities smaller than ``tau`` x their row maximum (0 if tau == 0).
-    Rows are processed ``chunk`` at a time against only the keys they can see (in place), so
-    memory is O(B * H * chunk * N), never N x N.
+    Rows are processed ``chunk`` at a time against only the keys they can see, as one batched
+    matmul per chunk (logits minus the row's lse in the same op when it is given), one exp
+    and one weighted row sum (a matmul), all in place; the causal mask touches only the
+    chunk's diagonal block. Memory is O(B * H * chunk * N), never N x N.
     """
     B, H, Q, D = query.shape
     G, N = key.shape[1], key.shape[2]
     g = H // G
-    q = query.float().reshape(B, G, g, Q, D)
-    k = key.float()
-    sink = None if sinks is None else sinks.float().reshape(1, G, g, 1, 1)
-    given = None if lse is None else lse.float().reshape(B, G, g, Q, 1)
-    scores = torch.zeros(B, G, N, dtype=torch.float32, device=key.device)
-    below = torch.zeros(B, G, dtype=torch.float32, device=key.device)
-    key_pos = torch.arange(N, device=key.device)
+    dev = key.device
+    q = query.float().reshape(B * G, g, Q, D)
+    k = key.float().reshape(B * G, N, D)
+    weight = torch.ones(B, Q, device=dev) if query_mask is None else query_mask.float()
+    visible = None  # int [B, N]: real keys at or before each position (for empty rows and tau)
+    if key_mask is not None or tau > 0:
+        real = torch.ones(B, N, device=dev) if key_mask is None else key_mask.float()
+        visible = real.cumsum(-1)
+    scores = torch.zeros(B * G, 1, N, dtype=torch.float32, device=dev)
+    below = torch.zeros(B, G, dtype=torch.float32, device=dev)
     for start in range(0, Q, chunk):
         stop = min(start + chunk, Q)
-        end = N - Q + stop  # keys at or before the chunk's last query
-        logits = torch.einsum("bgiqd,bgnd->bgiqn", q[:, :, :, start:stop], k[:, :, :end])
-        q_pos = torch.arange(N - Q + start, end, device=key.device)
-        allowed = (key_pos[None, :end] <= q_pos[:, None])[None, None, None]
-        if key_mask is not None:
-            allowed = allowed & key_mask[:, None, None, None, :end]
-        if query_mask is not None:
-            allowed = allowed & query_mask[:, None, None, start:stop, None]
-        logits.mul_(scaling)
-        if softcap > 0:
-            logits.div_(softcap).tanh_().mul_(softcap)
-        logits.masked_fill_(~allowed, float("-inf"))
-        if given is not None:
-            row_lse = given[:, :, :, start:stop]
-        else:
-            row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            if sink is not None:
-                row_lse = torch.logaddexp(row_lse, sink)
-        probs = logits.sub_(row_lse).exp_().nan_to_num_(nan=0.0)
-        scores[:, :, :end] += probs.sum(dim=(2, 3))
-        if tau > 0:
-            row_max = probs.amax(dim=-1, keepdim=True)
-            below += ((probs < tau * row_max) & allowed).sum(dim=(2, 3, 4)).float()
-    return scores, below
+        c, diag, end = stop - start, N - Q + start, N - Q + stop  # keys >= diag: causal block
+        w = weight[:, start:stop]
+        if visible is not None:
+            w = w * (visible[:, diag:end] > 0)  # rows that see a key
+        w = w[:, None, None, :].expand(B, G, g, c).reshape(B * G, 1, g * c)
+        qc = q[:, :, start:stop].reshape(B * G, g * c, D)
+        kt = k[:, :end].transpose(1, 2)
+        if lse is not None:  # probabilities = exp(logits - lse)
+            given = lse.float().reshape(B * G, g, Q)[:, :, start:stop].reshape(B * G, g * c, 1)
+            given = given.masked_fill((w == 0).transpose(1, 2), float("inf"))  # skipped rows: 0
+            if softcap <= 0:  # the subtraction inside the matmul
+                logits = torch.baddbmm(given.neg(), qc, kt, alpha=scaling)
+                masked(logits, B, G, g, c, diag, end, key_mask)
+            else:
+                logits = capped(torch.bmm(qc, kt).mul_(scaling), softcap)
+                masked(logits, B, G, g, c, diag, end, key_mask)
+                logits.sub_(given)
+            probs = logits.exp_()
+        else:  # exp(logits - row max), the softmax denominator folded into the row weights
+            logits = capped(torch.bmm(qc, kt).mul_(scaling), softcap)
+            masked(logits, B, G, g, c, diag, end, key_mask)
+            top = logits.amax(dim=-1, keepdim=True)
+            top.masked_fill_(top == float("-inf"), 0.0)  # a row without a visible key
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(-1, keepdim=True)  # [B * G, g * c, 1]
+            if sinks is not None:
+                sink = sinks.float().reshape(1, G, g, 1).expand(B, G, g, c).reshape(B * G, g * c, 1)
+                total += (sink - top).exp()
+            w = w / total.transpose(1, 2).clamp_min(torch.finfo(torch.float32).tiny)
+        scores[:, :, :end] += torch.bmm(w, probs)  # [B * G, 1, end]: weighted column sums
+        if tau > 0:  # hidden keys are 0 < tau x max: count them out per row
+            count = (probs < tau * probs.amax(dim=-1, keepdim=True)).sum(-1).view(B, G, g, c).float()
+            hidden = end - visible[:, diag:end]
+            counted = weight[:, start:stop] * (visible[:, diag:end] > 0)
+            below += ((count - hidden[:, None, None, :]) * counted[:, None, None, :]).sum((2, 3))
+    return scores.view(B, G, N), below
+
+
+def capped(logits: Tensor, softcap: float) -> Tensor:
+    """In place: softcap * tanh(logits / softcap) when softcap > 0."""
+    return logits.div_(softcap).tanh_().mul_(softcap) if softcap > 0 else logits
+
+
+def masked(logits: Tensor, B: int, G: int, g: int, c: int, diag: int, end: int,
+           key_mask: Tensor | None) -> None:
+    """In place on logits [B * G, g * c, end]: -inf where row i of the chunk (position diag
+    + i) cannot see key j: j > diag + i, or padding."""
+    view = logits.view(B, G, g, c, end)
+    if c > 1:
+        future = torch.ones(c, c, dtype=torch.bool, device=logits.device).triu(1)
+        view[..., diag:end].masked_fill_(future, float("-inf"))
+    if key_mask is not None:
+        view.masked_fill_(~key_mask[:, None, None, None, :end], float("-inf"))

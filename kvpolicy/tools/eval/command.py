@@ -5,6 +5,7 @@ query-agnostic (document compressed before the question)."""
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import json
@@ -27,7 +28,9 @@ from .tasks import SPLIT_SEEDS, build_samples, task_names
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (the embedded GGUF model) or a path / hub id (default: smollm2)")
-    p.add_argument("--policies", default="all", help="'all' or a comma list (default: all)")
+    p.add_argument("--policies", default="all",
+                   help="'all' or a comma list; NAME:KEY=VALUE[:KEY=VALUE] sets parameters, e.g. "
+                        "spankv:observe=16 (default: all)")
     p.add_argument("--budgets", default="0.05,0.1,0.2,0.5",
                    help="comma list of kept fractions (default: 0.05,0.1,0.2,0.5)")
     p.add_argument("--samples", type=int, default=8,
@@ -66,10 +69,34 @@ def parse_list(text: str, allowed: list[str], what: str) -> list[str]:
     return items
 
 
+def parse_policies(text: str) -> list[tuple[str, str, dict]]:
+    """(label, name, params) per entry of --policies: NAME or NAME:KEY=VALUE[:KEY=VALUE],
+    values parsed as Python literals where they are one (ints, floats, booleans)."""
+    names = available_policies()
+    if text == "all":
+        return [(n, n, {}) for n in names]
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, *pairs = item.split(":")
+        if name not in names:
+            raise SystemExit(f"kvpolicy eval: unknown policy {name}; choose from {', '.join(names)}")
+        params = {}
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise SystemExit(f"kvpolicy eval: {item!r}: write parameters as KEY=VALUE")
+            try:
+                params[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                params[key] = value
+        out.append((item, name, params))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from .plot import plot_summary  # the eval extra: missing fails here, not after the runs
 
-    policies = parse_list(args.policies, available_policies(), "policy")
+    policies = parse_policies(args.policies)
     tasks = parse_list(args.tasks, task_names(args.split), "task")
     budgets = [float(b) for b in args.budgets.split(",")]
     if not 16 <= args.context <= 8000:  # SmolLM2 has 8192 positions; template, question, answer
@@ -97,14 +124,15 @@ def run(args: argparse.Namespace) -> int:
             "split": args.split, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
             "mode": args.mode, "chunk_size": args.chunk_size, "answer_prefix": args.answer_prefix,
             "questions": len(runner.prompts),
-            "policies": policies, "budgets": budgets,
+            "policies": [label for label, _, _ in policies], "budgets": budgets,
             "date": datetime.date.today().isoformat(), "machine": _machine()}
     os.makedirs(args.out, exist_ok=True)
     runs = []
     for budget in budgets:  # budget-major: an interrupted run still compares every policy
-        for policy in policies:
-            bar.set_postfix_str(f"{policy} {budget:g}")
-            runs += [dataclasses.asdict(r) for r in runner.run_config(policy, budget, on_sample=bar.update)]
+        for label, policy, params in policies:
+            bar.set_postfix_str(f"{label} {budget:g}")
+            done = runner.run_config(policy, budget, on_sample=bar.update, **params)
+            runs += [dict(dataclasses.asdict(r), policy=label) for r in done]
             meta["wall_seconds"] = round(time.perf_counter() - started, 1)
             write_results(args.out, meta, runner, full_runs, runs, complete=False)  # kept if interrupted
     bar.close()
