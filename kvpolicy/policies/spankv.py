@@ -16,7 +16,7 @@ class SpanKV(Policy):
     queries = "window"
 
     def __init__(self, observe: int = 1, window: int = 16, span: int = 13, kernel: int = 7,
-                 shared: float = 0.9, sinks: int = 4, defer: int = 0):
+                 shared: float = 0.9, sinks: int = 4, defer: int = 8):
         check_int("window", window, 0), check_int("sinks", sinks, 0)
         for name, v in (("span", span), ("kernel", kernel)):
             if check_int(name, v, 1) % 2 == 0:

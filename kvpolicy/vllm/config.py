@@ -47,7 +47,8 @@ def settings(additional_config: dict | None) -> Settings | None:
                          f"while decoding (fixed size), which vLLM's paged cache cannot do here")
     if policy.defer:
         raise ValueError(f"kvpolicy on vLLM compacts at the end of the prompt; {policy.name}"
-                         f"(defer={policy.defer}) waits for decode steps: pass defer=0")
+                         f"(defer={policy.defer}) waits for {policy.defer} decode steps first: add "
+                         f'"defer": 0 to additional_config["{KEY}"]')
     return Settings(policy, budget)
 
 

@@ -12,6 +12,7 @@ from vllm_support import close, greedy, hf_reference, make_llm, run_stepwise  # 
 import kvpolicy  # noqa: E402
 
 APPEND = ["uniform", "snapkv", "pyramidkv", "prefixkv", "vlcache", "spankv"]
+ON_VLLM = {"spankv": {"defer": 0}}  # vLLM plans at the prompt's end: no deferred compaction
 pytestmark = pytest.mark.slow
 
 
@@ -42,14 +43,15 @@ def test_budget_tenth_equals_hf_generate(smollm2, hf_dir, prompts, policy):
     and then frees nothing)."""
     from kvpolicy.vllm import runner
 
-    llm = make_llm(hf_dir, {"policy": policy, "budget": 0.1})
+    params = ON_VLLM.get(policy, {})
+    llm = make_llm(hf_dir, {"policy": policy, "budget": 0.1, **params})
     try:
         block = llm.llm_engine.vllm_config.cache_config.block_size
         run = run_stepwise(llm, prompts[-1:], greedy())
         planned = [state.kept for state in runner.worker().requests.values()]
     finally:
         close(llm)
-    tokens, kept = hf_reference(smollm2, prompts[-1], policy, 0.1)
+    tokens, kept = hf_reference(smollm2, prompts[-1], policy, 0.1, **params)
     assert planned == [kept]
     assert run["tokens"] == [tokens]
     assert run["freed"] == [(len(prompts[-1]) - max(kept)) // block]
@@ -105,6 +107,7 @@ def test_preempted_requests_resume_exactly(small_pool_llm, prompts, pyramid_refe
     ({"policy": "snapkv", "kernel": 7, "colour": 1}, TypeError),
     ({"policy": "h2o"}, ValueError),
     ({"policy": "streamingllm"}, ValueError),
+    ({"policy": "spankv"}, ValueError),  # its default defer=8 waits for decode steps
     ("snapkv", ValueError),
 ])
 def test_bad_settings_fail_at_engine_start(hf_dir, entry, error):

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 import kvpolicy
 
 from ..embedded import load_smollm2
+from .command import parse_policies
 from .corpus import corpus_lines, cut_document
 
 SEED = 20_261_123
@@ -55,7 +56,7 @@ def top1(model, prompt, target, cache) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--policies", default="spankv")
+    p.add_argument("--policies", default="spankv", help="comma list; NAME:KEY=VALUE sets parameters")
     p.add_argument("--budgets", default="0.1")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--context", type=int, default=1024)
@@ -68,13 +69,13 @@ def main(argv=None) -> None:
     full = [top1(model, x, y, DynamicCache(config=model.config)) for x, y in data]
     rows = [{"policy": "full", "budget": 1.0, "top1": sum(full) / len(full), "per_sample": full}]
     print(f"full 1.0 top1 {rows[0]['top1']:.3f}", flush=True)
-    for name in args.policies.split(","):
+    for label, name, params in parse_policies(args.policies):
         for budget in (float(b) for b in args.budgets.split(",")):
-            with kvpolicy.apply(model, name, budget=budget) as h:
+            with kvpolicy.apply(model, name, budget=budget, **params) as h:
                 acc = [top1(model, x, y, h.new_cache(len(y))) for x, y in data]
-            rows.append({"policy": name, "budget": budget, "top1": sum(acc) / len(acc), "per_sample": acc,
+            rows.append({"policy": label, "budget": budget, "top1": sum(acc) / len(acc), "per_sample": acc,
                          "of_full": sum(acc) / max(sum(full), 1e-9)})
-            print(f"{name} {budget:g} top1 {rows[-1]['top1']:.3f} ({rows[-1]['of_full']:.0%} of full)", flush=True)
+            print(f"{label} {budget:g} top1 {rows[-1]['top1']:.3f} ({rows[-1]['of_full']:.0%} of full)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "seed": SEED, "rows": rows}, f, indent=1)
