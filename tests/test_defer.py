@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.configuration_utils import CompileConfig
 
 import kvpolicy
 from kvpolicy import Budget, Stats, get_policy
@@ -115,9 +116,11 @@ def test_compiled_decode_runs_the_deferred_steps_eagerly_then_one_graph(tiny):
         eager = tiny.generate(prompt, **kwargs)
     torch._dynamo.reset()
     counters.clear()
+    traced = CompileConfig(fullgraph=True, dynamic=False, backend="eager")  # graphs, no codegen
+    traced._compile_all_devices = True
     with kvpolicy.apply(tiny, "snapkv", 0.2, window=4, defer=3, compile=True), torch.no_grad(), \
             torch._dynamo.config.patch(error_on_recompile=True):
-        out = tiny.generate(prompt, **kwargs)
+        out = tiny.generate(prompt, compile_config=traced, **kwargs)
     assert torch.equal(out, eager)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert "get_compiled_call" not in vars(tiny)  # removed with the handle

@@ -172,7 +172,9 @@ class Runner:
         run = Run(handle.policy.name, handle.budget.value, prompt.id, prompt.sample.task)
         cache = handle.new_cache(self.max_new_tokens)
         gen, after_prefill = self._greedy(prompt.input_ids, cache, True)
-        run.kept = sum(cache.kept) / (len(cache.kept) * prompt.input_ids.shape[1])
+        # a deferred plan ran over the prompt and the decode steps it waited for
+        planned = prompt.input_ids.shape[1] + min(cache.defer_steps, len(gen.tokens) - 1)
+        run.kept = sum(cache.kept) / (len(cache.kept) * planned)
         return self._compare(run, prompt, gen, after_prefill)
 
     def run_agnostic(self, prompts: list[Prompt], policy: str, budget: float, **params) -> list[Run]:
