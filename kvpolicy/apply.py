@@ -71,7 +71,7 @@ class PolicyHandle:
         bucket = COMPILE_BUCKET if self.compile else 1
         cache = PolicyCache(self.windows, self.policy, self.budget, max_new_tokens, bucket,
                             self.recompress, self.rotary)
-        cache.defer_steps = min(self.policy.defer, max(0, max_new_tokens - 1))
+        cache.defer_steps = deferred_steps(self.policy, max_new_tokens)
         return cache
 
     def remove(self) -> None:
@@ -129,7 +129,6 @@ class PolicyHandle:
                 cache.compileable = True  # this model's mask function serves it
             if self._compile_config is not None:
                 kwargs.setdefault("compile_config", self._compile_config)
-            cache.defer_steps = min(self.policy.defer, max(0, new - 1))
             try:
                 out = generate(*args, **kwargs)
             finally:
@@ -197,8 +196,16 @@ def continue_cache(cache: PolicyCache, ids: torch.Tensor | None, new: int) -> No
             raise ValueError("kvpolicy: input_ids do not continue the conversation this cache holds "
                              "(pass the earlier ids followed by the new ones)")
     cache.max_new_tokens = new
+    cache.defer_steps = deferred_steps(cache.policy, new)
     if cache.compacted:
         cache.reserve(new + 1)
+
+
+def deferred_steps(policy: Policy, new_tokens: int) -> int:
+    """Decode steps a generate call of ``new_tokens`` new tokens runs before a deferred
+    compaction: the policy's ``defer``, at most the call's decode steps (the prefill gives
+    the first token)."""
+    return min(policy.defer, max(0, new_tokens - 1))
 
 
 def check_prompt_budget(model: nn.Module, policy: Policy, budget: Budget, ids: torch.Tensor | None,
