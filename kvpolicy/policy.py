@@ -91,8 +91,9 @@ class Policy:
     the score op for sparsity counts), ``decode`` ("append", or "evict" for policies that
     hold a fixed size while decoding: see FixedSizePolicy), ``min_scored`` (a layer's
     floor above its protected tokens), ``defer`` (decode steps of a generate call that run
-    on the whole prompt before it is compacted, their queries counted with the prompt's). Constructor parameters are the policy's tunables;
-    ``params()`` lists them with their values.
+    on the whole prompt before it is compacted, their queries counted with the prompt's).
+    Constructor parameters are the policy's tunables; ``params()`` lists them with their
+    values.
     """
 
     name: ClassVar[str] = ""

@@ -246,9 +246,7 @@ class Step:
                 sizes = self.row_sizes[l]
                 beyond = torch.arange(caps[l], device=k.device) >= self.row_sizes[l][:, None]
                 pos.masked_fill_(beyond[:, None, :], UNUSABLE)
-                scores = torch.zeros(B, G, caps[l], dtype=torch.float32, device=k.device)
-                scores[..., :n] = torch.gather(self.running(l), 2, k)
-            elif self.deferring and layer.scored:  # decode steps add their attention
+            if layer.kind == "evict" or (self.deferring and layer.scored):  # running scores
                 scores = torch.zeros(B, G, caps[l], dtype=torch.float32, device=k.device)
                 scores[..., :n] = torch.gather(self.running(l), 2, k)
             layer.close(dst_k[l], dst_v[l], pos, n, self.rows_seen.clone(), scores, sizes)
