@@ -49,26 +49,23 @@ def accumulate_scores_ref(
     for start in range(0, Q, chunk):
         stop = min(start + chunk, Q)
         c, diag, end = stop - start, N - Q + start, N - Q + stop  # keys >= diag: causal block
-        w = weight[:, start:stop]
+        rows = weight[:, start:stop]
         if visible is not None:
-            w = w * (visible[:, diag:end] > 0)  # rows that see a key
-        w = w[:, None, None, :].expand(B, G, g, c).reshape(B * G, 1, g * c)
+            rows = rows * (visible[:, diag:end] > 0)  # rows that see a key
+        w = rows[:, None, None, :].expand(B, G, g, c).reshape(B * G, 1, g * c)
         qc = q[:, :, start:stop].reshape(B * G, g * c, D)
         kt = k[:, :end].transpose(1, 2)
-        if lse is not None:  # probabilities = exp(logits - lse)
+        given = None  # the reused lse of each row, +inf for skipped rows (their probabilities: 0)
+        if lse is not None:
             given = lse.float().reshape(B * G, g, Q)[:, :, start:stop].reshape(B * G, g * c, 1)
-            given = given.masked_fill((w == 0).transpose(1, 2), float("inf"))  # skipped rows: 0
-            if softcap <= 0:  # the subtraction inside the matmul
-                logits = torch.baddbmm(given.neg(), qc, kt, alpha=scaling)
-                masked(logits, B, G, g, c, diag, end, key_mask)
-            else:
-                logits = capped(torch.bmm(qc, kt).mul_(scaling), softcap)
-                masked(logits, B, G, g, c, diag, end, key_mask)
-                logits.sub_(given)
-            probs = logits.exp_()
+            given = given.masked_fill((w == 0).transpose(1, 2), float("inf"))
+        inside = given is not None and softcap <= 0  # logits - lse in the matmul itself
+        logits = (torch.baddbmm(given.neg(), qc, kt, alpha=scaling) if inside
+                  else capped(torch.bmm(qc, kt).mul_(scaling), softcap))
+        masked(logits, B, G, g, c, diag, end, key_mask)
+        if given is not None:  # probabilities = exp(logits - lse)
+            probs = (logits if inside else logits.sub_(given)).exp_()
         else:  # exp(logits - row max), the softmax denominator folded into the row weights
-            logits = capped(torch.bmm(qc, kt).mul_(scaling), softcap)
-            masked(logits, B, G, g, c, diag, end, key_mask)
             top = logits.amax(dim=-1, keepdim=True)
             top.masked_fill_(top == float("-inf"), 0.0)  # a row without a visible key
             probs = logits.sub_(top).exp_()
@@ -81,8 +78,7 @@ def accumulate_scores_ref(
         if tau > 0:  # hidden keys are 0 < tau x max: count them out per row
             count = (probs < tau * probs.amax(dim=-1, keepdim=True)).sum(-1).view(B, G, g, c).float()
             hidden = end - visible[:, diag:end]
-            counted = weight[:, start:stop] * (visible[:, diag:end] > 0)
-            below += ((count - hidden[:, None, None, :]) * counted[:, None, None, :]).sum((2, 3))
+            below += ((count - hidden[:, None, None, :]) * rows[:, None, None, :]).sum((2, 3))
     return scores.view(B, G, N), below
 
 
