@@ -6,25 +6,18 @@ run."""
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.configuration_utils import CompileConfig
 
 import kvpolicy
 from kvpolicy import Budget, Stats, get_policy
 from kvpolicy.policies import SnapKV
+from tiny_lm import ids, llama  # tests/ is on sys.path (conftest)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
-                         pad_token_id=0, eos_token_id=2, bos_token_id=1)
-    return LlamaForCausalLM(config).eval()
-
-
-def ids(n, seed=0):
-    return torch.randint(3, 900, (1, n), generator=torch.Generator().manual_seed(seed))
+    return llama()
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "spankv"])

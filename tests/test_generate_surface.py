@@ -3,10 +3,10 @@ refused options, padded batches whose rows are independent, parameter validation
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpolicy
 from kvpolicy.models import UnsupportedModelError
+from tiny_lm import ids, llama  # tests/ is on sys.path (conftest)
 
 POLICIES = ["uniform", "snapkv", "pyramidkv", "prefixkv", "vlcache", "spankv", "h2o", "streamingllm"]
 SMALL = {"snapkv": dict(window=4), "pyramidkv": dict(window=4), "spankv": dict(window=4)}
@@ -14,15 +14,7 @@ SMALL = {"snapkv": dict(window=4), "pyramidkv": dict(window=4), "spankv": dict(w
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
-                         pad_token_id=0, eos_token_id=2, bos_token_id=1)
-    return LlamaForCausalLM(config).eval()
-
-
-def ids(n, seed=0):
-    return torch.randint(3, 900, (1, n), generator=torch.Generator().manual_seed(seed))
+    return llama()
 
 
 def test_length_arguments(tiny):
