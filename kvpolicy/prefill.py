@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvpolicy_kernels import (accumulate_scores, accumulate_scores_sparsity, attention_with_lse,
-                              compact_layers)
+from kvpolicy_kernels import (accumulate_scores, accumulate_scores_sparsity, attention_and_scores,
+                              attention_with_lse, compact_layers)
 
 from .budget import capacity as buffer_slots
 from .cache import UNUSABLE, KVLayer, PolicyCache
@@ -42,6 +42,10 @@ class Step:
         self.continued = first.keys is not None
         self.new_tokens = cache.max_new_tokens  # decode steps the plan sizes buffers for
         self.defer, self.deferring, self.decoded = cache.defer_steps, False, 0
+        # below budget 1 an all-query policy's prompt attention is computed here, output and
+        # scores in one pass; at budget 1 it is the model's own SDPA, so the tokens are exact
+        budget = cache.budget
+        self.one_pass = self.policy.tau == 0 and not (budget.is_fraction and budget.value >= 1.0)
         self.attn: dict[int, Tensor] = {}
         self.below: dict[int, Tensor | None] = {}
         self.heads_per_group = 1
@@ -65,8 +69,15 @@ class Step:
         self.attended.add(layer_idx)
         visible = self.mask(layer, query.shape[2])
         lse = None
-        if layer.scored and self.first == 0 and self.policy.queries == "all":
-            # every query is counted: reuse the attention's log-sum-exp (one QK^T pass less)
+        every_query = layer.scored and self.first == 0 and self.policy.queries == "all"
+        if every_query and self.one_pass and query.device.type == "cpu":
+            # the output and the scores from the same probabilities: one QK^T pass in all
+            out, attn = attention_and_scores(query, key, value, scaling=scaling, mask=visible,
+                                             is_causal=visible is None, softcap=softcap or 0.0,
+                                             sinks=sinks, query_mask=self.queries)
+            self.record(layer_idx, query, key, attn, None)
+            return out.transpose(1, 2)
+        if every_query:  # the model's own SDPA; its log-sum-exp spares the score op one pass
             out, lse = attention_with_lse(query, key, value, scaling=scaling, mask=visible,
                                           is_causal=visible is None, softcap=softcap or 0.0,
                                           sinks=sinks)
@@ -103,10 +114,9 @@ class Step:
         """Accumulate the counted queries' attention on every key of the layer (lse: fp32
         [B, H, q] of every query row, when the attention already computed it)."""
         B, G, S, _ = key.shape
-        self.heads_per_group = query.shape[1] // G
         if self.first is None:
-            self.attn[layer_idx] = key.new_zeros(B, G, S, dtype=torch.float32)
-            self.below[layer_idx] = key.new_zeros(B, G, dtype=torch.float32)
+            self.record(layer_idx, query, key, key.new_zeros(B, G, S, dtype=torch.float32),
+                        key.new_zeros(B, G, dtype=torch.float32))
             return
         key_valid = layer.pos[:, 0] >= 0
         extra = {} if not softcap else {"softcap": softcap}
@@ -121,6 +131,12 @@ class Step:
             attn, below = accumulate_scores_sparsity(q, key, tau=self.policy.tau, **args)
         else:
             attn, below = accumulate_scores(q, key, **args), None
+        self.record(layer_idx, query, key, attn, below)
+
+    def record(self, layer_idx: int, query: Tensor, key: Tensor, attn: Tensor,
+               below: Tensor | None) -> None:
+        """Keep a scored layer's attention fp32 [B, G, S] and sparsity count fp32 [B, G]."""
+        self.heads_per_group = query.shape[1] // key.shape[1]
         self.attn[layer_idx], self.below[layer_idx] = attn, below
 
     # ---- after the forward -------------------------------------------------------------

@@ -1,16 +1,17 @@
 """Hot-path ops of kvpolicy: each a PyTorch reference (CPU path) and a Triton kernel (CUDA
 path) behind one torch custom op; ``KVPOLICY_BACKEND`` = auto | triton | torch (see backend).
 ``attention`` / ``attention_with_lse``: attention with the model's own softmax (softcap,
-sinks), the latter also returning the log-sum-exp the score ops can reuse."""
+sinks), the latter also returning the log-sum-exp the score ops can reuse;
+``attention_and_scores``: the output and every key's score from one pass (CPU path)."""
 from __future__ import annotations
 
 from torch import Tensor
 
-from .attention_ref import attention, attention_with_lse
+from .attention_ref import attention, attention_and_scores, attention_with_lse
 from .ops import accumulate_scores_op, compact_layers_op
 
-__all__ = ["accumulate_scores", "accumulate_scores_sparsity", "attention", "attention_with_lse",
-           "compact_layers"]
+__all__ = ["accumulate_scores", "accumulate_scores_sparsity", "attention", "attention_and_scores",
+           "attention_with_lse", "compact_layers"]
 
 
 def accumulate_scores(

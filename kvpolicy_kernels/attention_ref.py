@@ -1,5 +1,6 @@
-"""Attention with the model's own softmax (Gemma2 softcapping, GPT-OSS sinks), and its
-log-sum-exp for the score ops (``accumulate_scores(..., lse=...)``).
+"""Attention with the model's own softmax (Gemma2 softcapping, GPT-OSS sinks), its
+log-sum-exp for the score ops (``accumulate_scores(..., lse=...)``), and attention together
+with the scores of its own probabilities (``attention_and_scores``, the all-query CPU path).
 
 ``attention`` is a chunked PyTorch reference, the eager_attention_forward of those models
 without its [Q, S] matrix. ``attention_with_lse`` takes the LSE from the attention PyTorch
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .score_ref import capped
+
 _FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -25,37 +28,60 @@ def _visible(mask: Tensor | None, is_causal: bool, Q: int, S: int, device) -> Te
     return mask
 
 
-def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chunk):
-    """(out [B, H, Q, Dv] in query's dtype, lse fp32 [B, H, Q]); fp32 math (fp64 for fp64)."""
+def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chunk,
+               query_mask=None, scores=False):
+    """(out [B, H, Q, Dv] in query's dtype, lse fp32 [B, H, Q], scores fp32 [B, G, S] or None).
+
+    fp32 math (fp64 for fp64), ``chunk`` query rows at a time with the group's heads as one
+    batched matmul against only the keys the chunk can see (causal: up to its last row); the
+    causal mask touches only the chunk's diagonal block. With ``scores``, the probabilities
+    that make the output also give each key's mass summed over the rows weighted by
+    query_mask (float [B, Q], None = all) and over the group's heads."""
     B, H, Q, D = query.shape
     G, S, Dv = key.shape[1], key.shape[2], value.shape[-1]
     g = H // G
     dtype = torch.promote_types(query.dtype, torch.float32)
-    q = query.to(dtype).reshape(B, G, g, Q, D)
-    k, v = key.to(dtype), value.to(dtype)
+    dev = query.device
+    q = query.to(dtype).reshape(B * G, g, Q, D)
+    k, v = key.to(dtype).reshape(B * G, S, D), value.to(dtype).reshape(B * G, S, Dv)
     if mask is not None:
         mask = torch.broadcast_to(mask, (B, H, Q, S)).view(B, G, g, Q, S)  # a view, no copy
-    key_pos = torch.arange(S, device=query.device)
-    sink = None if sinks is None else sinks.to(dtype).reshape(1, G, g, 1, 1)
-    out = torch.empty(B, G, g, Q, Dv, dtype=query.dtype, device=query.device)
-    lse = torch.empty(B, G, g, Q, dtype=torch.float32, device=query.device)
+    sink = None if sinks is None else sinks.to(dtype).reshape(1, G, g, 1).expand(B, G, g, chunk)
+    weight = None
+    if scores:
+        weight = torch.ones(B, Q, dtype=dtype, device=dev) if query_mask is None else query_mask.to(dtype)
+        mass = torch.zeros(B * G, 1, S, dtype=dtype, device=dev)
+    out = torch.empty(B, Q, G, g, Dv, dtype=query.dtype, device=dev)  # [B, Q, H, Dv] in memory, as SDPA
+    lse = torch.empty(B * G, g, Q, dtype=torch.float32, device=dev)
     for start in range(0, Q, chunk):
         stop = min(start + chunk, Q)
-        logits = torch.einsum("bgiqd,bgsd->bgiqs", q[:, :, :, start:stop], k).mul_(scaling)
-        if softcap > 0:
-            logits.div_(softcap).tanh_().mul_(softcap)
+        c = stop - start
+        end = max(0, min(S, S - Q + stop)) if is_causal else S  # keys the chunk can see
+        logits = capped(torch.bmm(q[:, :, start:stop].reshape(B * G, g * c, D),
+                                  k[:, :end].transpose(1, 2)).mul_(scaling), softcap)
+        view = logits.view(B, G, g, c, end)
         if mask is not None:
-            logits.masked_fill_(~mask[:, :, :, start:stop], float("-inf"))
+            view.masked_fill_(~mask[:, :, :, start:stop, :end], float("-inf"))
         if is_causal:
-            rows = torch.arange(S - Q + start, S - Q + stop, device=query.device)
-            logits.masked_fill_(key_pos[None, :] > rows[:, None], float("-inf"))
-        row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            first = max(0, S - Q + start)  # keys before it are visible to every row of the chunk
+            rows = torch.arange(S - Q + start, S - Q + stop, device=dev)
+            future = torch.arange(first, end, device=dev)[None, :] > rows[:, None]
+            view[..., first:end].masked_fill_(future, float("-inf"))
+        top = logits.amax(-1, keepdim=True) if end else logits.new_zeros(B * G, g * c, 1)
+        top.masked_fill_(top == float("-inf"), 0.0)  # a row without a visible key
+        probs = logits.sub_(top).exp_()  # exp(logits - row max)
+        total = probs.sum(-1, keepdim=True)  # [B * G, g * c, 1]
         if sink is not None:
-            row_lse = torch.logaddexp(row_lse, sink)
-        probs = logits.sub_(row_lse).exp_().nan_to_num_(nan=0.0)  # no visible key: 0
-        out[:, :, :, start:stop] = torch.einsum("bgiqs,bgsv->bgiqv", probs, v)
-        lse[:, :, :, start:stop] = row_lse[..., 0]
-    return out.reshape(B, H, Q, Dv), lse.reshape(B, H, Q)
+            total += (sink[..., :c].reshape(B * G, g * c, 1) - top).exp()
+        inverse = total.reciprocal().nan_to_num_(posinf=0.0)  # no visible key, no sink: 0
+        part = torch.bmm(probs, v[:, :end]).mul_(inverse)  # [B * G, g * c, Dv]
+        out[:, start:stop] = part.view(B, G, g, c, Dv).permute(0, 3, 1, 2, 4)
+        lse[:, :, start:stop] = (top + total.log()).view(B * G, g, c)
+        if scores:
+            counted = weight[:, None, start:stop].expand(B, G * g, c).reshape(B * G, 1, g * c)
+            mass[:, :, :end] += torch.bmm(counted * inverse.transpose(1, 2), probs)
+    result = mass.float().view(B, G, S) if scores else None
+    return out.view(B, Q, H, Dv).transpose(1, 2), lse.reshape(B, H, Q), result
 
 
 def attention(
@@ -85,7 +111,7 @@ def attention_with_lse(
     flash = (query.device.type == "cpu" and softcap <= 0 and query.dtype in _FLASH_CPU_DTYPES
              and value.shape[-1] == query.shape[-1])
     if not flash:
-        return _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, 128)
+        return _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, 128)[:2]
     top_left = is_causal and mask is None and Q == S  # flash's own causal mask is top-left
     visible = None if top_left else _visible(mask, is_causal, Q, S, query.device)
     additive = None
@@ -101,3 +127,20 @@ def attention_with_lse(
         out = (out * (lse - with_sink).exp()[..., None]).to(query.dtype)
         lse = with_sink
     return out, lse.contiguous()
+
+
+def attention_and_scores(
+    query: Tensor, key: Tensor, value: Tensor, *, scaling: float, mask: Tensor | None = None,
+    is_causal: bool = False, softcap: float = 0.0, sinks: Tensor | None = None,
+    query_mask: Tensor | None = None, chunk: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """(out, scores): ``attention``'s output and scores fp32 [B, G, S], the probability mass
+    each key receives summed over the rows with query_mask True (bool [B, Q], None = all)
+    and over each KV head's query group, from the same probabilities (one QK^T pass for
+    both: what ``accumulate_scores(..., lse=...)`` after ``attention_with_lse`` gives, for
+    a policy that counts every prompt query, at the cost of one attention pass instead of
+    two). Arguments as ``attention``."""
+    qm = None if query_mask is None else query_mask.float()
+    out, _, scores = _reference(query, key, value, scaling, mask, is_causal, softcap, sinks,
+                                chunk, qm, scores=True)
+    return out, scores

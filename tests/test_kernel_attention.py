@@ -1,5 +1,6 @@
 """attention / attention_with_lse vs a float64 dense oracle, transformers' eager attention of
-Gemma2 (softcap) and GPT-OSS (sinks), and SDPA; scores from a reused lse vs recomputed."""
+Gemma2 (softcap) and GPT-OSS (sinks), and SDPA; scores from a reused lse vs recomputed; the
+fused attention-and-scores pass vs the float64 oracle and vs SDPA followed by the score op."""
 import math
 import os
 from types import SimpleNamespace
@@ -13,7 +14,8 @@ from test_kernel_scores import EDGE_CAP_AND_SINKS, make_inputs, score_cases
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
 
-from kvpolicy_kernels import accumulate_scores, accumulate_scores_sparsity, attention, attention_with_lse
+from kvpolicy_kernels import (accumulate_scores, accumulate_scores_sparsity, attention, attention_and_scores,
+                              attention_with_lse)
 from memory_probe import largest_intermediate
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,3 +185,55 @@ def test_score_op_rejects_misshapen_sinks_and_lse():
         accumulate_scores(query, key, scaling=0.25, sinks=torch.zeros(2))
     with pytest.raises(ValueError, match="lse must be"):
         accumulate_scores(query, key, scaling=0.25, lse=torch.zeros(1, 4, 5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(attention_cases(), st.sampled_from([None, "random", "none counted"]), st.integers(1, 70))
+@example(dict(B=2, G=3, g=3, Q=130, S=129, D=16, same_dv=True, dtype=torch.float32, mask="random",
+              is_causal=True, softcap=2.0, sinks=True, seed=0), "random", 64)
+def test_attention_and_scores_match_float64_dense(case, counted, chunk):
+    """One pass gives attention's output and the scores of its probabilities: each key's
+    mass summed over the counted rows and the group's heads (the float64 full matrix)."""
+    query, key, value, kwargs = make_attention_inputs(**case)
+    B, H, Q, _ = query.shape
+    G, S = key.shape[1], key.shape[2]
+    gen = torch.Generator().manual_seed(case["seed"])
+    query_mask = {None: None, "random": torch.rand(B, Q, generator=gen) > 0.3,
+                  "none counted": torch.zeros(B, Q, dtype=torch.bool)}[counted]
+    expected, _ = dense_attention_f64(query, key, value, **kwargs)
+    probs = dense_probabilities_f64(query, key, **kwargs)  # [B, H, Q, S]
+    weight = torch.ones(B, Q, dtype=torch.float64) if query_mask is None else query_mask.double()
+    expected_scores = (probs * weight[:, None, :, None]).sum(2).view(B, G, H // G, S).sum(2)
+    out, scores = attention_and_scores(query, key, value, query_mask=query_mask, chunk=chunk, **kwargs)
+    assert out.dtype == query.dtype and scores.dtype == torch.float32 and scores.shape == (B, G, S)
+    torch.testing.assert_close(out.double(), expected, **TOL[query.dtype])
+    tol = LSE_TOL[query.dtype] * 10
+    torch.testing.assert_close(scores.double(), expected_scores, rtol=tol, atol=tol * H // G)
+
+
+def dense_probabilities_f64(query, key, *, scaling, mask, is_causal, softcap, sinks):
+    """float64 [B, H, Q, S]: each row's softmax over its visible keys and the sink (the sink's
+    own share dropped); a row without a visible key is 0."""
+    B, H, Q, _ = query.shape
+    S = key.shape[2]
+    value = torch.eye(S, dtype=torch.float64)[None, None].expand(B, key.shape[1], S, S)
+    return dense_attention_f64(query, key, value, scaling=scaling, mask=mask, is_causal=is_causal,
+                               softcap=softcap, sinks=sinks)[0]
+
+
+def test_attention_and_scores_equal_attention_then_scores_on_a_real_prompt_shape():
+    """At SmolLM2's shape (9 query heads, 3 KV heads, 64 dims), causal, left padding: the
+    fused pass equals SDPA's output and ``accumulate_scores`` from SDPA's lse, to fp32 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    B, G, g, S, D = 2, 3, 3, 300, 64
+    query = torch.randn(B, G * g, S, D, generator=gen)
+    key, value = torch.randn(B, G, S, D, generator=gen), torch.randn(B, G, S, D, generator=gen)
+    real = torch.arange(S) >= torch.tensor([[0], [17]])  # [B, S]
+    visible = (torch.ones(S, S, dtype=torch.bool).tril() & real[:, None, :])[:, None]
+    out, lse = attention_with_lse(query, key, value, scaling=0.125, mask=visible)
+    scores = accumulate_scores(query, key, scaling=0.125, key_mask=real, query_mask=real, lse=lse)
+    fused_out, fused_scores = attention_and_scores(query, key, value, scaling=0.125, mask=visible,
+                                                   query_mask=real)
+    torch.testing.assert_close(fused_out[1, :, 17:], out[1, :, 17:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_out[0], out[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_scores, scores, rtol=1e-5, atol=1e-4)
