@@ -47,7 +47,6 @@ def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chun
     if mask is not None:
         mask = torch.broadcast_to(mask, (B, H, Q, S)).view(B, G, g, Q, S)  # a view, no copy
     sink = None if sinks is None else sinks.to(dtype).reshape(1, G, g, 1).expand(B, G, g, chunk)
-    weight = None
     if scores:
         weight = torch.ones(B, Q, dtype=dtype, device=dev) if query_mask is None else query_mask.to(dtype)
         mass = torch.zeros(B * G, 1, S, dtype=dtype, device=dev)
