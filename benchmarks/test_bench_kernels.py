@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from kvpolicy_kernels import accumulate_scores, attention_with_lse, compact_layers
+from kvpolicy_kernels import accumulate_scores, attention_and_scores, attention_with_lse, compact_layers
 
 FAST = os.environ.get("KVPOLICY_BENCH_FAST") == "1"
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
@@ -72,7 +72,8 @@ def test_bench_accumulate_scores(benchmark, n, queries):
 def test_bench_scores_reusing_lse(benchmark, n):
     """All-query (Q = N) scoring against one causal SDPA pass of the same shapes, alternated in
     one process (A B C A B C ..., medians over 3 rounds): scores recomputing the softmax
-    statistics, scores from the lse of ``attention_with_lse``, and that attention itself."""
+    statistics, scores from the lse of ``attention_with_lse``, that attention itself, and
+    ``attention_and_scores`` (output and scores in one pass, what the CPU prefill runs)."""
     if FAST and n > 1024:
         pytest.skip("KVPOLICY_BENCH_FAST=1: only at 1k")
     gen = torch.Generator().manual_seed(0)
@@ -85,6 +86,7 @@ def test_bench_scores_reusing_lse(benchmark, n):
         "attention_with_lse": lambda: attention_with_lse(query, key, value, scaling=SCALING, is_causal=True),
         "scores": lambda: accumulate_scores(query, key, scaling=SCALING),
         "scores_lse": lambda: accumulate_scores(query, key, scaling=SCALING, lse=lse),
+        "one_pass": lambda: attention_and_scores(query, key, value, scaling=SCALING, is_causal=True),
     }
     times = {name: [] for name in runs}
 
@@ -102,7 +104,8 @@ def test_bench_scores_reusing_lse(benchmark, n):
         device=device_name(), n=n, **{f"{name}_s": t for name, t in median.items()},
         scores_over_sdpa=median["scores"] / median["sdpa"],
         scores_lse_over_sdpa=median["scores_lse"] / median["sdpa"],
-        attention_with_lse_over_sdpa=median["attention_with_lse"] / median["sdpa"])
+        attention_with_lse_over_sdpa=median["attention_with_lse"] / median["sdpa"],
+        one_pass_over_sdpa=median["one_pass"] / median["sdpa"])
 
 
 @pytest.mark.parametrize("n", [1024, 8192])
@@ -130,7 +133,7 @@ def test_bench_compact_30_layers(benchmark, copy_bandwidth, n):
 
 PEAK_SCRIPT = """
 import sys, torch
-from kvpolicy_kernels import accumulate_scores
+from kvpolicy_kernels import accumulate_scores, attention_and_scores
 
 def status_kib(field):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
@@ -142,6 +145,8 @@ open("/proc/self/clear_refs", "w").write("5")  # resets the peak resident set (V
 before = status_kib("VmRSS:")
 if mode == "accumulate_scores":
     accumulate_scores(query, key, scaling={scaling})
+elif mode == "attention_and_scores":
+    attention_and_scores(query, key, value, scaling={scaling}, is_causal=True)
 elif mode == "sdpa":
     torch.nn.functional.scaled_dot_product_attention(
         query, key, value, is_causal=True, enable_gqa=True)
@@ -163,11 +168,13 @@ def peak_extra_bytes(mode: str, n: int) -> int:
 
 
 def test_peak_memory_scores_8k(benchmark):
-    """Score accumulation at N = 8k holds no N x N buffer: its extra peak memory stays near the
-    reference's chunk bound and far below eager attention, which materialises [H, N, N]
-    (eager is skipped with KVPOLICY_BENCH_FAST=1). The time is that of the subprocesses."""
+    """Score accumulation at N = 8k, alone or in one pass with the attention, holds no N x N
+    buffer: its extra peak memory stays near the reference's chunk bound and far below eager
+    attention, which materialises [H, N, N] (eager is skipped with KVPOLICY_BENCH_FAST=1).
+    The time is that of the subprocesses."""
     n = 8192
-    modes = ("accumulate_scores", "sdpa") if FAST else ("accumulate_scores", "sdpa", "eager")
+    modes = ("accumulate_scores", "attention_and_scores", "sdpa")
+    modes = modes if FAST else modes + ("eager",)
     peaks = benchmark.pedantic(lambda: {mode: peak_extra_bytes(mode, n) for mode in modes},
                                rounds=1, warmup_rounds=0)
     n_by_n = HEADS * n * n * 4
@@ -175,4 +182,5 @@ def test_peak_memory_scores_8k(benchmark):
     benchmark.extra_info.update(device=device_name(), n=n, n_by_n_bytes=n_by_n,
                                 **{f"peak_extra_bytes_{mode}": peak for mode, peak in peaks.items()})
     assert peaks["accumulate_scores"] < 8 * chunk_buffer < n_by_n / 4
+    assert peaks["attention_and_scores"] < 8 * chunk_buffer
     assert FAST or peaks["eager"] >= n_by_n

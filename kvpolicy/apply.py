@@ -115,18 +115,19 @@ class PolicyHandle:
             self._refuse_options(config, kwargs)
             ids = prompt_of(args, kwargs)
             new = new_tokens(config, kwargs, ids)
-            cache = kwargs.get("past_key_values")
+            cache = models.given_cache(kwargs)
             seen = getattr(cache, "tokens", None) if isinstance(cache, PolicyCache) else None
             check_prompt_budget(self.model, self.policy, self.budget, ids,
                                 kwargs.get("attention_mask"), 0 if seen is None else seen.shape[1])
             if cache is None:
-                kwargs["past_key_values"] = cache = self.new_cache(new)
+                cache = self.new_cache(new)
             elif not isinstance(cache, PolicyCache):
-                raise TypeError(f"kvpolicy is applied to this model: pass no past_key_values (or a "
+                raise TypeError(f"kvpolicy is applied to this model: pass no cache (or a "
                                 f"PolicyCache), not {type(cache).__name__}; remove the handle to use it")
             else:
                 continue_cache(cache, ids, new)
                 cache.compileable = True  # this model's mask function serves it
+            models.pass_cache(kwargs, cache)
             if self._compile_config is not None:
                 kwargs.setdefault("compile_config", self._compile_config)
             try:
@@ -146,7 +147,7 @@ class PolicyHandle:
             compiled = get_compiled_call(compile_config)
 
             def call(*args, **kwargs):
-                cache = kwargs.get("past_key_values")
+                cache = models.given_cache(kwargs)
                 if isinstance(cache, PolicyCache) and cache.pending is not None:
                     return self.model(*args, **kwargs)
                 return compiled(*args, **kwargs)
@@ -284,8 +285,9 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
     without generating: the query-agnostic case (a document whose questions come later).
 
     Continue with ``model.generate(torch.cat([input_ids, question_ids], -1),
-    past_key_values=cache.copy())`` on this model, patched or not (``compress`` leaves
-    hooks that act only on a PolicyCache; ``kvpolicy.detach(model)`` removes them).
+    cache=cache.copy())`` (``past_key_values=`` before transformers 5.25) on this model,
+    patched or not (``compress`` leaves hooks that act only on a PolicyCache;
+    ``kvpolicy.detach(model)`` removes them).
     chunk_size: prefill this many tokens at a time, compressing after each chunk, so the
     K/V held stays near ``budget x tokens seen + chunk_size`` per layer.
     max_new_tokens: decode steps to size buffers (and fixed-size policies) for.
@@ -312,7 +314,7 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
             if attention_mask is not None:  # as generate: positions count real tokens only
                 extra = dict(attention_mask=attention_mask[:, :stop],
                              position_ids=(attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:stop])
-            model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True,
-                  logits_to_keep=1, **extra)
+            models.pass_cache(extra, cache)
+            model(input_ids=input_ids[:, start:stop], use_cache=True, logits_to_keep=1, **extra)
     cache.tokens = input_ids
     return cache

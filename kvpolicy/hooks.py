@@ -30,9 +30,10 @@ class CacheHooks:
         self._post.remove()
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict):
-        cache = kwargs.get("past_key_values")
+        cache = models.given_cache(kwargs)
         if not isinstance(cache, PolicyCache):
             return None
+        models.pass_cache(kwargs, cache)  # under the installed transformers' keyword
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
@@ -59,7 +60,7 @@ class CacheHooks:
         return args, kwargs
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
-        cache = kwargs.get("past_key_values")
+        cache = models.given_cache(kwargs)
         if not isinstance(cache, PolicyCache) or torch.compiler.is_compiling():
             return None
         if cache.step is not None:

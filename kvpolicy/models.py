@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from transformers.generation.utils import ALL_CACHE_NAMES
+
+# The keyword that carries the cache into generate and forward and out of their outputs:
+# transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name still works there,
+# with a FutureWarning). kvpolicy reads either and passes the installed version's own.
+CACHE_ARG = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+CACHE_ARGS = ("cache", "past_key_values")
 
 # Config fields naming vision placeholder tokens: LLaVA / LLaVA-NeXT (image_token_id, older
 # image_token_index), Qwen2-VL / Qwen2.5-VL (image, video, vision start / end), Idefics3 /
@@ -37,6 +44,26 @@ BIDIRECTIONAL_PREFILL = {"gemma3", "gemma4", "gemma4_unified", "paligemma", "mol
 
 class UnsupportedModelError(TypeError):
     """The model is not a decoder (causal LM or VLM) kvpolicy can patch."""
+
+
+def given_cache(kwargs: dict):
+    """The cache a generate or forward call was given, under either name (None if none)."""
+    given = [kwargs[name] for name in CACHE_ARGS if kwargs.get(name) is not None]
+    if len(given) > 1:
+        raise TypeError("pass the cache once, as cache= or past_key_values=, not both")
+    return given[0] if given else None
+
+
+def pass_cache(kwargs: dict, cache) -> None:
+    """Put ``cache`` into a call's kwargs under the installed transformers' name."""
+    for name in CACHE_ARGS:
+        kwargs.pop(name, None)
+    kwargs[CACHE_ARG] = cache
+
+
+def output_cache(output):
+    """The cache a forward or generate output returns."""
+    return getattr(output, CACHE_ARG)
 
 
 def text_config(model: nn.Module):

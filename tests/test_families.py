@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 import kvpolicy
 from families import build, causal_lm_types, families_doc
@@ -17,32 +18,35 @@ from kvpolicy.models import UnsupportedModelError
 UNBUILDABLE = {
     "axk1", "axk2", "bailing_hybrid", "bamba", "bart", "bigbird_pegasus", "blenderbot",
     "blenderbot-small", "blt", "codegen", "cohere_compass_text", "dbrx", "deepseek_v2",
-    "deepseek_v3", "deepseek_v32", "dots1", "dots3_note", "dots3_note_text", "falcon",
-    "falcon_h1", "falcon_mamba", "gemma3", "gemma3n", "gemma3n_text", "gemma4",
+    "deepseek_v3", "deepseek_v32", "dory", "dots1", "dots3_note", "dots3_note_text",
+    "falcon", "falcon_h1", "falcon_mamba", "gemma3", "gemma3n", "gemma3n_text", "gemma4",
     "gemma4_assistant", "gemma4_text", "gemma4_unified", "gemma4_unified_assistant",
     "gemma4_unified_text", "git", "glm_moe_dsa", "got_ocr2", "gptj", "granitemoehybrid",
-    "hrm_text", "hy_v4", "inkling2_text", "jamba", "kimi_linear", "lfm2_moe", "longcat_flash",
-    "mamba", "mamba2", "marian", "mbart", "minicpm3", "moss_transcribe_diarize", "musicgen",
-    "musicgen_melody", "mvp", "olmo_hybrid", "pegasus", "phi4_multimodal", "plbart",
-    "prophetnet", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next",
-    "qwen4_exp", "qwen4_exp_text", "recurrent_gemma", "reformer", "roc_bert", "rwkv", "whisper",
-    "xlnet", "xlstm", "xmod", "youtu", "zamba", "zamba2",
+    "hrm_text", "hy_v4", "inkling2_loop_text", "inkling2_text", "jamba", "kimi_linear",
+    "kolibri1_1", "lfm2_moe", "longcat_flash", "mamba", "mamba2", "marian", "mbart",
+    "minicpm3", "moss_transcribe_diarize", "musicgen", "musicgen_melody", "mvp",
+    "olmo_hybrid", "pegasus", "phi4_multimodal", "plbart", "prophetnet", "qwen3_5",
+    "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next", "qwen4_exp",
+    "qwen4_exp_text", "recurrent_gemma", "reformer", "roc_bert", "rwkv", "sarvam_mla",
+    "whisper", "xlnet", "xlstm", "xmod", "youtu", "zamba", "zamba2",
 }
 # Families exact under kvpolicy (tiny random configs, budget 1.0, an append and an evicting
 # policy), listed in docs/models.md.
 EXACT = {
-    "afmoe", "apertus", "arcee", "aria_text", "beam", "bert", "bert-generation", "biogpt",
-    "bitnet", "camembert", "cohere", "cohere2", "cohere2_moe", "ctrl", "cwm", "data2vec-text",
-    "electra", "emu3", "ernie", "ernie4_5", "ernie4_5_moe", "exaone4", "exaone_moe", "flex_olmo",
-    "flint", "fuyu", "gemma", "gemma2", "gemma3_text", "glm", "glm4", "glm4_moe", "gpt-sw3",
-    "gpt2", "gpt_bigcode", "gpt_neox", "gpt_oss", "granite", "granite_swa", "granitemoe",
+    "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "beam", "bert",
+    "bert-generation", "biogpt", "bitnet", "camembert", "cohere", "cohere2", "cohere2_moe",
+    "ctrl", "cwm", "data2vec-text", "electra", "emu3", "ergo", "ernie", "ernie4_5",
+    "ernie4_5_moe", "exaone", "exaone4", "exaone_moe", "flex_olmo", "flint", "fuyu",
+    "gemma", "gemma2", "gemma3_text", "glm", "glm4", "glm4_moe", "gpt-sw3", "gpt2",
+    "gpt_bigcode", "gpt_neox", "gpt_oss", "granite", "granite_swa", "granitemoe",
     "granitemoe_swa", "granitemoeshared", "helium", "hunyuan_v1_dense", "hunyuan_v1_moe",
-    "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "kolibri1", "laguna", "lfm2",
-    "lfm3", "llama", "mellum", "mimo_v2_flash", "minimax_m2", "minimax_m3_vl_text", "ministral",
-    "ministral3", "mistral", "mixtral", "mllama", "modernbert-decoder", "moshi", "nanochat",
-    "olmo", "olmo2", "olmo3", "olmoe", "opt", "persimmon", "phi", "phi3", "qwen2", "qwen2_moe",
-    "qwen3", "qwen3_moe", "roberta", "roberta-prelayernorm", "seed_oss", "smollm3", "solar_open",
-    "starcoder2", "vaultgemma", "xlm-roberta", "xlm-roberta-xl",
+    "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "kolibri1", "laguna",
+    "lara_mini", "lfm2", "lfm3", "llama", "mellum", "mimo_v2_flash", "minicpm5_moe",
+    "minimax_m2", "minimax_m3_vl_text", "ministral", "ministral3", "mistral", "mixtral",
+    "mllama", "modernbert-decoder", "moshi", "nanochat", "olmo", "olmo2", "olmo3", "olmoe",
+    "opt", "param2moe", "persimmon", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
+    "qwen3_moe", "roberta", "roberta-prelayernorm", "sarvam_moe", "seed_oss", "smollm3",
+    "solar_open", "starcoder2", "vaultgemma", "xlm-roberta", "xlm-roberta-xl",
 }
 # Families apply refuses (models.check_supported says why).
 REFUSED = {
@@ -55,12 +59,13 @@ REFUSED = {
 QUICK = {"llama", "mistral", "gemma2", "gemma3_text", "gpt_oss", "cohere2", "qwen2", "gpt2",
          "gpt_neox", "phi3", "olmo", "diffllama", "glm4_moe_lite", "llama4_text"}
 PROMPT, NEW = 40, 6
-# Exact on LISTED_FOR; on older releases their attention bypasses the registered function,
-# which kvpolicy reports at the first forward (never silently wrong).
+# Exact from transformers 5.23; on older releases their attention bypasses the registered
+# function, which kvpolicy reports at the first forward (never silently wrong).
 OLDER_RELEASE_RUNTIME_ERROR = {"moshi"}
+EXACT_SINCE = Version("5.23")
 
 
-LISTED_FOR = "5.23"  # the transformers release the lists classify (CI's main environment)
+LISTED_FOR = "5.25"  # the transformers release the lists classify (CI's main environment)
 same_release = pytest.mark.skipif(
     not transformers.__version__.startswith(LISTED_FOR),
     reason=f"the family lists classify transformers {LISTED_FOR}; other releases run the "
@@ -94,7 +99,7 @@ def families() -> list:
 def test_family_is_exact_or_refused(family):
     if family not in causal_lm_types():
         pytest.skip(f"transformers {transformers.__version__} does not ship {family}")
-    if family in OLDER_RELEASE_RUNTIME_ERROR and not transformers.__version__.startswith(LISTED_FOR):
+    if family in OLDER_RELEASE_RUNTIME_ERROR and Version(transformers.__version__) < EXACT_SINCE:
         model = build(family)
         with kvpolicy.apply(model, "snapkv", budget=1.0, window=4), torch.no_grad():
             with pytest.raises(RuntimeError, match="never called kvpolicy's attention"):

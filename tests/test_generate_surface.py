@@ -110,3 +110,30 @@ def test_mla_is_refused_before_the_model_is_touched():
     with pytest.raises(UnsupportedModelError, match="DeepseekV3ForCausalLM caches multi-head latent"):
         kvpolicy.apply(model, "snapkv", 0.5)
     assert model.config._attn_implementation != "kvpolicy"
+
+
+@pytest.mark.parametrize("name", kvpolicy.models.CACHE_ARGS)
+def test_either_cache_keyword_reaches_the_policy(tiny, name):
+    """transformers 5.25 renamed past_key_values to cache; a PolicyCache passed under either
+    name (to generate, or to a hand-written forward) is compressed and continues exactly as
+    under the installed release's own name."""
+    prompt, turn = ids(24), ids(5, seed=1)
+    with kvpolicy.apply(tiny, "snapkv", 0.5, window=4) as handle, torch.no_grad():
+        first = tiny.generate(prompt, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        cache = kvpolicy.models.output_cache(first)
+        assert max(cache.kept) < 24
+        follow = torch.cat([first.sequences, turn], -1)
+        expected = tiny.generate(follow, max_new_tokens=3, do_sample=False,
+                                 **{kvpolicy.models.CACHE_ARG: cache.copy()})
+        got = tiny.generate(follow, max_new_tokens=3, do_sample=False, **{name: cache.copy()})
+        assert torch.equal(got, expected)
+        manual = handle.new_cache(2)
+        tiny(input_ids=prompt, use_cache=True, **{name: manual})
+        assert manual.kept == cache.kept  # the hooks ran: same plan as generate's prefill
+
+
+def test_the_cache_passed_under_both_names_is_an_error(tiny):
+    with kvpolicy.apply(tiny, "snapkv", 0.5, window=4) as handle, torch.no_grad():
+        cache = handle.new_cache(2)
+        with pytest.raises(TypeError, match="not both"):
+            tiny.generate(ids(24), max_new_tokens=2, cache=cache, past_key_values=cache)

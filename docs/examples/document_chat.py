@@ -5,6 +5,8 @@
 3. continue one answer as a chat: the cache ``generate`` returned carries the next turn.
 
     python docs/examples/document_chat.py [--policy snapkv] [--budget 0.2] [--words 1200]
+
+Written for transformers >= 5.25 (``cache=``); before it the keyword is ``past_key_values``.
 """
 from __future__ import annotations
 
@@ -38,13 +40,13 @@ def run(model, tok, policy: str = "snapkv", budget: float = 0.2, words: int = 12
     replies = []
     for question in QUESTIONS:
         ids = torch.cat([doc, user_turn(tok, question, generation_prompt=True)[:, 1:]], -1)
-        out = model.generate(ids, past_key_values=cache.copy(), max_new_tokens=new_tokens,
+        out = model.generate(ids, cache=cache.copy(), max_new_tokens=new_tokens,
                              do_sample=False, return_dict_in_generate=True)
         replies.append(tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True))
         print(f"Q: {question}\nA: {replies[-1]!r}")
     follow = user_turn(tok, "And the door code? Answer with the number only.", generation_prompt=True)[:, 1:]
     ids = torch.cat([out.sequences, follow], -1)  # the last answer's cache carries the chat
-    again = model.generate(ids, past_key_values=out.past_key_values, max_new_tokens=new_tokens,
+    again = model.generate(ids, cache=out.cache, max_new_tokens=new_tokens,
                            do_sample=False)
     replies.append(tok.decode(again[0, ids.shape[1]:], skip_special_tokens=True))
     print(f"follow-up: {replies[-1]!r}")

@@ -9,7 +9,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from kvpolicy import apply, available_policies, policy_class
+from kvpolicy import apply, available_policies, models, policy_class
 
 from .embedded import ANSWER, NEEDLE, load_smollm2, needle_prompt
 
@@ -59,7 +59,7 @@ def measure(model, tok, inputs: dict, max_new_tokens: int, name: str, **generate
         pre.remove()
         post.remove()
     durations = [b - a for a, b in zip(stamps[::2], stamps[1::2])]
-    cache = out.past_key_values
+    cache = models.output_cache(out)
     N = inputs["input_ids"].shape[1]
     if hasattr(cache, "nbytes"):
         kv_bytes, kept = cache.nbytes(), cache.kept

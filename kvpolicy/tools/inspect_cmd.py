@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kvpolicy import Plan, apply
+from kvpolicy import Plan, apply, models
 
 from .embedded import load_smollm2
 from .eval.tasks import build_samples
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     with apply(model, args.policy, budget=args.budget, **params), torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
-    plan = out.past_key_values.plan
+    plan = models.output_cache(out).plan
     kept = kept_fraction(plan, len(ids))
     kept_span = span_retention(kept, *span)
     reply = tok.decode(out.sequences[0, len(ids):], skip_special_tokens=True)

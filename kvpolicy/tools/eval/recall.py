@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpolicy
+from kvpolicy.models import CACHE_ARG
 
 from ..embedded import load_smollm2
 from .command import parse_policies
@@ -44,13 +45,13 @@ def build(tokenizer, n: int, context: int, passage: int, cue: int, seed: int = S
 @torch.no_grad()
 def top1(model, prompt, target, cache) -> float:
     """Fraction of ``target`` tokens that are the argmax given the ones before."""
-    logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    logits = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache}).logits[0, -1]
     hits = 0
     for i, tok in enumerate(target):
         hits += int(logits.argmax()) == tok
         if i + 1 < len(target):
-            logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
-                           logits_to_keep=1).logits[0, -1]
+            logits = model(input_ids=torch.tensor([[tok]]), use_cache=True, logits_to_keep=1,
+                           **{CACHE_ARG: cache}).logits[0, -1]
     return hits / len(target)
 
 

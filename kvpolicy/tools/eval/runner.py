@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import kvpolicy
+from kvpolicy.models import CACHE_ARG
 
 from ..embedded import load_smollm2
 from .metrics import kl_divergence, prefix_agreement, score_answer, shared_prefix
@@ -106,8 +107,8 @@ class Runner:
     # ---- decoding ---------------------------------------------------------------------
     @torch.no_grad()
     def _step(self, ids: Tensor, cache) -> Tensor:
-        return self.model(input_ids=ids, past_key_values=cache, use_cache=True,
-                          logits_to_keep=1).logits[0, -1].float()
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                          **{CACHE_ARG: cache}).logits[0, -1].float()
 
     def _prefill(self, ids: Tensor, cache) -> Tensor:
         """The last position's logits after feeding ``ids`` (in chunks of ``chunk_size``)."""
