@@ -314,7 +314,7 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
             if attention_mask is not None:  # as generate: positions count real tokens only
                 extra = dict(attention_mask=attention_mask[:, :stop],
                              position_ids=(attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:stop])
-            models.pass_cache(extra, cache)
-            model(input_ids=input_ids[:, start:stop], use_cache=True, logits_to_keep=1, **extra)
+            model(input_ids=input_ids[:, start:stop], use_cache=True, logits_to_keep=1,
+                  **{models.CACHE_ARG: cache}, **extra)
     cache.tokens = input_ids
     return cache
