@@ -19,6 +19,26 @@ log = logging.getLogger("kvpolicy")
 QuerySet = Literal["all", "window", "post_vision", "none"]
 
 
+@dataclass(frozen=True)
+class Requirements:
+    """What a policy needs from an engine, declared once per policy instance
+    (``Policy.requirements()``) and checked in one place per engine.
+
+    queries: which prompt queries the score op counts; sparsity: whether it also needs the
+    score op's sparsity counts (tau > 0); decode: "append", or "evict" for a fixed size
+    while decoding; defer: decode steps observed over the whole prompt before the plan;
+    positions: "original" (keys rotated at their true positions) or "cache" (rotary
+    positions inside the cache); vision: whether the vision-token positions are needed.
+    """
+
+    queries: QuerySet
+    sparsity: bool
+    decode: Decode
+    defer: int
+    positions: str
+    vision: bool
+
+
 @dataclass
 class Stats:
     """What the score op accumulated at prefill, for the scored layers of one prompt batch.
@@ -108,6 +128,12 @@ class Policy:
     positions: str = "original"  # "cache": rotary positions inside the cache (kvpolicy.rotary)
     defer: int = 0
 
+    def requirements(self) -> Requirements:
+        """What this policy needs from an engine (see Requirements); a policy whose needs
+        depend on its parameters overrides this, never the class attributes."""
+        return Requirements(self.queries, self.tau > 0, self.decode, self.defer, self.positions,
+                            self.queries == "post_vision")
+
     # ---- the three steps -------------------------------------------------------------
     def score(self, stats: Stats) -> Tensor:
         """float32 [L, B, G, N_pad] token scores, higher = keep."""
@@ -152,16 +178,18 @@ class Policy:
 
     def room(self, stats: Stats) -> int:
         """Most tokens a layer can hold (see budget.room)."""
-        return arithmetic.room(stats.num_tokens, stats.max_new_tokens, self.decode)
+        return arithmetic.room(stats.num_tokens, stats.max_new_tokens, self.requirements().decode)
 
     def total(self, budget: Budget, stats: Stats) -> int:
         """Total tokens kept over all layers for this prompt."""
-        counted = arithmetic.room(stats.budget_tokens, stats.max_new_tokens, self.decode)
+        counted = arithmetic.room(stats.budget_tokens, stats.max_new_tokens,
+                                  self.requirements().decode)
         return budget.total(counted, stats.num_layers)
 
     def capacity(self, n: Tensor, stats: Stats) -> list[int]:
         """Per-layer buffer slots for allocation ``n`` (see budget.capacity)."""
-        return [arithmetic.capacity(int(x), stats.max_new_tokens, self.decode) for x in n]
+        return [arithmetic.capacity(int(x), stats.max_new_tokens, self.requirements().decode)
+                for x in n]
 
     def floor(self, stats: Stats) -> int:
         """Tokens every layer keeps at least: the protected ones plus ``min_scored``."""
