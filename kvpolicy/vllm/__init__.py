@@ -2,32 +2,33 @@
 {"policy": "snapkv", "budget": 0.1, ...}})`` or ``vllm serve --additional-config``.
 
 ``register`` is the ``vllm.general_plugins`` entry point; vLLM runs it in every process.
-Each patch it installs acts only for engines whose ``additional_config`` has the
-``kvpolicy`` key; without it vLLM runs unchanged.
+It registers the plugin's attention backend as CPU_ATTN (CPU_ATTN unchanged for engines
+without the ``kvpolicy`` key) and installs two patches that act only for engines with it:
+the engine-config check (``EngineArgs.create_engine_config``) and the runner's row
+publication (``kvpolicy.vllm.runner``). The scheduler is vLLM's ``scheduler_cls``.
 """
 from __future__ import annotations
 
 import functools
 
-from .config import KEY, Settings, settings
+from .config import KEY, Settings, request_settings, settings
 
-__all__ = ["KEY", "Settings", "register", "settings"]
+__all__ = ["KEY", "Settings", "register", "request_settings", "settings"]
 BACKEND = "kvpolicy.vllm.backend.KVPolicyCPUBackend"
 
 
 def register() -> None:
     """Install the plugin's hooks in this process (idempotent)."""
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from . import scheduler
+    from . import runner
 
     if getattr(EngineArgs, "_kvpolicy_patched", False):
         return
     EngineArgs.create_engine_config = _checked(EngineArgs.create_engine_config)
-    CpuPlatform.get_attn_backend_cls = classmethod(_selecting(CpuPlatform.get_attn_backend_cls.__func__))
-    _clear_backend_cache_on_load()
-    scheduler.install()
+    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND)
+    runner.install()
     EngineArgs._kvpolicy_patched = True
 
 
@@ -44,33 +45,3 @@ def _checked(create):
         return vllm_config
 
     return create_engine_config
-
-
-def _selecting(select):
-    @functools.wraps(select)
-    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
-        from vllm.config import get_current_vllm_config_or_none
-
-        path = select(cls, selected_backend, attn_selector_config, num_heads)
-        config = get_current_vllm_config_or_none()
-        if config is not None and KEY in (config.additional_config or {}) and path.endswith("CPUAttentionBackend"):
-            return BACKEND
-        return path
-
-    return get_attn_backend_cls
-
-
-def _clear_backend_cache_on_load() -> None:
-    """vLLM memoises the backend choice per process; an engine built in the same process
-    as an earlier one (no engine multiprocessing) must choose again for its own config."""
-    from vllm.v1.attention import selector
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-    load = CPUModelRunner.load_model
-
-    @functools.wraps(load)
-    def load_model(self, *args, **kwargs):
-        selector._cached_get_attn_backend.cache_clear()
-        return load(self, *args, **kwargs)
-
-    CPUModelRunner.load_model = load_model

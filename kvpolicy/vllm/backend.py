@@ -1,5 +1,9 @@
 """The CPU attention backend with kvpolicy: vLLM's CPU_ATTN kernels, fed per-layer metadata
-for compacted requests, with score accumulation and compaction at prefill."""
+for compacted requests, with score observation and compaction. Registered in place of
+CPU_ATTN (``kvpolicy.vllm.register``); for an engine without the ``kvpolicy`` key it is
+CPU_ATTN unchanged. Each step's state reaches the layers in the attention metadata the
+builder builds for that step (``KVPolicyCPUMetadata.forward_pass``), as vLLM's backends
+carry theirs."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,19 +11,17 @@ import dataclasses
 import torch
 from vllm import _custom_ops as ops
 from vllm import envs
-from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
-                                                 CPUAttentionMetadataBuilder)
+                                                 CPUAttentionMetadata, CPUAttentionMetadataBuilder)
 
-from . import runner
-from .config import settings
-from .worker import Worker
+from .config import enabled, settings
+from .worker import ForwardPass, Worker
 
 
 class KVPolicyCPUBackend(CPUAttentionBackend):
-    """CPU_ATTN with kvpolicy's compaction (selected when ``additional_config`` has it)."""
+    """CPU_ATTN with kvpolicy's compaction (active when ``additional_config`` has it)."""
 
     @staticmethod
     def get_name() -> str:
@@ -34,19 +36,33 @@ class KVPolicyCPUBackend(CPUAttentionBackend):
         return KVPolicyCPUBuilder
 
 
+@dataclasses.dataclass
+class KVPolicyCPUMetadata(CPUAttentionMetadata):
+    """CPU_ATTN's metadata and the step's kvpolicy forward pass (None: nothing to do)."""
+
+    forward_pass: ForwardPass | None = None
+
+
 class KVPolicyCPUBuilder(CPUAttentionMetadataBuilder):
-    """Builds CPU metadata as vLLM does and starts the worker's step on it."""
+    """Builds CPU metadata as vLLM does, with the step's forward pass attached. ``worker``
+    holds the requests' kvpolicy state of this runner (None without the kvpolicy key)."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        num_layers = max(extract_layer_index(n) for n in layer_names) + 1
-        runner.install(Worker(settings(vllm_config.additional_config), num_layers,
-                              kv_cache_spec.block_size))
+        self.worker = None
+        if enabled(vllm_config.additional_config):
+            num_layers = max(extract_layer_index(n) for n in layer_names) + 1
+            self.worker = Worker(settings(vllm_config.additional_config), num_layers,
+                                 kv_cache_spec.block_size)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        runner.worker().begin_step(metadata, self)
-        return metadata
+        if self.worker is None:
+            return metadata
+        fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
+        out = KVPolicyCPUMetadata(**fields)
+        out.forward_pass = self.worker.begin(metadata, self)
+        return out
 
     def rebuild(self, metadata, seq_lens: torch.Tensor, block_table: torch.Tensor,
                 slot_mapping: torch.Tensor):
@@ -65,43 +81,41 @@ class KVPolicyCPUBuilder(CPUAttentionMetadataBuilder):
 
 
 class KVPolicyCPUImpl(CPUAttentionBackendImpl):
-    """CPU attention over each layer's view; prefilling requests are scored and compacted."""
+    """CPU attention over each layer's view; uncompacted requests are observed and, once
+    they reach their plan, compacted."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.sliding_window != -1 or self.alibi_slopes is not None or self.sinks is not None:
+        from vllm.config import get_current_vllm_config
+
+        if enabled(get_current_vllm_config().additional_config) and (
+                self.sliding_window != -1 or self.alibi_slopes is not None or self.sinks is not None):
             raise ValueError("kvpolicy on vLLM supports full causal attention layers only "
                              "(no sliding window, ALiBi or attention sinks)")
-        settings(get_current_vllm_config().additional_config)  # fails early in the worker too
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
-        step = _step(attn_metadata)
-        if step is None:
+        fp = getattr(attn_metadata, "forward_pass", None)
+        if fp is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
         l = extract_layer_index(layer.layer_name)
-        view, _ = step.view(l)
+        view, _ = fp.view(l)
         super().forward(layer, query, key, value, kv_cache, view, output, output_scale,
                         output_block_scale)
         n = attn_metadata.num_actual_tokens
-        step.observe(self, layer, l, kv_cache, query[:n], key[:n], value[:n])
+        fp.observe(self, layer, l, kv_cache, query[:n], key[:n], value[:n])
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         metadata = get_forward_context().attn_metadata
-        step = _step(metadata.get(layer.layer_name) if isinstance(metadata, dict) else None)
-        if step is not None:
-            _, slot_mapping = step.view(extract_layer_index(layer.layer_name), slot_mapping)
+        metadata = metadata.get(layer.layer_name) if isinstance(metadata, dict) else None
+        fp = getattr(metadata, "forward_pass", None)
+        if fp is not None:
+            _, slot_mapping = fp.view(extract_layer_index(layer.layer_name), slot_mapping)
         self.write(layer, key, value, kv_cache, slot_mapping)
 
     def write(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
               slot_mapping: torch.Tensor) -> None:
         """Write key/value [T, G, D] at slot_mapping [T] with the CPU backend's own op."""
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-
-
-def _step(metadata):
-    """The worker's step if it was built on ``metadata`` (None for dummy/profiling runs)."""
-    step = runner.worker().step
-    return step if step is not None and metadata is not None and step.metadata is metadata else None

