@@ -1,66 +1,62 @@
-"""The ``kvpolicy`` attention and mask functions registered with transformers: routing only.
-
-A multi-token forward over a PolicyCache goes to its Step (kvpolicy.prefill); a one-token
-forward to the layer's decode step (kvpolicy.cache); without a PolicyCache (a plain
-forward) it is the model's own attention with the causal mask it would have built.
-"""
+"""Attention with the model's own softmax: plain SDPA where it is exact, otherwise logits
+with Gemma2's tanh softcapping and GPT-OSS's per-head sink logits in the denominator
+(multi-token steps: kvpolicy_kernels.attention; one-token decode steps: here, grouped, with
+the probabilities an evicting layer accumulates)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .cache import PolicyCache
-from .softmax import attend
-
-NAME = "kvpolicy"
-CACHE_KWARG = "kvpolicy_cache"
+from kvpolicy_kernels import attention
 
 
-def register() -> None:
-    """Register the attention and mask functions under ``kvpolicy`` (idempotent)."""
-    AttentionInterface.register(NAME, kvpolicy_attention)
-    AttentionMaskInterface.register(NAME, kvpolicy_mask)
+def probabilities(logits: Tensor, visible: Tensor, softcap: float | None,
+                  sinks: Tensor | None) -> Tensor:
+    """softmax over the last dim of fp32 logits [B, G, g, S] where visible (broadcastable
+    bool), after ``softcap * tanh(logits / softcap)`` (the cap comes before the mask, as in
+    the model); sinks fp32 [G, g] join the denominator only. Fully masked rows give 0."""
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~visible, -torch.inf)
+    if sinks is not None:
+        sink = sinks.float()[None, :, :, None].expand(*logits.shape[:-1], 1)
+        return torch.softmax(torch.cat([logits, sink], -1), dim=-1)[..., :-1]
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
 
-def kvpolicy_mask(batch_size: int, q_length: int, kv_length: int, *args,
-                  attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
-    """The raw 2-D padding mask bool [B, kv] for multi-token steps, None for decode steps
-    (each layer masks its own slots; None keeps compiled decode inputs static)."""
-    return attention_mask if q_length > 1 else None
+def grouped_attention(query: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scaling: float,
+                      softcap: float | None = None, sinks: Tensor | None = None,
+                      need_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+    """One query token per row over a layer's slots, each KV head with its query group.
+
+    query [B, H, 1, D]; keys [B, G, S, D]; values [B, G, S, Dv]; visible bool [B, G, S].
+    Returns (out [B, 1, H, Dv], probs fp32 [B, G, S] summed over the group, or None).
+    The plain case is SDPA with the group's heads as its query rows (no K/V expansion).
+    """
+    B, H, _, D = query.shape
+    G = keys.shape[1]
+    qg = query.reshape(B, G, H // G, D)
+    if not need_probs and not softcap and sinks is None:
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible[:, :, None, :],
+                                             scale=scaling)
+        return out.reshape(B, 1, H, -1), None
+    logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scaling  # [B, G, g, S]
+    sink = None if sinks is None else sinks.view(G, H // G)
+    probs = probabilities(logits, visible[:, :, None, :], softcap, sink)
+    out = torch.matmul(probs, values.float()).to(query.dtype)
+    return out.reshape(B, 1, H, -1), probs.sum(2) if need_probs else None
 
 
-def kvpolicy_attention(module, query: Tensor, key: Tensor, value: Tensor,
-                       attention_mask: Tensor | None, dropout: float = 0.0,
-                       scaling: float | None = None, sliding_window: int | None = None,
-                       softcap: float | None = None, s_aux: Tensor | None = None,
-                       **kwargs) -> tuple[Tensor, None]:
-    """query [B, H, q, D], key/value as the cache returned them -> (out [B, q, H, D], None)."""
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    cache: PolicyCache | None = kwargs.get(CACHE_KWARG)
-    if cache is None:
-        return plain_attention(module, query, key, value, attention_mask, scaling,
-                               sliding_window, softcap, s_aux), None
-    if cache.step is not None:
-        return cache.step.attend(module.layer_idx, module, query, key, value, scaling,
-                                 sliding_window, softcap, s_aux), None
-    return cache.layers[module.layer_idx].attend(query, scaling, sliding_window, softcap, s_aux), None
-
-
-def plain_attention(module, query: Tensor, key: Tensor, value: Tensor,
-                    attention_mask: Tensor | None, scaling: float, sliding_window: int | None,
-                    softcap: float | None, sinks: Tensor | None) -> Tensor:
-    """A forward without a PolicyCache: causal (+ padding, window) attention over ``key``."""
-    q, k = query.shape[2], key.shape[2]
-    q_pos = torch.arange(k - q, k, device=key.device)[:, None]
-    k_pos = torch.arange(k, device=key.device)[None, :]
-    visible = k_pos <= q_pos
-    if sliding_window is not None:
-        visible = visible & (k_pos > q_pos - sliding_window)
-    visible = visible[None, None]
-    if attention_mask is not None and attention_mask.dim() == 2:
-        visible = visible & attention_mask.bool()[:, None, None, :]
-    elif sliding_window is None and q == k:
-        visible = None  # plain causal
-    return attend(module, query, key, value, visible, scaling, softcap, sinks)
+def attend(module, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None,
+           scaling: float, softcap: float | None, sinks: Tensor | None) -> Tensor:
+    """Multi-token attention: query [B, H, q, D] over key/value [B, G, S, D] with
+    visible bool [B, 1, q, S] (None: causal, the queries being the last q keys).
+    SDPA (transformers' own call) unless softcapping or sinks need the explicit softmax.
+    Returns out [B, q, H, Dv]."""
+    if not softcap and sinks is None:
+        return sdpa_attention_forward(module, query, key, value, visible, scaling=scaling)[0]
+    out = attention(query, key, value, scaling=scaling, mask=visible, is_causal=visible is None,
+                    softcap=softcap or 0.0, sinks=sinks)
+    return out.transpose(1, 2)
