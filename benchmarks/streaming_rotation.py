@@ -22,7 +22,7 @@ import time
 import torch
 
 from kvpolicy.rotary import cache_ranks
-from kvpolicy.softmax import grouped_attention
+from kvpolicy.attention import grouped_attention
 
 G, H, D, SINKS, THETA = 3, 9, 64, 4, 100000.0
 

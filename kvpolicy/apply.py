@@ -3,24 +3,21 @@ compressed PolicyCache; the returned handle (also a context manager) undoes it e
 ``kvpolicy.compress``: prefill and compress a context once, without generating."""
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import CompileConfig
 
-from . import attention, models
+from . import interface, models
 from .budget import Budget
 from .cache import PolicyCache
-from .hooks import CacheHooks, attach
+from .hooks import CacheHooks, attach, new_tokens, prompt_of
 from .policy import Policy
 from .registry import get_policy
 from .rotary import CacheRotary
 from .selection import POST_VISION_FALLBACK
 
 COMPILE_BUCKET = 64  # compiled decode: append buffers rounded up to this many slots
-DEFAULT_MAX_LENGTH = 20  # new tokens generate makes when neither length argument is set
 # generate options a PolicyCache cannot serve: the option, the value that is fine, why
 UNSUPPORTED = {
     "use_cache": (True, "the policy compresses the cache; use_cache=False has none"),
@@ -46,7 +43,6 @@ class PolicyHandle:
         self.recompress = recompress
         self.windows = models.layer_windows(model)
         self._attn = models.attn_implementation(model)
-        self._own_generate = "generate" in vars(model)
         self._compiled_call = {k: vars(model)[k] for k in ("_compiled_call", "_last_compile_config")
                                if k in vars(model)}
         self._compile_config = compile_config(model.device) if compile else None
@@ -54,16 +50,15 @@ class PolicyHandle:
         self._removed = False
 
     def install(self) -> None:
-        attention.register()
-        models.set_attn_implementation(self.model, attention.NAME)
-        if models.attn_implementation(self.model) != attention.NAME:
+        interface.register()
+        models.set_attn_implementation(self.model, interface.NAME)
+        if models.attn_implementation(self.model) != interface.NAME:
             models.set_attn_implementation(self.model, self._attn)
             raise RuntimeError(f"{type(self.model).__name__}: its attention implementation could "
-                               f"not be switched to {attention.NAME!r}")
+                               f"not be switched to {interface.NAME!r}")
         self._own_hooks = getattr(self.model, "_kvpolicy_hooks", None) is None
-        attach(self.model)
-        self.model.generate = self._wrap_generate(self.model.generate)
-        if self.policy.defer:
+        attach(self.model)  # its generate wrapper asks this handle to prepare each call
+        if self.policy.requirements().defer:
             self.model.get_compiled_call = self._wrap_compiled_call(self.model.get_compiled_call)
         self.model._kvpolicy_handle = self
 
@@ -71,7 +66,7 @@ class PolicyHandle:
         bucket = COMPILE_BUCKET if self.compile else 1
         cache = PolicyCache(self.windows, self.policy, self.budget, max_new_tokens, bucket,
                             self.recompress, self.rotary)
-        cache.defer_steps = deferred_steps(self.policy, max_new_tokens)
+        cache.begin_call(None, max_new_tokens, defer=True, compileable=True)
         return cache
 
     def remove(self) -> None:
@@ -81,10 +76,6 @@ class PolicyHandle:
         model = self.model
         if self._own_hooks:
             vars(model).pop("_kvpolicy_hooks").remove()
-        if self._own_generate:
-            model.generate = self._original_generate
-        else:
-            del model.generate
         models.set_attn_implementation(model, self._attn)
         vars(model).pop("get_compiled_call", None)
         for key in ("_compiled_call", "_last_compile_config"):
@@ -106,38 +97,24 @@ class PolicyHandle:
         return f"PolicyHandle({self.policy!r}, budget={self.budget}, {state})"
 
     # ---- the patch ---------------------------------------------------------------------
-    def _wrap_generate(self, generate):
-        self._original_generate = generate
-
-        @functools.wraps(generate)
-        def wrapper(*args, **kwargs):
-            config: GenerationConfig = kwargs.get("generation_config") or self.model.generation_config
-            self._refuse_options(config, kwargs)
-            ids = prompt_of(args, kwargs)
-            new = new_tokens(config, kwargs, ids)
-            cache = models.given_cache(kwargs)
-            seen = getattr(cache, "tokens", None) if isinstance(cache, PolicyCache) else None
-            check_prompt_budget(self.model, self.policy, self.budget, ids,
-                                kwargs.get("attention_mask"), 0 if seen is None else seen.shape[1])
-            if cache is None:
-                cache = self.new_cache(new)
-            elif not isinstance(cache, PolicyCache):
-                raise TypeError(f"kvpolicy is applied to this model: pass no cache (or a "
-                                f"PolicyCache), not {type(cache).__name__}; remove the handle to use it")
-            else:
-                continue_cache(cache, ids, new)
-                cache.compileable = True  # this model's mask function serves it
-            models.pass_cache(kwargs, cache)
-            if self._compile_config is not None:
-                kwargs.setdefault("compile_config", self._compile_config)
-            try:
-                out = generate(*args, **kwargs)
-            finally:
-                cache.settle()
-            cache.tokens = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
-            return out
-
-        return wrapper
+    def prepare_generate(self, args: tuple, kwargs: dict) -> None:
+        """Before a generate call (the hooks' generate wrapper calls it): refuse options the
+        cache cannot serve, check the budget, and put a fresh PolicyCache (unless one is
+        given) and the compile configuration into ``kwargs``."""
+        config: GenerationConfig = kwargs.get("generation_config") or self.model.generation_config
+        self._refuse_options(config, kwargs)
+        ids = prompt_of(args, kwargs)
+        cache = models.given_cache(kwargs)
+        if cache is not None and not isinstance(cache, PolicyCache):
+            raise TypeError(f"kvpolicy is applied to this model: pass no cache (or a "
+                            f"PolicyCache), not {type(cache).__name__}; remove the handle to use it")
+        seen = None if cache is None else cache.tokens
+        check_prompt_budget(self.model, self.policy, self.budget, ids,
+                            kwargs.get("attention_mask"), 0 if seen is None else seen.shape[1])
+        if cache is None:
+            models.pass_cache(kwargs, self.new_cache(new_tokens(config, kwargs, ids)))
+        if self._compile_config is not None:
+            kwargs.setdefault("compile_config", self._compile_config)
 
     def _wrap_compiled_call(self, get_compiled_call):
         """generate's compiled decode step, except while a deferred compaction waits: those
@@ -167,48 +144,6 @@ class PolicyHandle:
                              "prefill steps; use one of the two")
 
 
-def prompt_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The prompt tensor generate was given (input_ids, inputs or inputs_embeds)."""
-    for key in ("input_ids", "inputs", "inputs_embeds"):
-        if kwargs.get(key) is not None:
-            return kwargs[key]
-    return args[0] if args else None
-
-
-def new_tokens(config: GenerationConfig, kwargs: dict, prompt: torch.Tensor | None) -> int:
-    """The decode steps a generate call plans: its max_new_tokens, or max_length minus the
-    prompt, or generate's default of 20 new tokens."""
-    new = kwargs.get("max_new_tokens", config.max_new_tokens)
-    if new is not None:
-        return int(new)
-    max_length = kwargs.get("max_length", config.max_length)
-    if max_length is None:  # transformers 5 then generates its default count of new tokens
-        return DEFAULT_MAX_LENGTH
-    return max(0, int(max_length) - (prompt.shape[1] if prompt is not None else 0))
-
-
-def continue_cache(cache: PolicyCache, ids: torch.Tensor | None, new: int) -> None:
-    """Prepare a filled cache for another generate call: check that ``ids`` continue what it
-    saw, size fixed-size layers for this call, make room for ``new`` tokens."""
-    seen = cache.tokens
-    if seen is not None and ids is not None and ids.dim() == 2:
-        n = min(seen.shape[1], ids.shape[1])
-        if seen.shape[0] != ids.shape[0] or not torch.equal(seen[:, :n].to(ids.device), ids[:, :n]):
-            raise ValueError("kvpolicy: input_ids do not continue the conversation this cache holds "
-                             "(pass the earlier ids followed by the new ones)")
-    cache.max_new_tokens = new
-    cache.defer_steps = deferred_steps(cache.policy, new)
-    if cache.compacted:
-        cache.reserve(new + 1)
-
-
-def deferred_steps(policy: Policy, new_tokens: int) -> int:
-    """Decode steps a generate call of ``new_tokens`` new tokens runs before a deferred
-    compaction: the policy's ``defer``, at most the call's decode steps (the prefill gives
-    the first token)."""
-    return min(policy.defer, max(0, new_tokens - 1))
-
-
 def check_prompt_budget(model: nn.Module, policy: Policy, budget: Budget, ids: torch.Tensor | None,
                         attention_mask: torch.Tensor | None, seen: int = 0) -> None:
     """Refuse, before any forward, an int budget that cannot hold the tokens ``policy``
@@ -224,12 +159,23 @@ def check_prompt_budget(model: nn.Module, policy: Policy, budget: Budget, ids: t
     budget.check_holds(policy.prompt_min_tokens(valid, vision), policy.name, policy.protects)
 
 
+def validated(model: nn.Module, policy: str | Policy, budget: float | int,
+              params: dict) -> tuple[Policy, Budget, CacheRotary | None]:
+    """The policy, the budget and the rotary of a call of ``apply`` or ``compress``, each
+    refused by name (a model kvpolicy cannot hold exactly, an unknown policy or parameter,
+    a budget that cannot hold the policy's protected tokens) before the model is touched."""
+    pol = get_policy(policy, **params)
+    b = Budget(budget)
+    b.check_holds(pol.min_tokens(), pol.name)
+    models.check_supported(model)
+    return pol, b, cache_rotary(model, pol)
+
+
 def cache_rotary(model: nn.Module, policy: Policy) -> CacheRotary | None:
     """The rotary a positions="cache" policy re-applies (refused by name where it cannot
     be exact); None for every other policy."""
-    if policy.positions == "original":
+    if policy.requirements().positions == "original":
         return None
-    models.check_supported(model)
     return CacheRotary(model)
 
 
@@ -253,18 +199,15 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
     everything seen (default); False appends the new turn as it is.
     Everything is validated before the model is touched; errors leave it unpatched.
     """
-    pol = get_policy(policy, **params)
-    b = Budget(budget)
-    b.check_holds(pol.min_tokens(), pol.name)
     for name, flag in (("compile", compile), ("recompress", recompress)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
-    models.check_supported(model)
+    pol, b, rotary = validated(model, policy, budget, params)
     if not models.vision_token_ids(model):  # a text model's post-vision span: its last 8 tokens
         text = torch.ones(1, POST_VISION_FALLBACK, dtype=torch.bool)
         b.check_holds(pol.prompt_min_tokens(text, None), pol.name, pol.protects)
-    rotary = cache_rotary(model, pol)
-    if pol.defer and (pol.decode != "append" or pol.tau > 0):
+    needs = pol.requirements()
+    if needs.defer and (needs.decode != "append" or needs.sparsity):
         raise ValueError(f"{pol.name}: defer needs an append-only policy without sparsity counts "
                          f"(decode steps add attention only); pass defer=0")
     if rotary is not None and compile:
@@ -292,20 +235,21 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
     K/V held stays near ``budget x tokens seen + chunk_size`` per layer.
     max_new_tokens: decode steps to size buffers (and fixed-size policies) for.
     """
-    pol = get_policy(policy, **params)
-    b = Budget(budget)
-    b.check_holds(pol.min_tokens(), pol.name)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("compress needs input_ids as an int tensor [batch, length]")
+    if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+            or input_ids.is_floating_point() or input_ids.shape[1] == 0):
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"compress needs input_ids as a non-empty int tensor [batch, length], "
+                         f"got {shape}")
+    pol, b, rotary = validated(model, policy, budget, params)
     check_prompt_budget(model, pol, b, input_ids, attention_mask)
-    rotary = cache_rotary(model, pol)
     hooks: CacheHooks = attach(model)
     cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary)
     # an unpatched model's generate would pre-build 4-D masks for a compileable cache
-    cache.compileable = getattr(model, "_kvpolicy_handle", None) is not None
+    cache.begin_call(input_ids, max_new_tokens, defer=False,
+                     compileable=getattr(model, "_kvpolicy_handle", None) is not None)
     step = chunk_size or input_ids.shape[1]
     with torch.no_grad():
         for start in range(0, input_ids.shape[1], step):
@@ -316,5 +260,5 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
                              position_ids=(attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:stop])
             model(input_ids=input_ids[:, start:stop], use_cache=True, logits_to_keep=1,
                   **{models.CACHE_ARG: cache}, **extra)
-    cache.tokens = input_ids
+    cache.end_call(input_ids)
     return cache

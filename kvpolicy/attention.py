@@ -1,7 +1,11 @@
-"""Attention with the model's own softmax: plain SDPA where it is exact, otherwise logits
-with Gemma2's tanh softcapping and GPT-OSS's per-head sink logits in the denominator
-(multi-token steps: kvpolicy_kernels.attention; one-token decode steps: here, grouped, with
-the probabilities an evicting layer accumulates)."""
+"""Attention in one place: which keys a query sees (``visible``, ``causal``: the helpers of
+kvpolicy_kernels.visibility, used by every mask), and attention with the model's own
+softmax: plain SDPA where it is exact, otherwise logits with Gemma2's tanh softcapping and
+GPT-OSS's per-head sink logits in the denominator (multi-token forwards: ``attend``, over
+kvpolicy_kernels.attention; one-token decode steps: ``grouped_attention``, with the
+probabilities an evicting layer or a deferred compaction observes).
+
+The fast paths' oracle is the float64 dense attention of tests/test_kernel_attention.py."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +14,10 @@ from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpolicy_kernels import attention
+from kvpolicy_kernels.visibility import causal, visible
+
+__all__ = ["attend", "causal", "grouped_attention", "plain_attention", "probabilities",
+           "prompt_mask", "visible", "visible_slots"]
 
 
 def probabilities(logits: Tensor, visible: Tensor, softcap: float | None,
@@ -60,3 +68,36 @@ def attend(module, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | 
     out = attention(query, key, value, scaling=scaling, mask=visible, is_causal=visible is None,
                     softcap=softcap or 0.0, sinks=sinks)
     return out.transpose(1, 2)
+
+
+def visible_slots(pos: Tensor, query_pos: Tensor, window: int | None) -> Tensor:
+    """bool [B, G, C]: a decode query at position query_pos int64 [B] sees the slots
+    holding a token (pos int64 [B, G, C]) within its sliding window (slots hold only
+    earlier tokens and its own)."""
+    return visible(pos, query_pos.view(-1, 1, 1), window)
+
+
+def prompt_mask(key_pos: Tensor, query_pos: Tensor, window: int | None) -> Tensor:
+    """bool [B, 1, q, S]: the q new tokens (positions query_pos int64 [B, q], the last q of
+    the S keys) see every held key (key_pos int64 [B, S]) at or before them by index and
+    within the window."""
+    q, S = query_pos.shape[1], key_pos.shape[1]
+    order = causal(q, S, key_pos.device)[None]
+    return visible(key_pos[:, None, :], query_pos[:, :, None], window, order=order)[:, None]
+
+
+def plain_attention(module, query: Tensor, key: Tensor, value: Tensor,
+                    attention_mask: Tensor | None, scaling: float, sliding_window: int | None,
+                    softcap: float | None, sinks: Tensor | None) -> Tensor:
+    """A forward without a PolicyCache: causal (+ 2-D padding, window) attention of query
+    [B, H, q, D], the last q of key/value [B, G, S, D]'s positions. Returns [B, q, H, Dv]."""
+    q, S = query.shape[2], key.shape[2]
+    if attention_mask is None or attention_mask.dim() != 2:
+        if sliding_window is None and q == S:
+            return attend(module, query, key, value, None, scaling, softcap, sinks)  # plain causal
+        key_pos = torch.arange(S, device=key.device)[None]
+    else:
+        key_pos = torch.arange(S, device=key.device).masked_fill(~attention_mask.bool(), -1)
+    query_pos = torch.arange(S - q, S, device=key.device)[None].expand(key_pos.shape[0], q)
+    visible_ = prompt_mask(key_pos, query_pos, sliding_window)
+    return attend(module, query, key, value, visible_, scaling, softcap, sinks)

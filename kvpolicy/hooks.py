@@ -1,17 +1,21 @@
-"""The forward hooks that drive a PolicyCache through a model's forward: before it, open a
-multi-token step (or make room for a decode step); after it, plan and compact. They act
-only when a PolicyCache is passed, so a model can keep them (``attach``) and still run
-every other cache exactly as before: on a model whose attention is not ``kvpolicy`` they
-switch it for that forward only, so its own mask builder never sees a ragged cache."""
+"""The engine's side of a PolicyCache on a Hugging Face model: a wrapper of ``generate``
+that begins and ends the cache's call, and forward hooks that begin and end each forward
+(the cache plans and compacts). They act only when a PolicyCache is passed, so a model can
+keep them (``attach``) and still run every other cache exactly as before: on a model whose
+attention is not ``kvpolicy`` they switch it for that forward only, so its own mask builder
+never sees a ragged cache."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from . import attention, models
+import functools
+
+from . import interface, models
 from .cache import PolicyCache
-from .prefill import Step
 from .rotary import cache_position_ids
+
+DEFAULT_MAX_LENGTH = 20  # new tokens generate makes when neither length argument is set
 
 
 class CacheHooks:
@@ -21,13 +25,48 @@ class CacheHooks:
         self.model = model
         self.windows = models.layer_windows(model)
         self._switched: str | None = None
-        attention.register()
+        interface.register()
         self._pre = model.register_forward_pre_hook(self.before, with_kwargs=True)
         self._post = model.register_forward_hook(self.after, with_kwargs=True)
+        self._own_generate = vars(model).get("generate")
+        model.generate = self._wrap_generate(model.generate)
 
     def remove(self) -> None:
         self._pre.remove()
         self._post.remove()
+        if self._own_generate is None:
+            vars(self.model).pop("generate", None)
+        else:
+            self.model.generate = self._own_generate
+
+    def _wrap_generate(self, generate):
+        """generate, beginning and ending the call of a PolicyCache it is given. On a model
+        patched by ``apply`` the handle prepares each call first (a fresh cache unless one
+        is given); on an unpatched model the cache keeps the decode steps it was sized for
+        (``compress(max_new_tokens=...)``)."""
+
+        @functools.wraps(generate)
+        def wrapper(*args, **kwargs):
+            handle = getattr(self.model, "_kvpolicy_handle", None)
+            if handle is not None:
+                handle.prepare_generate(args, kwargs)
+            cache = models.given_cache(kwargs)
+            if not isinstance(cache, PolicyCache):
+                return generate(*args, **kwargs)
+            config = kwargs.get("generation_config") or self.model.generation_config
+            ids = prompt_of(args, kwargs)
+            patched = handle is not None
+            cache.begin_call(ids, new_tokens(config, kwargs, ids) if patched else None,
+                             defer=patched, compileable=patched)
+            out = None
+            try:
+                out = generate(*args, **kwargs)
+            finally:
+                cache.end_call(None if out is None else (
+                    out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)))
+            return out
+
+        return wrapper
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict):
         cache = models.given_cache(kwargs)
@@ -40,50 +79,36 @@ class CacheHooks:
             raise ValueError("kvpolicy: the forward got neither input_ids nor inputs_embeds")
         B, q = ref.shape[:2]
         if torch.compiler.is_compiling():
-            kwargs[attention.CACHE_KWARG] = cache
+            kwargs[interface.CACHE_KWARG] = cache
             return args, kwargs
-        self.check(cache, B)
-        if models.attn_implementation(self.model) != attention.NAME:
-            self._switched = models.attn_implementation(self.model)
-            models.set_attn_implementation(self.model, attention.NAME)
         decode = q == 1 and cache.compacted
         new_valid = torch.ones(B, 1, dtype=torch.bool, device=ref.device) if decode else \
             self.new_valid(kwargs.get("attention_mask"), B, q, ref.device)
+        positions = None
         if cache.rotary is not None:  # positions inside the cache, checked before the forward
-            kwargs["position_ids"] = place_positions(cache, new_valid, decode)
-        if decode:
-            cache.reserve(1)
-        else:
-            cache.settle()  # a deferred step compacts before the next one opens
-            Step(cache, new_valid, self.vision(cache, input_ids))
-        kwargs[attention.CACHE_KWARG] = cache
+            positions = kwargs["position_ids"] = place_positions(cache, new_valid, decode)
+        vision = None if decode else self.vision(cache, input_ids)
+        cache.begin_forward(type(self.model).__name__, self.windows, new_valid, vision, decode,
+                            positions)
+        if models.attn_implementation(self.model) != interface.NAME:
+            self._switched = models.attn_implementation(self.model)
+            models.set_attn_implementation(self.model, interface.NAME)
+        kwargs[interface.CACHE_KWARG] = cache
         return args, kwargs
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
         cache = models.given_cache(kwargs)
         if not isinstance(cache, PolicyCache) or torch.compiler.is_compiling():
             return None
-        if cache.step is not None:
-            cache.step.finish()
-        elif cache.pending is not None:  # a decode step of a deferred compaction
-            cache.pending.tick()
+        cache.end_forward()
+        self._restore()
+        return None
+
+    def _restore(self) -> None:
+        """Give back the attention implementation switched for this forward."""
         if self._switched is not None:
             models.set_attn_implementation(self.model, self._switched)
             self._switched = None
-        return None
-
-    def check(self, cache: PolicyCache, batch: int) -> None:
-        """Refuse a cache built for another model or batch before anything is touched."""
-        name = type(self.model).__name__
-        if cache.owner is not None and cache.owner != name:
-            raise ValueError(f"this PolicyCache was filled by a {cache.owner}, not this {name}")
-        if [layer.window for layer in cache.layers] != self.windows:
-            raise ValueError(f"this PolicyCache's {len(cache.layers)} layers were shaped for another "
-                             f"model than this {name}")
-        if cache.layers[0].next_pos is not None and cache.layers[0].next_pos.shape[0] != batch:
-            raise ValueError(f"this PolicyCache holds {cache.layers[0].next_pos.shape[0]} sequences; "
-                             f"a continuation must keep the batch size (got {batch})")
-        cache.owner = name
 
     @staticmethod
     def new_valid(mask, batch: int, q: int, device) -> torch.Tensor:
@@ -99,7 +124,7 @@ class CacheHooks:
     def vision(self, cache: PolicyCache, input_ids) -> torch.Tensor | None:
         if input_ids is not None:
             return models.vision_mask(self.model, input_ids)
-        if models.vision_token_ids(self.model) and cache.policy.queries == "post_vision":
+        if models.vision_token_ids(self.model) and cache.policy.requirements().vision:
             raise ValueError(f"{cache.policy.name} needs input_ids to find the vision tokens; "
                              f"inputs_embeds alone carry no token ids")
         return None
@@ -122,8 +147,6 @@ def place_positions(cache: PolicyCache, new_valid: torch.Tensor, decode: bool) -
                          f"the cache exceed the model's {limit} (max_position_embeddings); prefill "
                          f"a long prompt in chunks (kvpolicy.compress(..., chunk_size=...)) and keep "
                          f"budget x (tokens + max_new_tokens) within {limit}")
-    for layer in cache.layers:
-        layer.given = given
     return given
 
 
@@ -143,3 +166,23 @@ def detach(model: nn.Module) -> None:
     hooks = vars(model).pop("_kvpolicy_hooks", None)
     if hooks is not None:
         hooks.remove()
+
+
+def prompt_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The prompt tensor generate was given (input_ids, inputs or inputs_embeds)."""
+    for key in ("input_ids", "inputs", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return args[0] if args else None
+
+
+def new_tokens(config, kwargs: dict, prompt: torch.Tensor | None) -> int:
+    """The decode steps a generate call plans: its max_new_tokens, or max_length minus the
+    prompt, or generate's default of 20 new tokens."""
+    new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if new is not None:
+        return int(new)
+    max_length = kwargs.get("max_length", config.max_length)
+    if max_length is None:  # transformers 5 then generates its default count of new tokens
+        return DEFAULT_MAX_LENGTH
+    return max(0, int(max_length) - (prompt.shape[1] if prompt is not None else 0))

@@ -1,18 +1,18 @@
 """The ``kvpolicy`` attention and mask functions registered with transformers: routing only.
 
-A multi-token forward over a PolicyCache goes to its Step (kvpolicy.prefill); a one-token
-forward to the layer's decode step (kvpolicy.cache); without a PolicyCache (a plain
-forward) it is the model's own attention with the causal mask it would have built.
+A forward over a PolicyCache goes to the cache (``PolicyCache.attend``: a multi-token
+forward to its prefill observer, a one-token forward to the layer's decode step); without a
+PolicyCache (a plain forward) it is the model's own attention with the causal mask it
+would have built.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .attention import plain_attention
 from .cache import PolicyCache
-from .softmax import attend
 
 NAME = "kvpolicy"
 CACHE_KWARG = "kvpolicy_cache"
@@ -42,25 +42,4 @@ def kvpolicy_attention(module, query: Tensor, key: Tensor, value: Tensor,
     if cache is None:
         return plain_attention(module, query, key, value, attention_mask, scaling,
                                sliding_window, softcap, s_aux), None
-    if cache.step is not None:
-        return cache.step.attend(module.layer_idx, module, query, key, value, scaling,
-                                 sliding_window, softcap, s_aux), None
-    return cache.layers[module.layer_idx].attend(query, scaling, sliding_window, softcap, s_aux), None
-
-
-def plain_attention(module, query: Tensor, key: Tensor, value: Tensor,
-                    attention_mask: Tensor | None, scaling: float, sliding_window: int | None,
-                    softcap: float | None, sinks: Tensor | None) -> Tensor:
-    """A forward without a PolicyCache: causal (+ padding, window) attention over ``key``."""
-    q, k = query.shape[2], key.shape[2]
-    q_pos = torch.arange(k - q, k, device=key.device)[:, None]
-    k_pos = torch.arange(k, device=key.device)[None, :]
-    visible = k_pos <= q_pos
-    if sliding_window is not None:
-        visible = visible & (k_pos > q_pos - sliding_window)
-    visible = visible[None, None]
-    if attention_mask is not None and attention_mask.dim() == 2:
-        visible = visible & attention_mask.bool()[:, None, None, :]
-    elif sliding_window is None and q == k:
-        visible = None  # plain causal
-    return attend(module, query, key, value, visible, scaling, softcap, sinks)
+    return cache.attend(module, query, key, value, scaling, sliding_window, softcap, s_aux), None

@@ -1,10 +1,11 @@
-"""PolicyCache: per-layer K/V buffers that a policy compacts, and each layer's decode step.
+"""KVLayer: one decoder layer's K/V buffers inside a PolicyCache, and its decode step.
 
 A layer is ``closed`` between forwards: static buffers keys/values [B, G, C, D] with the
 position id of each slot's token in ``pos`` int64 [B, G, C] (-1 = empty). A multi-token
 forward (a prompt, a prompt chunk, a new chat turn) ``opens`` every layer: ``update``
 returns the old slots followed by the new tokens, and after the forward the prefill step
-(kvpolicy.prefill) plans and compacts them into new closed buffers. A one-token forward on
+(kvpolicy.prefill, kvpolicy.planning) and the cache plan and compact them into new closed
+buffers. A one-token forward on
 a closed layer is a decode step, in place and with fixed shapes (torch.compile-able):
 
 - ``append`` layers write the next free slot (``used`` int64 [1]);
@@ -18,16 +19,14 @@ Slot validity is shared by a row's KV heads (only which token a slot holds diffe
 """
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from .budget import Budget
-from .policy import Plan, Policy
-from .softmax import grouped_attention
+from .attention import grouped_attention, visible_slots
+from .policy import Policy
 
 Kind = Literal["append", "evict", "sliding"]
 EMPTY, UNUSABLE = -1, -2  # slot positions: free, or beyond a shorter batch row's fixed size
@@ -39,7 +38,6 @@ class KVLayer(CacheLayerMixin):
     [B] the next real token's position per row."""
 
     is_compileable = True
-    is_sliding = False
 
     def __init__(self, kind: Kind, policy: Policy | None = None, window: int | None = None):
         super().__init__()
@@ -67,6 +65,12 @@ class KVLayer(CacheLayerMixin):
         elif window != self.attn_window:
             raise RuntimeError(f"kvpolicy: a layer attended with sliding window {self.attn_window} "
                                f"is now attended with window {window}")
+
+    @property
+    def is_sliding(self) -> bool:
+        """Whether this layer's cache is the model's sliding window (as transformers' own
+        sliding layers say)."""
+        return self.kind == "sliding"
 
     @property
     def scored(self) -> bool:
@@ -160,22 +164,21 @@ class KVLayer(CacheLayerMixin):
             self.scores.scatter_(2, slot, 0.0)
 
     def attend(self, query: Tensor, scaling: float, window: int | None, softcap: float | None,
-               sinks: Tensor | None) -> Tensor:
-        """One token's attention over the layer's slots: query [B, H, 1, D] -> [B, 1, H, Dv].
+               sinks: Tensor | None, observe: bool = False) -> tuple[Tensor, Tensor | None]:
+        """One token's attention over the layer's slots: query [B, H, 1, D] -> (out [B, 1,
+        H, Dv], probs fp32 [B, G, C] summed over each group when ``observe``, else None).
         Evicting layers add the probabilities to their running scores."""
         self.adopt_window(window)
-        visible = self.pos >= 0
-        if self.attn_window is not None:  # the newest token is next_pos - 1
-            visible = visible & (self.pos > (self.next_pos - 1 - self.attn_window).view(-1, 1, 1))
+        visible = visible_slots(self.pos, self.next_pos - 1, self.attn_window)
         keys = self.keys
         if self.rotary is not None:
             query, keys = self.rotary.place(query, keys, self.pos[:, 0], self.next_pos[:, None] - 1,
                                             self.given)
         out, probs = grouped_attention(query, keys, self.values, visible, scaling, softcap,
-                                       sinks, need_probs=self.scores is not None)
-        if probs is not None:
+                                       sinks, need_probs=observe or self.scores is not None)
+        if self.scores is not None:
             self.scores.add_(probs)
-        return out
+        return out, probs
 
     # ---- bookkeeping -----------------------------------------------------------------
     def grow(self, slots: int) -> None:
@@ -191,8 +194,6 @@ class KVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, self.keys.new_zeros(B, G, extra, D)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(B, G, extra, self.values.shape[-1])], 2)
         self.pos = torch.cat([self.pos, self.pos.new_full((B, G, extra), -1)], 2)
-        if self.scores is not None:  # a deferred step's running scores
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(B, G, extra)], 2)
         for t in self.owned():
             torch._dynamo.mark_static_address(t)
 
@@ -227,91 +228,3 @@ class KVLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: Tensor) -> None:
         raise NotImplementedError("PolicyCache cannot select batch indices")
-
-
-class PolicyCache(Cache):
-    """The compressed cache of one conversation under ``policy`` at ``budget``.
-
-    layer_windows: per decoder layer the sliding window its cache keeps (None = full
-    attention; kvpolicy.models.layer_windows), or the layer count. max_new_tokens: decode steps planned by the
-    current generate call (sizes append buffers and the fixed size of evicting layers);
-    bucket: round append buffers up to a multiple of this (fewer torch.compile shapes);
-    recompress: whether a new turn (a call continuing a cache that finished an earlier
-    call) is compressed again so that each layer keeps ``budget`` of everything seen (else
-    it is appended). The chunks of one call's prompt are always compressed.
-    rotary: a kvpolicy.rotary.CacheRotary for policies with positions="cache".
-    After each multi-token forward ``plan`` holds the policy's Plan for the scored layers.
-    defer_steps: decode steps the next multi-token step waits before compacting (set by
-    apply's generate to the policy's ``defer``); ``pending`` is that step meanwhile.
-    """
-
-    def __init__(self, layer_windows: list[int | None] | int, policy: Policy, budget: Budget,
-                 max_new_tokens: int = 0, bucket: int = 1, recompress: bool = True,
-                 rotary=None):
-        if isinstance(layer_windows, int):
-            layer_windows = [None] * layer_windows
-        kind = "evict" if policy.decode == "evict" else "append"
-        super().__init__(layers=[KVLayer(kind, policy, w) for w in layer_windows])
-        self.policy, self.budget = policy, budget
-        self.max_new_tokens, self.bucket, self.recompress = max_new_tokens, bucket, recompress
-        self.step = None  # the multi-token step in progress (kvpolicy.prefill.Step)
-        self.defer_steps = 0
-        self.pending = None  # a Step whose compaction waits for decode steps
-        self.plan: Plan | None = None
-        self.owner: str | None = None  # the model class this cache was filled by
-        self.tokens: Tensor | None = None  # ids [B, n] of the calls finished so far
-        self.compileable = True
-        self.rotary = rotary  # positions="cache": kvpolicy.rotary.CacheRotary
-        for layer in self.layers:
-            layer.rotary = rotary
-
-    @property
-    def is_compileable(self) -> bool:
-        """Whether generate may compile decode steps with this cache (and so pre-build 4-D
-        masks): only on a model patched by ``apply``, whose mask function serves it."""
-        return self.compileable
-
-    @property
-    def compacted(self) -> bool:
-        """True once a prompt has been processed (the cache holds closed buffers)."""
-        first = self.layers[0]
-        return first.keys is not None and not first.is_open
-
-    @property
-    def kept(self) -> list[int]:
-        """Prompt tokens kept per scored layer by the last plan."""
-        if self.plan is None:
-            raise RuntimeError("PolicyCache.kept: no prompt has been processed yet (run a forward "
-                               "or generate with this cache first)")
-        return self.plan.kept
-
-    def settle(self) -> None:
-        """Compact a step still waiting for decode steps (a generate call that ended first)."""
-        if self.pending is not None:
-            self.pending.resume()
-
-    def reserve(self, new_tokens: int) -> None:
-        """Make room for ``new_tokens`` decode steps in every append layer (eager)."""
-        for layer in self.layers:
-            if layer.keys is not None and not layer.is_open:
-                layer.grow(new_tokens)
-
-    def nbytes(self) -> int:
-        """Bytes of all tensors the cache owns (K/V buffers and their bookkeeping)."""
-        owned = [t for layer in self.layers for t in layer.owned()]
-        if self.plan is not None:
-            owned += self.plan.keep
-        return sum(t.nbytes for t in {id(t): t for t in owned}.values())
-
-    def copy(self) -> PolicyCache:
-        """An independent copy (shares no tensor), e.g. to ask several questions of one
-        compressed document."""
-        return copy.deepcopy(self)
-
-    def __deepcopy__(self, memo):
-        if self.step is not None:
-            raise RuntimeError("PolicyCache cannot be copied in the middle of a forward")
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        vars(new).update(copy.deepcopy(vars(self), memo))
-        return new

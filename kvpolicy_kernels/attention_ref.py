@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .score_ref import capped
+from .visibility import causal, visible
 
 _FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -23,8 +24,8 @@ def _visible(mask: Tensor | None, is_causal: bool, Q: int, S: int, device) -> Te
     """bool broadcastable to [B, H, Q, S] (True = visible), or None when all is visible.
     is_causal: query row i sees keys j <= S - Q + i (the queries are the last Q positions)."""
     if is_causal:
-        causal = torch.ones(Q, S, dtype=torch.bool, device=device).tril(S - Q)
-        mask = causal if mask is None else mask & causal
+        order = causal(Q, S, device)
+        mask = order if mask is None else mask & order
     return mask
 
 
@@ -64,8 +65,8 @@ def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chun
         if is_causal:
             first = max(0, S - Q + start)  # keys before it are visible to every row of the chunk
             rows = torch.arange(S - Q + start, S - Q + stop, device=dev)
-            future = torch.arange(first, end, device=dev)[None, :] > rows[:, None]
-            view[..., first:end].masked_fill_(future, float("-inf"))
+            seen = visible(torch.arange(first, end, device=dev)[None, :], rows[:, None], later=False)
+            view[..., first:end].masked_fill_(~seen, float("-inf"))
         top = logits.amax(-1, keepdim=True) if end else logits.new_zeros(B * G, g * c, 1)
         top.masked_fill_(top == float("-inf"), 0.0)  # a row without a visible key
         probs = logits.sub_(top).exp_()  # exp(logits - row max)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .visibility import causal
+
 
 def accumulate_scores_ref(
     query: Tensor,
@@ -93,7 +95,6 @@ def masked(logits: Tensor, B: int, G: int, g: int, c: int, diag: int, end: int,
     + i) cannot see key j: j > diag + i, or padding."""
     view = logits.view(B, G, g, c, end)
     if c > 1:
-        future = torch.ones(c, c, dtype=torch.bool, device=logits.device).triu(1)
-        view[..., diag:end].masked_fill_(future, float("-inf"))
+        view[..., diag:end].masked_fill_(~causal(c, c, logits.device), float("-inf"))
     if key_mask is not None:
         view.masked_fill_(~key_mask[:, None, None, None, :end], float("-inf"))

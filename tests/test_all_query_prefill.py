@@ -8,6 +8,7 @@ import torch
 
 import kvpolicy
 import kvpolicy.prefill
+from kvpolicy.prefill import PromptObserver
 from kvpolicy import Budget, Stats, get_policy
 from test_defer import eager_attention
 from tiny_lm import ids, llama  # tests/ is on sys.path (conftest)
@@ -75,12 +76,12 @@ def test_padded_batch_plans_as_the_sdpa_path(tiny, one_pass_calls, monkeypatch):
         return cache.plan, [layer.scores for layer in cache.layers]
     one_pass, one_pass_scores = plan()
     assert len(one_pass_calls) == tiny.config.num_hidden_layers
-    opened = kvpolicy.prefill.Step.__init__
+    opened = PromptObserver.__init__
 
-    def sdpa_path(step, *args):
-        opened(step, *args)
-        step.one_pass = False
-    monkeypatch.setattr(kvpolicy.prefill.Step, "__init__", sdpa_path)
+    def sdpa_path(observer, *args):
+        opened(observer, *args)
+        observer.one_pass = False
+    monkeypatch.setattr(PromptObserver, "__init__", sdpa_path)
     two_passes, two_passes_scores = plan()
     assert len(one_pass_calls) == tiny.config.num_hidden_layers
     assert one_pass.kept == two_passes.kept

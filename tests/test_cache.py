@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpolicy import Budget, PolicyCache, get_policy
-from kvpolicy.prefill import Step
 
 POLICIES = {
     "uniform": dict(window=2), "snapkv": dict(window=2, kernel=3), "pyramidkv": dict(window=2, kernel=3),
@@ -34,14 +33,15 @@ def prompts(draw, policies=tuple(POLICIES)):
 
 
 def prefill(cache, q, k, v, valid):
-    """Drive one multi-token step as the patched model does: open, each layer's update
-    and attention, then plan and compact. q [L, B, H, N, D], k/v [L, B, G, N, D]."""
-    step = Step(cache, valid, None)
+    """Drive one multi-token forward as the patched model does: begin it, each layer's
+    update and attention, then end it (plan and compact). q [L, B, H, N, D], k/v [L, B, G,
+    N, D]."""
+    cache.begin_forward("test", [None] * len(cache.layers), valid, None, decode=False)
     for l, layer in enumerate(cache.layers):
         keys, values = layer.update(k[l], v[l])
-        step.attend(l, module(l, q.shape[2] // k.shape[2]), q[l], keys, values,
-                    q.shape[-1] ** -0.5, None, None, None)
-    step.finish()
+        cache.attend(module(l, q.shape[2] // k.shape[2]), q[l], keys, values,
+                     q.shape[-1] ** -0.5, None, None, None)
+    cache.end_forward()
 
 
 def module(l: int, groups: int):
@@ -70,7 +70,7 @@ def test_compacted_attention_equals_masked_full_attention(prompt, seed):
         assert torch.equal(layer.pos[..., :n] >= 0, torch.gather(kept, 2, keep) & ~filler)
         expected = masked_attention(query, k[l], v[l], kept)
         scores_before = layer.scores.clone() if layer.kind == "evict" else None
-        got = layer.attend(query, D ** -0.5, None, None, None)
+        got, _ = layer.attend(query, D ** -0.5, None, None, None)
         torch.testing.assert_close(got.transpose(1, 2), expected, atol=1e-5, rtol=1e-5)
         if layer.kind == "evict":  # the same pass adds each slot's probabilities to its running score
             added = (layer.scores - scores_before).sum(-1)

@@ -185,8 +185,9 @@ class Runner:
         start = time.perf_counter()
         longest = max(p.rest_ids.shape[1] for p in prompts)
         cache = kvpolicy.compress(self.model, context, policy, budget=budget, chunk_size=self.chunk_size,
-                                  max_new_tokens=longest + self.max_new_tokens, **params)
-        cache.recompress = False  # chunks were compressed; the question is appended as it is
+                                  max_new_tokens=longest + self.max_new_tokens,
+                                  recompress=False,  # chunks compressed; questions appended
+                                  **params)
         seconds = time.perf_counter() - start
         kept = sum(cache.kept) / (len(cache.kept) * context.shape[1])
         runs = []

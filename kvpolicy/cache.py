@@ -1,0 +1,333 @@
+"""PolicyCache: the compressed cache of one conversation, and the one owner of the state of
+the generation in progress on it.
+
+The engine (kvpolicy.hooks, driven by generate, a hand-written forward loop or
+kvpolicy.compress) calls four methods and writes nothing else:
+
+- ``begin_call(ids, new_tokens, ...)``: a generate call starts; whether it continues a
+  finished call (a new chat turn) or is the first prompt is known here;
+- ``begin_forward(...)``: a forward starts: a multi-token one opens every layer and a
+  kvpolicy.prefill.PromptObserver; a one-token one is a decode step;
+- ``end_forward()``: plan (kvpolicy.planning) and compact a multi-token forward, or count a
+  decode step of a deferred compaction (``Deferral``);
+- ``end_call(sequences)``: a generate call ended (a deferred compaction still waiting runs).
+
+Each layer's buffers and decode step are kvpolicy.layer.KVLayer.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache
+
+from kvpolicy_kernels import compact_layers
+
+from .budget import Budget
+from .layer import UNUSABLE, KVLayer
+from .pipeline import Observation, ScoreTally
+from .planning import ForwardPlan, at_slots, plan_forward
+from .policy import Plan, Policy
+from .prefill import Observed, PromptObserver
+
+
+@dataclass
+class Deferral:
+    """A multi-token forward whose compaction waits for ``steps`` decode steps: every slot
+    is kept meanwhile, and ``observed.tally`` (fp32 [B, G, C] per scored layer, aligned on
+    the slots) adds the decode steps' attention to the forward's."""
+
+    steps: int
+    observed: Observed
+    decoded: int = 0
+
+
+class PolicyCache(Cache):
+    """The compressed cache of one conversation under ``policy`` at ``budget``.
+
+    layer_windows: per decoder layer the sliding window its cache keeps (None = full
+    attention; kvpolicy.models.layer_windows), or the layer count. max_new_tokens: decode
+    steps planned until a generate call says otherwise (sizes append buffers and the fixed
+    size of evicting layers); bucket: round append buffers up to a multiple of this (fewer
+    torch.compile shapes); recompress: whether a new turn (a call continuing a finished
+    call) is compressed again so that each layer keeps ``budget`` of everything seen (else
+    it is appended). The chunks of one call's prompt are always compressed. rotary: a
+    kvpolicy.rotary.CacheRotary for policies with positions="cache".
+    """
+
+    def __init__(self, layer_windows: list[int | None] | int, policy: Policy, budget: Budget,
+                 max_new_tokens: int = 0, bucket: int = 1, recompress: bool = True,
+                 rotary=None):
+        if isinstance(layer_windows, int):
+            layer_windows = [None] * layer_windows
+        kind = "evict" if policy.requirements().decode == "evict" else "append"
+        super().__init__(layers=[KVLayer(kind, policy, w) for w in layer_windows])
+        self.policy, self.budget, self.bucket, self.recompress = policy, budget, bucket, recompress
+        self.rotary = rotary
+        for layer in self.layers:
+            layer.rotary = rotary
+        self._new_tokens = max_new_tokens  # decode steps of the call in progress
+        self._defer_steps = 0  # decode steps the call's next multi-token forward waits
+        self._continues = False  # the call in progress continues a finished call
+        self._compileable = True
+        self._history: Tensor | None = None  # ids [B, n] of the calls finished so far
+        self._owner: str | None = None  # the model class this cache was filled by
+        self._observer: PromptObserver | None = None
+        self._deferral: Deferral | None = None
+        self._plan: Plan | None = None
+
+    # ---- what the cache tells ----------------------------------------------------------
+    @property
+    def is_compileable(self) -> bool:
+        """Whether generate may compile decode steps with this cache (and so pre-build 4-D
+        masks): only on a model patched by ``apply``, whose mask function serves it."""
+        return self._compileable
+
+    @property
+    def compacted(self) -> bool:
+        """True once a prompt has been processed (the cache holds closed buffers)."""
+        first = self.layers[0]
+        return first.keys is not None and not first.is_open
+
+    @property
+    def plan(self) -> Plan | None:
+        """The policy's Plan of the scored layers at the last compaction."""
+        return self._plan
+
+    @property
+    def kept(self) -> list[int]:
+        """Prompt tokens kept per scored layer by the last plan."""
+        if self._plan is None:
+            raise RuntimeError("PolicyCache.kept: no prompt has been processed yet (run a forward "
+                               "or generate with this cache first)")
+        return self._plan.kept
+
+    @property
+    def pending(self) -> Deferral | None:
+        """The compaction waiting for decode steps, if any."""
+        return self._deferral
+
+    @property
+    def tokens(self) -> Tensor | None:
+        """ids [B, n] of the generate calls (or the compress) finished so far."""
+        return self._history
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Decode steps planned by the call in progress."""
+        return self._new_tokens
+
+    @property
+    def defer_steps(self) -> int:
+        """Decode steps the call's next multi-token forward waits before compacting."""
+        return self._defer_steps
+
+    # ---- a generate call -----------------------------------------------------------
+    def begin_call(self, ids: Tensor | None, new_tokens: int | None, *, defer: bool,
+                   compileable: bool) -> None:
+        """A call of ``new_tokens`` decode steps (None: as many as the cache was sized for)
+        on prompt ids int [B, n] (None: given as embeddings) starts; defer: whether the
+        policy's deferred compaction runs in it. Refuses, before anything changes, ids that
+        do not continue what the cache saw."""
+        seen = self._history
+        if seen is not None and ids is not None and ids.dim() == 2 and not ids.is_floating_point():
+            n = min(seen.shape[1], ids.shape[1])
+            if seen.shape[0] != ids.shape[0] or not torch.equal(seen[:, :n].to(ids.device), ids[:, :n]):
+                raise ValueError("kvpolicy: input_ids do not continue the conversation this cache "
+                                 "holds (pass the ids it was filled with, followed by the new ones)")
+            if ids.shape[1] <= seen.shape[1]:
+                raise ValueError(f"kvpolicy: this cache already holds {seen.shape[1]} tokens; "
+                                 f"input_ids must continue them with at least one new token "
+                                 f"(got {ids.shape[1]})")
+        self._continues = seen is not None
+        self._compileable = compileable
+        if new_tokens is None:
+            return
+        self._new_tokens = new_tokens
+        self._defer_steps = min(self.policy.requirements().defer, max(0, new_tokens - 1)) if defer else 0
+        if self.compacted:
+            self.reserve(new_tokens + 1)
+
+    def end_call(self, sequences: Tensor | None) -> None:
+        """The call ended with ``sequences`` int [B, n] (prompt and new tokens): a deferred
+        compaction still waiting runs now, and forwards from here on (a hand-written loop,
+        or the next call) continue a finished call."""
+        self.settle()
+        if sequences is not None:
+            self._history = sequences
+            self._continues = True
+
+    # ---- a forward -----------------------------------------------------------------
+    def begin_forward(self, owner: str, windows: list[int | None], new_valid: Tensor,
+                      vision: Tensor | None, decode: bool, positions: Tensor | None = None) -> None:
+        """A forward of model class ``owner`` (layer windows ``windows``) over new tokens
+        with padding mask new_valid bool [B, q] and vision mask bool [B, q] | None; decode:
+        a one-token step on a compacted cache; positions int64 [B, q]: the positions a
+        positions="cache" policy rotates at. Refuses a cache of another model or batch."""
+        if self._owner is not None and self._owner != owner:
+            raise ValueError(f"this PolicyCache was filled by a {self._owner}, not this {owner}")
+        if [layer.window for layer in self.layers] != windows:
+            raise ValueError(f"this PolicyCache's {len(self.layers)} layers were shaped for another "
+                             f"model than this {owner}")
+        held = self.layers[0].next_pos
+        if held is not None and held.shape[0] != new_valid.shape[0]:
+            raise ValueError(f"this PolicyCache holds {held.shape[0]} sequences; a continuation "
+                             f"must keep the batch size (got {new_valid.shape[0]})")
+        self._owner = owner
+        for layer in self.layers:
+            layer.given = positions
+        if decode:
+            self.reserve(1)
+            return
+        self.settle()  # a deferred compaction runs before the next forward opens
+        self._observer = PromptObserver(self.policy, self.budget, self.layers, new_valid, vision)
+        for layer in self.layers:
+            layer.open(self._observer.new_pos)
+
+    def attend(self, module, query: Tensor, key: Tensor, value: Tensor, scaling: float,
+               window: int | None, softcap: float | None, sinks: Tensor | None) -> Tensor:
+        """One layer's attention in this forward: query [B, H, q, D], key/value as the
+        layer's ``update`` returned them -> out [B, q, H, Dv]."""
+        l = module.layer_idx
+        layer = self.layers[l]
+        layer.adopt_window(window)
+        if self._observer is not None:
+            if layer.rotary is not None:
+                query, key = layer.rotary.place(query, key, layer.pos[:, 0], self._observer.new_pos,
+                                                layer.given)
+            return self._observer.attend(l, layer, module, query, key, value, scaling, softcap, sinks)
+        deferred = self._deferral is not None and layer.scored
+        out, probs = layer.attend(query, scaling, window, softcap, sinks, observe=deferred)
+        if deferred:
+            self._deferral.observed.tally.add(l, Observation(probs))
+        return out
+
+    def end_forward(self) -> None:
+        """After a forward: plan and compact a multi-token one; count a deferred step."""
+        if self._observer is not None:
+            observer, self._observer = self._observer, None
+            observed = observer.finish(len(self.layers))
+            fresh = not self._continues  # else a new turn of a finished call
+            compress = fresh or self.recompress or self.policy.requirements().decode == "evict"
+            if compress and self._defer_steps:
+                self._compact(observed, compress=False, new_tokens=self._new_tokens,
+                              defer=self._defer_steps)
+            else:
+                self._compact(observed, compress, self._new_tokens)
+        elif self._deferral is not None:
+            self._deferral.decoded += 1
+            if self._deferral.decoded >= self._deferral.steps:
+                self.settle()
+
+    def settle(self) -> None:
+        """Plan and compact a deferred forward now, with its counted prompt queries and the
+        decoded tokens as queries (a generate call that ended first, or the k-th step)."""
+        deferral, self._deferral = self._deferral, None
+        if deferral is None:
+            return
+        seen = deferral.observed
+        pos = next(layer for layer in self.layers if layer.scored).pos[:, 0]  # [B, C]
+        queries = at_slots(seen.queries, seen.new_pos, pos) | (pos >= seen.rows_seen[:, None])
+        vision = None if seen.vision is None else at_slots(seen.vision, seen.new_pos, pos)
+        observed = Observed(seen.tally, queries, vision, seen.new_pos,
+                            self.layers[0].next_pos.clone(), True, seen.heads_per_group)
+        self._compact(observed, True, max(0, self._new_tokens - deferral.decoded))
+
+    def reserve(self, new_tokens: int) -> None:
+        """Make room for ``new_tokens`` decode steps in every append layer (eager)."""
+        for layer in self.layers:
+            if layer.keys is not None and not layer.is_open:
+                layer.grow(new_tokens)
+
+    # ---- compaction ----------------------------------------------------------------
+    def _scores(self, observed: Observed) -> dict[int, Tensor]:
+        """Per scored layer fp32 [B, G, S]: what the forward observed on its slots, plus the
+        running scores an evicting layer carries (zero for the forward's new tokens)."""
+        out = {}
+        for l, layer in enumerate(self.layers):
+            if not layer.scored:
+                continue
+            attn, S = observed.tally.layer(l), layer.keys.shape[2]
+            if attn is not None and attn.shape[-1] < S:  # a deferred tally before the slots grew
+                attn = torch.nn.functional.pad(attn, (0, S - attn.shape[-1]))
+            if layer.scores is not None:
+                attn = layer.scores if attn is None else attn + layer.scores
+            out[l] = attn
+        return out
+
+    def _compact(self, observed: Observed, compress: bool, new_tokens: int, defer: int = 0) -> None:
+        """Plan every layer and gather its kept slots into new closed buffers in one call;
+        defer > 0 keeps every slot and waits for that many decode steps."""
+        scores = self._scores(observed)
+        plan = plan_forward(self.policy, self.budget, self.layers, observed, scores,
+                            compress=compress, new_tokens=new_tokens, bucket=self.bucket)
+        if plan.plan is not None:
+            self._plan = plan.plan
+        kept, new_keys, new_values = self._gather(plan)
+        tally = ScoreTally(len(self.layers))
+        for l, layer in enumerate(self.layers):
+            k, empty, cap = kept[l]
+            B, G, n = k.shape
+            running = None
+            if layer.kind == "evict" or (defer and layer.scored):
+                running = torch.zeros(B, G, cap, dtype=torch.float32, device=k.device)
+                running[..., :n] = torch.gather(scores[l], 2, k)
+            sizes = plan.row_sizes[l] if layer.kind == "evict" else None
+            pos = layer.pos.new_full((B, G, cap), -1)
+            pos[..., :n] = torch.gather(layer.pos, 2, k).masked_fill(empty, -1)
+            if sizes is not None:  # a row keeps its own fixed size
+                pos.masked_fill_(torch.arange(cap, device=k.device)[None, None] >= sizes[:, None, None],
+                                 UNUSABLE)
+            if defer and layer.scored:
+                tally.set(l, Observation(running))
+                running = None
+            layer.close(new_keys[l], new_values[l], pos, n, observed.rows_seen.clone(), running, sizes)
+        if defer:
+            self._deferral = Deferral(defer, Observed(tally, observed.queries, observed.vision,
+                                                      observed.new_pos, observed.rows_seen,
+                                                      observed.continued, observed.heads_per_group))
+
+    def _gather(self, plan: ForwardPlan) -> tuple[list, list[Tensor], list[Tensor]]:
+        """Gather every layer's kept rows into new buffers with one compact_layers call.
+        Returns (per layer (slot indices int64 [B, G, n], empty bool [B, G, n]: fillers and
+        padded slots, capacity), the new keys [B, G, C, D] and values per layer)."""
+        layers = self.layers
+        own = [layer.keys.shape[2] for layer in layers]
+        planned = max((own[l] for l, layer in enumerate(layers) if layer.scored), default=0)
+        shift = [planned - own[l] if layer.scored else 0 for l, layer in enumerate(layers)]
+        idx = [(plan.keep[l] - shift[l]).clamp_min(0) for l in range(len(layers))]
+        new_keys, new_values = [], []
+        for l, layer in enumerate(layers):
+            B, G, _, D = layer.keys.shape
+            new_keys.append(layer.keys.new_zeros(B, G, plan.capacity[l], D))
+            new_values.append(layer.values.new_zeros(B, G, plan.capacity[l], layer.values.shape[-1]))
+        compact_layers([layer.keys for layer in layers], [layer.values for layer in layers], idx,
+                       new_keys, new_values)
+        kept = [(idx[l], plan.fill[l][:, None, :] | (plan.keep[l] < shift[l]), plan.capacity[l])
+                for l in range(len(layers))]
+        return kept, new_keys, new_values
+
+    # ---- memory and copies ---------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of all tensors the cache owns (K/V buffers and their bookkeeping)."""
+        owned = [t for layer in self.layers for t in layer.owned()]
+        if self._plan is not None:
+            owned += self._plan.keep
+        if self._deferral is not None:
+            owned += [t for t in self._deferral.observed.tally.attn if t is not None]
+        return sum(t.nbytes for t in {id(t): t for t in owned}.values())
+
+    def copy(self) -> PolicyCache:
+        """An independent copy (shares no tensor), e.g. to ask several questions of one
+        compressed document."""
+        return copy.deepcopy(self)
+
+    def __deepcopy__(self, memo):
+        if self._observer is not None:
+            raise RuntimeError("PolicyCache cannot be copied in the middle of a forward")
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        vars(new).update(copy.deepcopy(vars(self), memo))
+        return new

@@ -1,0 +1,133 @@
+"""Planning the rows of one forward: a pure function of the policy, the budget, the layers'
+slots and what the forward observed. Each batch row is planned alone (its budget is a
+share of its own tokens, kvpolicy.pipeline.plan_row), then the rows are merged into one
+keep per layer; sliding layers keep their window. The cache compacts by the result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .budget import Budget
+from .budget import capacity as buffer_slots
+from .layer import KVLayer
+from .pipeline import plan_row
+from .policy import Plan, Policy
+from .prefill import Observed
+
+
+@dataclass
+class ForwardPlan:
+    """Per layer l: keep int64 [B, G, n_l] slot indices, fill bool [B, n_l] (a shorter
+    row's padding, kept empty), capacity (buffer slots); row_sizes int64 [B] each row's
+    fixed size (evicting layers); plan: the policy's Plan of the scored layers, or None."""
+
+    keep: dict[int, Tensor]
+    fill: dict[int, Tensor]
+    capacity: dict[int, int]
+    row_sizes: dict[int, Tensor]
+    plan: Plan | None
+
+
+def plan_forward(policy: Policy, budget: Budget, layers: list[KVLayer], observed: Observed,
+                 scores: dict[int, Tensor], *, compress: bool, new_tokens: int,
+                 bucket: int) -> ForwardPlan:
+    """The kept slots of every layer. scores: per scored layer fp32 [B, G, S_l] over its
+    slots; compress: plan with the policy (else keep every slot: a continuation appended,
+    or a compaction deferred); new_tokens: decode steps the buffers are sized for."""
+    out = ForwardPlan({}, {}, {}, {}, None)
+    scored = [l for l, layer in enumerate(layers) if layer.scored]
+    if scored:
+        rows = row_plans(policy, budget, layers, observed, scores, scored, compress, new_tokens)
+        out.plan = Plan([], [])
+        for i, l in enumerate(scored):
+            n = max(r.keep[i].shape[-1] for r in rows)
+            per_row = [pad_keep(r.keep[i], n) for r in rows]
+            out.keep[l] = torch.cat([k for k, _ in per_row])
+            out.fill[l] = torch.cat([f for _, f in per_row])
+            sizes = [r.capacity[i] for r in rows]
+            out.row_sizes[l] = torch.tensor(sizes, device=out.keep[l].device)
+            fixed = layers[l].kind == "evict"  # a fixed size: the policy's allocation
+            out.capacity[l] = max(sizes) if fixed else buffer_slots(n, new_tokens, "append", bucket)
+            out.plan.keep.append(out.keep[l])
+            out.plan.capacity.append(out.capacity[l])
+    for l, layer in enumerate(layers):
+        if not layer.scored:
+            out.keep[l], out.fill[l] = window_keep(layer)
+            out.capacity[l] = min(layer.window, buffer_slots(out.keep[l].shape[-1], new_tokens,
+                                                             "append", bucket))
+    return out
+
+
+def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: Observed,
+              scores: dict[int, Tensor], scored: list[int], compress: bool,
+              new_tokens: int) -> list[Plan]:
+    """One Plan per batch row over the scored layers, indices into the widest layer's slots."""
+    width = max(layers[l].keys.shape[2] for l in scored)
+    attn = torch.stack([left_pad(scores[l], width) for l in scored])
+    valid = torch.stack([left_pad(layers[l].pos[:, 0] >= 0, width) for l in scored]).any(0)
+    queries = left_pad(observed.queries, width)
+    vision = None if observed.vision is None else left_pad(observed.vision, width)
+    tally = observed.tally
+    below = None
+    if tally.below[scored[0]] is not None:
+        below = torch.stack([tally.below[l] for l in scored])
+    rows = []
+    for b in range(valid.shape[0]):
+        one = slice(b, b + 1)
+        seen = int(observed.rows_seen[b]) if observed.continued else None
+        if not compress:
+            rows.append(keep_all(valid[one], attn.shape[2], len(scored), new_tokens))
+            continue
+        rows.append(plan_row(policy, budget, attn[:, one], queries=queries[one], valid=valid[one],
+                             heads_per_group=observed.heads_per_group,
+                             vision=None if vision is None else vision[one],
+                             below=None if below is None else below[:, one],
+                             new_tokens=new_tokens, seen=seen))
+    return rows
+
+
+def left_pad(x: Tensor, width: int) -> Tensor:
+    """Pad the last dim of x [..., S] on the left to ``width`` (zeros / False)."""
+    return torch.nn.functional.pad(x, (width - x.shape[-1], 0))
+
+
+def pad_keep(keep: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(keep [1, G, n], filler bool [1, n]): a row's keep widened to n by repeating its
+    last index; the fillers are marked so their slots stay empty."""
+    have = keep.shape[-1]
+    fill = torch.arange(n, device=keep.device)[None] >= have
+    if have < n:
+        keep = torch.cat([keep, keep[..., -1:].expand(*keep.shape[:-1], n - have)], -1)
+    return keep, fill
+
+
+def keep_all(valid: Tensor, heads: int, num_layers: int, new_tokens: int) -> Plan:
+    """Every valid slot (valid bool [1, S]) kept in every layer and KV head."""
+    n = int(valid.sum())
+    idx = valid[0].nonzero()[:, 0][None, None].expand(1, heads, n)
+    return Plan([idx] * num_layers, [n + new_tokens] * num_layers)
+
+
+def window_keep(layer: KVLayer) -> tuple[Tensor, Tensor]:
+    """A sliding layer's last ``window - 1`` valid tokens (the next query sees them and
+    itself): (keep int64 [B, G, n], filler bool [B, n])."""
+    pos = layer.pos[:, 0]  # [B, S]: sliding layers keep the same tokens in every head
+    B, S = pos.shape
+    n = min(layer.window - 1, S)
+    order = pos.float().masked_fill(pos < 0, -torch.inf).topk(n, dim=-1).indices
+    keep = torch.sort(order, dim=-1).values
+    fill = torch.gather(pos, 1, keep) < 0
+    return keep[:, None].expand(B, layer.keys.shape[1], n), fill
+
+
+def at_slots(mask: Tensor, new_pos: Tensor, pos: Tensor) -> Tensor:
+    """bool [B, C]: ``mask`` bool [B, q] over a forward's tokens (positions new_pos int64
+    [B, q], -1 at padding) carried to the slots holding those positions (pos int64 [B, C])."""
+    B = pos.shape[0]
+    table = torch.zeros(B, int(max(pos.max(), new_pos.max())) + 2, dtype=torch.bool, device=pos.device)
+    table.scatter_(1, new_pos.clamp_min(-1) + 1, mask & (new_pos >= 0))
+    return torch.gather(table, 1, pos.clamp_min(-1) + 1) & (pos >= 0)
+
