@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..budget import Budget
 from ..policy import Policy
@@ -26,24 +26,38 @@ class Settings:
     budget: Budget
 
 
-def make_settings(entry: dict, where: str) -> Settings | None:
+def make_settings(entry: dict, name: Callable[[str], str]) -> Settings | None:
     """Settings of ``entry`` ({"policy": name, "budget": ..., param: ...}); None for policy
-    "none". ``where`` names the entry in error messages.
+    "none". ``name(key)`` names an entry's key in error messages.
 
     Raises kvpolicy's own errors (UnknownPolicyError, TypeError/ValueError for parameters
-    or budget) and ValueError for policies the engine cannot run.
+    or budget), prefixed with the key's name, and ValueError for policies the engine
+    cannot run.
     """
     params = dict(entry)
-    name = params.pop("policy")
-    if name == "none":
+    policy_name = params.pop("policy")
+    if policy_name == "none":
+        if params:
+            raise ValueError(f"{name('policy')} none compresses nothing: drop "
+                             f"{', '.join(name(k) for k in params)}")
         return None
-    budget = Budget(params.pop("budget", 0.1))
-    policy = get_policy(name, **params)
-    budget.check_holds(policy.min_tokens(), policy.name)
+    try:
+        budget = Budget(params.pop("budget", 0.1))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name('budget')}: {exc}") from exc
+    try:
+        policy = get_policy(policy_name, **params)
+    except (TypeError, ValueError) as exc:
+        keys = [k for k in params if f"'{k}'" in str(exc)] or ["policy"]
+        raise type(exc)(f"{', '.join(name(k) for k in keys)}: {exc}") from exc
+    try:
+        budget.check_holds(policy.min_tokens(), policy.name)
+    except ValueError as exc:
+        raise ValueError(f"{name('budget')}: {exc}") from exc
     if policy.requirements().decode != "append":
-        raise ValueError(f"{where}: kvpolicy on vLLM supports append-only policies; {policy.name!r} "
-                         f"evicts while decoding (fixed size), which vLLM's paged cache cannot do "
-                         f"here: choose an append policy (e.g. snapkv)")
+        raise ValueError(f"{name('policy')}: kvpolicy on vLLM supports append-only policies; "
+                         f"{policy.name!r} evicts while decoding (fixed size), which vLLM's paged "
+                         f"cache cannot do here: choose an append policy (e.g. snapkv)")
     return Settings(policy, budget)
 
 
@@ -56,7 +70,7 @@ def settings(additional_config: dict | None) -> Settings | None:
     if not isinstance(entry, dict) or "policy" not in entry:
         raise ValueError(f'additional_config["{KEY}"] must be a dict with a "policy" key '
                          f'(and optionally "budget" and the policy\'s parameters), got {entry!r}')
-    return make_settings(entry, f'additional_config["{KEY}"]')
+    return make_settings(entry, lambda k: f'additional_config["{KEY}"]["{k}"]')
 
 
 def enabled(additional_config: dict | None) -> bool:
@@ -68,21 +82,14 @@ def request_settings(engine: Settings | None, extra_args: dict | None) -> Settin
     """The settings of one request: the engine's, or, when the request has ``kvpolicy_*``
     keys, those keys alone (``kvpolicy_policy`` required; ``kvpolicy_budget`` and
     ``kvpolicy_<param>`` default as in ``additional_config``; policy "none": no compression).
-    Raises ValueError naming the request's key for an invalid value."""
+    Raises ValueError (or its kvpolicy subclasses, TypeError) naming the request's key."""
     keys = {k[len(PREFIX):]: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
     if not keys:
         return engine
     if "policy" not in keys:
         raise ValueError(f"{PREFIX}{next(iter(keys))} needs {PREFIX}policy in the same request "
                          f"(a request's kvpolicy keys replace the engine's settings)")
-    if keys["policy"] == "none" and len(keys) > 1:
-        raise ValueError(f"{PREFIX}policy none compresses nothing: drop "
-                         f"{sorted(PREFIX + k for k in keys if k != 'policy')}")
-    try:
-        return make_settings(keys, "request")
-    except Exception as exc:  # kvpolicy's errors name the parameter; add the request keys
-        raise ValueError(f"invalid kvpolicy request settings ({', '.join(sorted(PREFIX + k for k in keys))}): "
-                         f"{exc}") from exc
+    return make_settings(keys, lambda k: PREFIX + k)
 
 
 def prepare_engine_args(args: Any) -> list[str]:

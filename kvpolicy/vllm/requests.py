@@ -29,4 +29,7 @@ class KVPolicyRequests(_NoLogitsChange):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        request_settings(None, sampling_params.extra_args)
+        try:
+            request_settings(None, sampling_params.extra_args)
+        except TypeError as exc:  # an unknown parameter: a bad value like any other
+            raise ValueError(str(exc)) from exc

@@ -1,12 +1,13 @@
 """Fixtures for the vLLM plugin tests: the embedded SmolLM2 exported to a Hugging Face
-folder and prompts of several lengths."""
+folder, prompts of several lengths, and the session's shared in-process engine."""
 import os
 import sys
 
 import pytest
 
-# Engines run in this process (one vLLM import, starts in seconds, scheduler visible) with
-# a 1 GiB KV pool unless a test fixes the number of blocks.
+# Engines built by LLM(...) run in this process (scheduler visible) with a 1 GiB KV pool
+# unless a test fixes the number of blocks; the servers of test_vllm_serve run vLLM's
+# multiprocessing engine.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -19,7 +20,7 @@ def smollm2():
     from kvpolicy.tools.embedded import load_smollm2
 
     try:
-        return load_smollm2(threads=min(2, os.cpu_count() or 1))
+        return load_smollm2(threads=1)  # vLLM runs in this process too: no oversubscription
     except ModuleNotFoundError as exc:
         pytest.skip(str(exc))
 
@@ -38,3 +39,15 @@ def prompts(smollm2):
     from vllm_support import WORDS, chat_prompt
 
     return [chat_prompt(smollm2[1], w, "Summarize the text above in one sentence.") for w in WORDS]
+
+
+@pytest.fixture(scope="session")
+def engine(hf_dir, prompts):
+    """The session's engine in vLLM's default mode: SnapKV 0.1 by default (tests pick other
+    policies per request), 128-token prefill chunks, 32-token blocks, a pool 8 blocks short
+    of holding the three prompts at full size."""
+    from vllm_support import close, make_llm, small_pool_args
+
+    llm = make_llm(hf_dir, {"policy": "snapkv", "budget": 0.1}, **small_pool_args(prompts))
+    yield llm
+    close(llm)

@@ -9,12 +9,20 @@ WORDS = (180, 300, 420)  # about 300, 460 and 620 prompt tokens
 _runs = itertools.count()
 
 
-def chat_prompt(tok, words: int, question: str) -> list[int]:
-    """Token ids of a chat-templated prompt: ``words`` words of pydoc text, then the question."""
+QUESTION = "Summarize the text above in one sentence."
+
+
+def chat_messages(words: int, question: str = QUESTION) -> list[dict]:
+    """One user message: ``words`` words of pydoc text, then the question."""
     from pydoc_data.topics import topics
 
     text = " ".join(" ".join(topics[k] for k in sorted(topics)).split()[:words])
-    msgs = [{"role": "user", "content": f"{text}\n\n{question}"}]
+    return [{"role": "user", "content": f"{text}\n\n{question}"}]
+
+
+def chat_prompt(tok, words: int, question: str = QUESTION) -> list[int]:
+    """Token ids of the chat-templated ``chat_messages``."""
+    msgs = chat_messages(words, question)
     return tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
 
 
