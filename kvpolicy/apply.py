@@ -57,7 +57,11 @@ class PolicyHandle:
             raise RuntimeError(f"{type(self.model).__name__}: its attention implementation could "
                                f"not be switched to {interface.NAME!r}")
         self._own_hooks = getattr(self.model, "_kvpolicy_hooks", None) is None
-        attach(self.model)  # its generate wrapper asks this handle to prepare each call
+        try:
+            attach(self.model)  # its generate wrapper asks this handle to prepare each call
+        except BaseException:
+            models.set_attn_implementation(self.model, self._attn)
+            raise
         if self.policy.requirements().defer:
             self.model.get_compiled_call = self._wrap_compiled_call(self.model.get_compiled_call)
         self.model._kvpolicy_handle = self

@@ -17,18 +17,18 @@ Each layer's buffers and decode step are kvpolicy.layer.KVLayer.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from kvpolicy_kernels import compact_layers
-
 from .budget import Budget
-from .layer import UNUSABLE, KVLayer
-from .pipeline import Observation, ScoreTally
-from .planning import ForwardPlan, at_slots, plan_forward
+from .compaction import compact_layers_into
+from .layer import KVLayer
+from .pipeline import Observation
+from .planning import at_slots, plan_forward
 from .policy import Plan, Policy
 from .prefill import Observed, PromptObserver
 
@@ -168,7 +168,7 @@ class PolicyCache(Cache):
         positions="cache" policy rotates at. Refuses a cache of another model or batch."""
         if self._owner is not None and self._owner != owner:
             raise ValueError(f"this PolicyCache was filled by a {self._owner}, not this {owner}")
-        if [layer.window for layer in self.layers] != windows:
+        if [layer.cache_window for layer in self.layers] != windows:
             raise ValueError(f"this PolicyCache's {len(self.layers)} layers were shaped for another "
                              f"model than this {owner}")
         held = self.layers[0].next_pos
@@ -211,7 +211,8 @@ class PolicyCache(Cache):
             observed = observer.finish(len(self.layers))
             fresh = not self._continues  # else a new turn of a finished call
             compress = fresh or self.recompress or self.policy.requirements().decode == "evict"
-            if compress and self._defer_steps:
+            planned = any(layer.scored for layer in self.layers)  # else only windows are kept
+            if compress and self._defer_steps and planned:
                 self._compact(observed, compress=False, new_tokens=self._new_tokens,
                               defer=self._defer_steps)
             else:
@@ -258,56 +259,16 @@ class PolicyCache(Cache):
         return out
 
     def _compact(self, observed: Observed, compress: bool, new_tokens: int, defer: int = 0) -> None:
-        """Plan every layer and gather its kept slots into new closed buffers in one call;
-        defer > 0 keeps every slot and waits for that many decode steps."""
+        """Plan every layer and compact it into new closed buffers; defer > 0 keeps every
+        slot and waits for that many decode steps, carrying the scores in a Deferral."""
         scores = self._scores(observed)
         plan = plan_forward(self.policy, self.budget, self.layers, observed, scores,
                             compress=compress, new_tokens=new_tokens, bucket=self.bucket)
         if plan.plan is not None:
             self._plan = plan.plan
-        kept, new_keys, new_values = self._gather(plan)
-        tally = ScoreTally(len(self.layers))
-        for l, layer in enumerate(self.layers):
-            k, empty, cap = kept[l]
-            B, G, n = k.shape
-            running = None
-            if layer.kind == "evict" or (defer and layer.scored):
-                running = torch.zeros(B, G, cap, dtype=torch.float32, device=k.device)
-                running[..., :n] = torch.gather(scores[l], 2, k)
-            sizes = plan.row_sizes[l] if layer.kind == "evict" else None
-            pos = layer.pos.new_full((B, G, cap), -1)
-            pos[..., :n] = torch.gather(layer.pos, 2, k).masked_fill(empty, -1)
-            if sizes is not None:  # a row keeps its own fixed size
-                pos.masked_fill_(torch.arange(cap, device=k.device)[None, None] >= sizes[:, None, None],
-                                 UNUSABLE)
-            if defer and layer.scored:
-                tally.set(l, Observation(running))
-                running = None
-            layer.close(new_keys[l], new_values[l], pos, n, observed.rows_seen.clone(), running, sizes)
+        carried = compact_layers_into(self.layers, plan, scores, observed.rows_seen, bool(defer))
         if defer:
-            self._deferral = Deferral(defer, Observed(tally, observed.queries, observed.vision,
-                                                      observed.new_pos, observed.rows_seen,
-                                                      observed.continued, observed.heads_per_group))
-
-    def _gather(self, plan: ForwardPlan) -> tuple[list, list[Tensor], list[Tensor]]:
-        """Gather every layer's kept rows into new buffers with one compact_layers call.
-        Returns (per layer (slot indices int64 [B, G, n], empty bool [B, G, n]: fillers and
-        padded slots, capacity), the new keys [B, G, C, D] and values per layer)."""
-        layers = self.layers
-        own = [layer.keys.shape[2] for layer in layers]
-        planned = max((own[l] for l, layer in enumerate(layers) if layer.scored), default=0)
-        shift = [planned - own[l] if layer.scored else 0 for l, layer in enumerate(layers)]
-        idx = [(plan.keep[l] - shift[l]).clamp_min(0) for l in range(len(layers))]
-        new_keys, new_values = [], []
-        for l, layer in enumerate(layers):
-            B, G, _, D = layer.keys.shape
-            new_keys.append(layer.keys.new_zeros(B, G, plan.capacity[l], D))
-            new_values.append(layer.values.new_zeros(B, G, plan.capacity[l], layer.values.shape[-1]))
-        compact_layers([layer.keys for layer in layers], [layer.values for layer in layers], idx,
-                       new_keys, new_values)
-        kept = [(idx[l], plan.fill[l][:, None, :] | (plan.keep[l] < shift[l]), plan.capacity[l])
-                for l in range(len(layers))]
-        return kept, new_keys, new_values
+            self._deferral = Deferral(defer, dataclasses.replace(observed, tally=carried))
 
     # ---- memory and copies ---------------------------------------------------------
     def nbytes(self) -> int:

@@ -35,15 +35,18 @@ EMPTY, UNUSABLE = -1, -2  # slot positions: free, or beyond a shorter batch row'
 class KVLayer(CacheLayerMixin):
     """One decoder layer's cache (see the module docstring). ``seen`` is the logical
     length (tokens seen, padding included: what generate slices by); ``next_pos`` int64
-    [B] the next real token's position per row."""
+    [B] the next real token's position per row. Windows: ``cache_window`` the sliding
+    window the model's cache keeps for this layer (None: full attention), and
+    ``attention_window`` the one its attention masks with (learnt at the first forward);
+    a policy's ``window`` is another thing (its recent protected tokens)."""
 
     is_compileable = True
 
     def __init__(self, kind: Kind, policy: Policy | None = None, window: int | None = None):
         super().__init__()
         self.kind = "sliding" if window else kind
-        self.policy, self.window = policy, window
-        self.attn_window: int | None = None
+        self.policy, self.cache_window = policy, window
+        self.attention_window: int | None = None
         self.window_known = False
         self.is_open = False
         self.pos: Tensor | None = None
@@ -57,13 +60,14 @@ class KVLayer(CacheLayerMixin):
 
     def adopt_window(self, window: int | None) -> None:
         """Take the sliding window the model's attention masks this layer with (None =
-        none) at its first forward; a later change is an error. (It is the layer's cache
-        ``window`` in every family but a few whose cache keeps a window their attention
+        none) at its first forward; a later change is an error. (It is the layer's
+        ``cache_window`` in every family but a few whose cache keeps a window their attention
         does not mask: both are followed.)"""
         if not self.window_known:
-            self.attn_window, self.window_known = window, True
-        elif window != self.attn_window:
-            raise RuntimeError(f"kvpolicy: a layer attended with sliding window {self.attn_window} "
+            self.attention_window, self.window_known = window, True
+        elif window != self.attention_window:
+            raise RuntimeError(f"kvpolicy: a layer attended with sliding window "
+                               f"{self.attention_window} "
                                f"is now attended with window {window}")
 
     @property
@@ -123,7 +127,7 @@ class KVLayer(CacheLayerMixin):
     def occupied(self) -> int:
         """Slots in use (appending layers fill a prefix of their buffer; rings all)."""
         C = self.keys.shape[2]
-        ring = self.kind == "evict" or (self.kind == "sliding" and C >= self.window)
+        ring = self.kind == "evict" or (self.kind == "sliding" and C >= self.cache_window)
         return C if ring else int(self.used)
 
     def close(self, keys: Tensor, values: Tensor, pos: Tensor, kept: int, next_pos: Tensor,
@@ -145,7 +149,7 @@ class KVLayer(CacheLayerMixin):
         B, G, C, D = self.keys.shape
         if self.rotary is not None:
             key_states = self.rotary.rotate(key_states, self.given, inverse=True)
-        if self.kind == "append" or (self.kind == "sliding" and C < self.window):
+        if self.kind == "append" or (self.kind == "sliding" and C < self.cache_window):
             self.keys.index_copy_(2, self.used, key_states)
             self.values.index_copy_(2, self.used, value_states)
             self.pos.index_copy_(2, self.used, self.next_pos.view(B, 1, 1).expand(B, G, 1))
@@ -169,7 +173,7 @@ class KVLayer(CacheLayerMixin):
         H, Dv], probs fp32 [B, G, C] summed over each group when ``observe``, else None).
         Evicting layers add the probabilities to their running scores."""
         self.adopt_window(window)
-        visible = visible_slots(self.pos, self.next_pos - 1, self.attn_window)
+        visible = visible_slots(self.pos, self.next_pos - 1, self.attention_window)
         keys = self.keys
         if self.rotary is not None:
             query, keys = self.rotary.place(query, keys, self.pos[:, 0], self.next_pos[:, None] - 1,
@@ -184,7 +188,7 @@ class KVLayer(CacheLayerMixin):
     def grow(self, slots: int) -> None:
         """Give an append layer at least ``slots`` free slots (eager only: reads ``used``)."""
         B, G, C, D = self.keys.shape
-        limit = self.window if self.kind == "sliding" else None
+        limit = self.cache_window if self.kind == "sliding" else None
         if self.kind == "evict" or (limit is not None and C >= limit):
             return  # rings: a fixed size
         free = C - int(self.used)

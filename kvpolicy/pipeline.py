@@ -51,15 +51,16 @@ def observe(policy: Policy, query: Tensor, key: Tensor, *, scaling: float, query
     if key_mask is not None and bool(key_mask.all()):
         key_mask = None
     args = dict(scaling=scaling, key_mask=key_mask, query_mask=query_mask, **extra)
-    if policy.tau > 0:
-        return Observation(*accumulate_scores_sparsity(query, key, tau=policy.tau, **args))
+    tau = policy.requirements().tau
+    if tau > 0:
+        return Observation(*accumulate_scores_sparsity(query, key, tau=tau, **args))
     return Observation(accumulate_scores(query, key, **args))
 
 
 def nothing_observed(policy: Policy, key: Tensor) -> Observation:
     """The observation of a forward that counts no query: zeros for key [B, G, S, D]."""
     B, G, S, _ = key.shape
-    below = key.new_zeros(B, G, dtype=torch.float32) if policy.tau > 0 else None
+    below = key.new_zeros(B, G, dtype=torch.float32) if policy.requirements().sparsity else None
     return Observation(key.new_zeros(B, G, S, dtype=torch.float32), below)
 
 

@@ -56,8 +56,8 @@ def plan_forward(policy: Policy, budget: Budget, layers: list[KVLayer], observed
     for l, layer in enumerate(layers):
         if not layer.scored:
             out.keep[l], out.fill[l] = window_keep(layer)
-            out.capacity[l] = min(layer.window, buffer_slots(out.keep[l].shape[-1], new_tokens,
-                                                             "append", bucket))
+            out.capacity[l] = min(layer.cache_window, buffer_slots(out.keep[l].shape[-1],
+                                                                   new_tokens, "append", bucket))
     return out
 
 
@@ -116,7 +116,7 @@ def window_keep(layer: KVLayer) -> tuple[Tensor, Tensor]:
     itself): (keep int64 [B, G, n], filler bool [B, n])."""
     pos = layer.pos[:, 0]  # [B, S]: sliding layers keep the same tokens in every head
     B, S = pos.shape
-    n = min(layer.window - 1, S)
+    n = min(layer.cache_window - 1, S)
     order = pos.float().masked_fill(pos < 0, -torch.inf).topk(n, dim=-1).indices
     keep = torch.sort(order, dim=-1).values
     fill = torch.gather(pos, 1, keep) < 0

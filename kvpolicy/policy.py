@@ -24,19 +24,27 @@ class Requirements:
     """What a policy needs from an engine, declared once per policy instance
     (``Policy.requirements()``) and checked in one place per engine.
 
-    queries: which prompt queries the score op counts; sparsity: whether it also needs the
-    score op's sparsity counts (tau > 0); decode: "append", or "evict" for a fixed size
-    while decoding; defer: decode steps observed over the whole prompt before the plan;
-    positions: "original" (keys rotated at their true positions) or "cache" (rotary
-    positions inside the cache); vision: whether the vision-token positions are needed.
+    queries: which prompt queries the score op counts; tau: > 0 asks the score op for the
+    count of probabilities under tau x row max (``sparsity``); decode: "append", or "evict"
+    for a fixed size while decoding; defer: decode steps observed over the whole prompt
+    before the plan; positions: "original" (keys rotated at their true positions) or
+    "cache" (rotary positions inside the cache). ``vision``: whether the vision-token
+    positions are needed.
     """
 
     queries: QuerySet
-    sparsity: bool
+    tau: float
     decode: Decode
     defer: int
     positions: str
-    vision: bool
+
+    @property
+    def sparsity(self) -> bool:
+        return self.tau > 0
+
+    @property
+    def vision(self) -> bool:
+        return self.queries == "post_vision"
 
 
 @dataclass
@@ -50,7 +58,8 @@ class Stats:
     heads_per_group: query heads per KV head (H / G).
     vision: bool [B, N] or None: vision-token positions (VLMs).
     below: float32 [L, B, G] or None: count of counted probabilities < tau x row max.
-    max_new_tokens: decode steps planned for this generate call.
+    max_new_tokens: decode steps planned for this generate call (a fixed-size policy's
+        budget is a fraction of the prompt and these; appending policies need not read it).
     num_seen: tokens the budget is a fraction of when it differs from the valid keys (a
         continued cache: everything seen so far, of which the keys are what is left); None
         means ``num_tokens``.
@@ -87,10 +96,13 @@ class Stats:
 
 @dataclass
 class Plan:
-    """What the cache does with one prompt: per layer the kept indices and the buffer size.
+    """What the cache does with one prompt: per layer the kept indices and the slots.
 
     keep: per layer int64 [B, G, n_l], sorted, unique, in [0, padded length).
-    capacity: per layer slots to allocate (>= n_l).
+    capacity: per layer slots (>= n_l). For a policy that holds a fixed size while
+    decoding (decode "evict") it is that size, the policy's allocation. For appending
+    policies it is deprecated: the engine sizes its own buffers (the kept rows plus the
+    call's new tokens, rounded to its bucket), and a policy need not set it meaningfully.
     """
 
     keep: list[Tensor]
@@ -131,8 +143,7 @@ class Policy:
     def requirements(self) -> Requirements:
         """What this policy needs from an engine (see Requirements); a policy whose needs
         depend on its parameters overrides this, never the class attributes."""
-        return Requirements(self.queries, self.tau > 0, self.decode, self.defer, self.positions,
-                            self.queries == "post_vision")
+        return Requirements(self.queries, self.tau, self.decode, self.defer, self.positions)
 
     # ---- the three steps -------------------------------------------------------------
     def score(self, stats: Stats) -> Tensor:
@@ -187,7 +198,8 @@ class Policy:
         return budget.total(counted, stats.num_layers)
 
     def capacity(self, n: Tensor, stats: Stats) -> list[int]:
-        """Per-layer buffer slots for allocation ``n`` (see budget.capacity)."""
+        """Per-layer slots for allocation ``n`` (see budget.capacity): a fixed-size policy's
+        size per layer; for appending policies deprecated (engines size their buffers)."""
         return [arithmetic.capacity(int(x), stats.max_new_tokens, self.requirements().decode)
                 for x in n]
 

@@ -22,6 +22,10 @@ from .pipeline import Observation, ScoreTally, nothing_observed, observe
 from .policy import Policy
 
 
+class UnreachedLayersError(RuntimeError):
+    """A forward's layers did not all reach kvpolicy's attention function with the cache."""
+
+
 @dataclass
 class Observed:
     """What one forward observed, for its plan.
@@ -49,7 +53,7 @@ class PromptObserver:
 
     def __init__(self, policy: Policy, budget: Budget, layers: list[KVLayer], new_valid: Tensor,
                  vision: Tensor | None):
-        self.policy = policy
+        self.policy, needs = policy, policy.requirements()
         first = layers[0]
         seen_rows = first.next_pos if first.next_pos is not None else new_valid.new_zeros(
             new_valid.shape[0], dtype=torch.long)
@@ -61,7 +65,8 @@ class PromptObserver:
         self.first = int(counted[0]) if len(counted) else None
         # below budget 1 an all-query policy's prompt attention is computed here, output and
         # scores in one pass; at budget 1 it is the model's own SDPA, so the tokens are exact
-        self.one_pass = policy.tau == 0 and not (budget.is_fraction and budget.value >= 1.0)
+        self.one_pass = not needs.sparsity and not (budget.is_fraction and budget.value >= 1.0)
+        self.all_queries = needs.queries == "all"
         self.attended: set[int] = set()
         self._masks: dict[tuple, Tensor | None] = {}
 
@@ -78,7 +83,7 @@ class PromptObserver:
         self.attended.add(layer_idx)
         visible = self.mask(layer, query.shape[2])
         queries = self.observed.queries
-        every_query = layer.scored and self.first == 0 and self.policy.queries == "all"
+        every_query = layer.scored and self.first == 0 and self.all_queries
         if every_query and self.one_pass and query.device.type == "cpu":
             # the output and the scores from the same probabilities: one QK^T pass in all
             out, attn = attention_and_scores(query, key, value, scaling=scaling, mask=visible,
@@ -104,7 +109,7 @@ class PromptObserver:
         the layer's sliding window; None when plain causal attention is exact."""
         key_pos = layer.pos[:, 0]  # [B, S]
         S = key_pos.shape[1]
-        window = layer.attn_window
+        window = layer.attention_window
         plain = S == q and bool((key_pos >= 0).all())
         if plain and window is None:
             return None
@@ -137,7 +142,7 @@ class PromptObserver:
         """The observation, once every layer has attended."""
         if len(self.attended) != num_layers:
             missing = sorted(set(range(num_layers)) - self.attended)
-            raise RuntimeError(f"kvpolicy: layers {missing} never called kvpolicy's attention "
+            raise UnreachedLayersError(f"kvpolicy: layers {missing} never called kvpolicy's attention "
                                f"function, so their cache cannot be planned; this model family "
                                f"is unsupported")
         return self.observed

@@ -79,7 +79,7 @@ def check_plan(policy: Policy, s: Stats, budget: Budget) -> Plan:
     tokens kept. Returns the plan."""
     plan = quiet_plan(policy, s, budget)
     L, N = s.num_layers, s.num_tokens
-    fixed = policy.decode == "evict"
+    fixed = policy.requirements().decode == "evict"
     sizes = torch.tensor(plan.capacity if fixed else plan.kept)
     cap = N + s.max_new_tokens if fixed else N
     total = max(policy.total(budget, s), policy.floor(s) * L)
@@ -141,7 +141,7 @@ def check_policy(policy: str | Callable[[], Policy], *, examples: int = 60,
     def allocation_monotone(s, data):
         p = make()
         L, floor = s.num_layers, p.floor(s)
-        top = (s.num_tokens + (s.max_new_tokens if p.decode == "evict" else 0)) * L
+        top = (s.num_tokens + (s.max_new_tokens if p.requirements().decode == "evict" else 0)) * L
         t1 = data.draw(st.integers(floor * L, top))
         check_monotone(p, s, t1, data.draw(st.integers(t1, top)))
 

@@ -88,3 +88,26 @@ def test_cli_starts_without_the_optional_extras():
     assert out.returncode == 2, out.stderr
     assert "h2o - " in out.stdout
     assert "kvpolicy eval: " in out.stderr and "kvpolicy[demo,eval]" in out.stderr
+
+
+# What the vLLM plugin may import from the core: the public API and the documented
+# engine-neutral pipeline (docs/architecture.md), never the HF engine's internals or the
+# score kernels themselves (it accumulates no scores and builds no Stats on its own).
+PLUGIN_MAY_IMPORT = {"kvpolicy", "kvpolicy.budget", "kvpolicy.pipeline", "kvpolicy.policy",
+                     "kvpolicy.registry"}
+
+
+def test_the_vllm_plugin_uses_only_the_cores_public_pipeline():
+    modules = {n: p for n, p in core_modules().items() if n.startswith("kvpolicy.vllm")}
+    assert "kvpolicy.vllm.worker" in modules
+    used = {}
+    for name, path in modules.items():
+        for m in imported(name, path):
+            if m.startswith("kvpolicy_kernels") or (m.startswith("kvpolicy") and not m.startswith("kvpolicy.vllm")):
+                used.setdefault(m, set()).add(name)
+    modules_used = {m for m in used if m in core_modules() or m == "kvpolicy"}
+    names_used = {m for m in used if m not in modules_used}
+    assert modules_used <= PLUGIN_MAY_IMPORT, {m: used[m] for m in modules_used - PLUGIN_MAY_IMPORT}
+    forbidden = {n for n in names_used if n.rsplit(".", 1)[-1] in {"Stats", "accumulate_scores",
+                                                                   "accumulate_scores_sparsity"}}
+    assert not forbidden and not any(m.startswith("kvpolicy_kernels") for m in used), used

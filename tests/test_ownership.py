@@ -13,7 +13,7 @@ from kvpolicy.layer import KVLayer
 from tiny_lm import ids, llama  # tests/ is on sys.path (conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
-OWNERS = {"kvpolicy/cache.py", "kvpolicy/layer.py"}
+OWNERS = {"kvpolicy/cache.py", "kvpolicy/layer.py"}  # compaction.py only calls KVLayer.close
 HOLDERS = ("cache", "layer")  # how code names a PolicyCache or a KVLayer it holds
 
 

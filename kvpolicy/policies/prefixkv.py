@@ -1,6 +1,7 @@
 """PrefixKV: one global retention level, each layer keeps the shortest prefix reaching it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from ..allocation import apportion, take_cheapest
 from ..budget import Budget
-from ..policy import Plan, Policy, Stats, check_int
+from ..policy import Plan, Policy, Requirements, Stats, check_int
 from ..registry import register_policy
 
 DISTANCE = 25  # fixed-point elimination drops the token this far before the prompt's end
@@ -29,8 +30,11 @@ class PrefixKV(Policy):
         self.ratios = ratios if isinstance(ratios, str) else tuple(float(r) for r in ratios)
         self.weights = load_ratios(ratios)
         self.fixed_point = fixed_point
-        if fixed_point:
-            self.decode = "evict"
+
+    def requirements(self) -> Requirements:
+        """Fixed-point elimination holds a fixed size while decoding."""
+        needs = super().requirements()
+        return dataclasses.replace(needs, decode="evict") if self.fixed_point else needs
 
     def score(self, stats: Stats) -> Tensor:
         if self.shared_heads:

@@ -19,19 +19,12 @@ class PyramidKV(SnapKV):
             raise ValueError(f"beta must be >= 1, got {beta}")
         self.beta = beta
 
-    def targets(self, total: float, num_layers: int, num_tokens: int) -> Tensor:
-        """float64 [L]: the exact per-layer budgets for ``total`` (window included)."""
-        L, w = num_layers, min(self.window, num_tokens)
-        c = max(total / L - w, 0.0)
-        first = min(c * (2 - 1 / self.beta), num_tokens - w)
-        last = 2 * c - first
-        x = torch.arange(L, dtype=torch.float64) / max(L - 1, 1)
-        return w + first + (last - first) * x
-
     def prices(self, num_layers: int, num_tokens: int) -> Tensor:
-        """float64 [L, N]: the total at which ``targets`` of layer l reaches k - 1/2 (its
-        k-th token's price): selling tokens in this order rounds the targets exactly and
-        monotonically in the total."""
+        """float64 [L, N]: the total at which layer l's exact budget reaches k - 1/2 (its
+        k-th token's price). The exact budget of layer l for a total T is w + first + (last -
+        first) * l / (L - 1), with c = max(T / L - w, 0), first = min(c (2 - 1/beta), N - w)
+        and last = 2c - first (w the window): selling tokens in this order rounds it exactly
+        and monotonically in the total."""
         L, N, w = num_layers, num_tokens, min(self.window, num_tokens)
         x = (torch.arange(L, dtype=torch.float64) / (L - 1))[:, None]
         selected = torch.arange(1, N + 1, dtype=torch.float64)[None, :] - 0.5 - w
