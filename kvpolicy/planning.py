@@ -74,6 +74,10 @@ def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: O
     below = None
     if tally.below[scored[0]] is not None:
         below = torch.stack([tally.below[l] for l in scored])
+    keys = None
+    if policy.requirements().needs_keys:  # [L, B, G, W, D], zero at padding and empty slots
+        keys = torch.stack([left_pad(layers[l].keys.transpose(-1, -2), width).transpose(-1, -2)
+                            for l in scored]) * valid[None, :, None, :, None]
     rows = []
     for b in range(valid.shape[0]):
         one = slice(b, b + 1)
@@ -85,7 +89,8 @@ def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: O
                              heads_per_group=observed.heads_per_group,
                              vision=None if vision is None else vision[one],
                              below=None if below is None else below[:, one],
-                             new_tokens=new_tokens, seen=seen))
+                             new_tokens=new_tokens, seen=seen,
+                             keys=None if keys is None else keys[:, one]))
     return rows
 
 

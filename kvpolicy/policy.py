@@ -30,6 +30,16 @@ class Requirements:
     before the plan; positions: "original" (keys rotated at their true positions) or
     "cache" (rotary positions inside the cache). ``vision``: whether the vision-token
     positions are needed.
+
+    Appended fields (defaults: what the earlier policies need):
+    needs_keys: fill ``Stats.keys`` with the scored layers' cached keys (KeyDiff).
+    running: how an evicting layer's running ``scores`` follow decode steps: "sum" adds
+        each step's attention (H2O), "last" keeps only the last step's (TOVA); a new turn's
+        prompt attention replaces "last" scores rather than adding to them.
+    reconstruct: after a first prompt the engine runs the policy's reconstruction passes
+        (``Policy.reconstruction``) on the uncompressed cache and fills ``Stats.attn`` with
+        the max (not the sum) of their attention on each key (KVzip); a later turn is
+        appended, not re-scored.
     """
 
     queries: QuerySet
@@ -37,6 +47,9 @@ class Requirements:
     decode: Decode
     defer: int
     positions: str
+    needs_keys: bool = False
+    running: Literal["sum", "last"] = "sum"
+    reconstruct: bool = False
 
     @property
     def sparsity(self) -> bool:
@@ -63,6 +76,13 @@ class Stats:
     num_seen: tokens the budget is a fraction of when it differs from the valid keys (a
         continued cache: everything seen so far, of which the keys are what is left); None
         means ``num_tokens``.
+
+    Appended fields, filled only when the policy's ``Requirements`` ask for them:
+    keys: [L, B, G, N, D] in the model's dtype (needs_keys): each scored layer's cached
+        keys (post-RoPE, as attention uses them), aligned with ``attn``; 0 at padding.
+    For ``Requirements.reconstruct`` policies ``attn`` holds the max, over the
+    reconstruction queries and the query heads of the KV group, of the probability each
+    key received (not a sum).
     """
 
     attn: Tensor
@@ -73,6 +93,7 @@ class Stats:
     below: Tensor | None = None
     max_new_tokens: int = 0
     num_seen: int | None = None
+    keys: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -139,11 +160,15 @@ class Policy:
     protects: ClassVar[str] = "the first `sinks` and the last `window` tokens"
     positions: str = "original"  # "cache": rotary positions inside the cache (kvpolicy.rotary)
     defer: int = 0
+    needs_keys: ClassVar[bool] = False
+    running: ClassVar[str] = "sum"
+    reconstruct: ClassVar[bool] = False
 
     def requirements(self) -> Requirements:
         """What this policy needs from an engine (see Requirements); a policy whose needs
         depend on its parameters overrides this, never the class attributes."""
-        return Requirements(self.queries, self.tau, self.decode, self.defer, self.positions)
+        return Requirements(self.queries, self.tau, self.decode, self.defer, self.positions,
+                            self.needs_keys, self.running, self.reconstruct)
 
     # ---- the three steps -------------------------------------------------------------
     def score(self, stats: Stats) -> Tensor:

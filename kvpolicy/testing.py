@@ -32,9 +32,10 @@ __all__ = ["budgets", "check_equivariant", "check_monotone", "check_plan", "chec
 
 @st.composite
 def stats(draw, max_layers: int = 6, max_tokens: int = 64, with_vision: bool | None = None,
-          max_new_tokens: int = 16) -> Stats:
+          max_new_tokens: int = 16, with_keys: bool = False) -> Stats:
     """Stats of a random left-padded batch: L 1-6, B 1-3, G 1-4, heads per group 1-3,
-    N 1-max_tokens; scores random, all equal, or peaked; optional vision spans."""
+    N 1-max_tokens; scores random, all equal, or peaked; optional vision spans; with_keys:
+    random keys [L, B, G, N, D] (D 2-8, 0 at padding) for policies that need them."""
     L, B = draw(st.integers(1, max_layers)), draw(st.integers(1, 3))
     G, g = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     N = draw(st.integers(1, max_tokens))
@@ -55,6 +56,9 @@ def stats(draw, max_layers: int = 6, max_tokens: int = 64, with_vision: bool | N
               max_new_tokens=draw(st.integers(0, max_new_tokens)))
     entries = s.causal_entries()[None, :, None] * g
     s.below = torch.floor(torch.rand(L, B, G, generator=gen) * entries)
+    if with_keys:
+        D = draw(st.integers(2, 8))
+        s.keys = torch.randn(L, B, G, N, D, generator=gen) * valid[None, :, None, :, None]
     return s
 
 
@@ -115,7 +119,8 @@ def check_equivariant(policy: Policy, s: Stats, perm: torch.Tensor, n: int,
     """Invariant 6: permuting the keys with their statistics permutes the scores and the
     kept set. ``s`` has no padding; ``perm`` [N]; ``protected`` bool [B, N]."""
     scores = policy.score(s)
-    permuted = dataclasses.replace(s, attn=s.attn[..., perm])
+    keys = None if s.keys is None else s.keys[..., perm, :]
+    permuted = dataclasses.replace(s, attn=s.attn[..., perm], keys=keys)
     assert torch.equal(policy.score(permuted), scores[..., perm]), "scores not permuted"
     keep = select_keep(scores[0], n, protected, s.valid)
     keep_p = select_keep(scores[0][..., perm], n, protected[:, perm], s.valid)
@@ -129,15 +134,16 @@ def check_policy(policy: str | Callable[[], Policy], *, examples: int = 60,
     and ``equivariant`` switch invariants 5 and 6 (a policy may rightly break them:
     random scores are not permutation-equivariant)."""
     make = (lambda: get_policy(policy)) if isinstance(policy, str) else policy
+    keys = make().requirements().needs_keys
     prop = settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
     @prop
-    @given(s=stats(), budget=budgets())
+    @given(s=stats(with_keys=keys), budget=budgets())
     def plans(s, budget):
         check_plan(make(), s, budget)
 
     @prop
-    @given(s=stats(), data=st.data())
+    @given(s=stats(with_keys=keys), data=st.data())
     def allocation_monotone(s, data):
         p = make()
         L, floor = s.num_layers, p.floor(s)
@@ -146,7 +152,7 @@ def check_policy(policy: str | Callable[[], Policy], *, examples: int = 60,
         check_monotone(p, s, t1, data.draw(st.integers(t1, top)))
 
     @prop
-    @given(s=stats(with_vision=False), data=st.data())
+    @given(s=stats(with_vision=False, with_keys=keys), data=st.data())
     def scores_equivariant(s, data):
         assume(bool(s.valid.all()))
         N = s.valid.shape[-1]

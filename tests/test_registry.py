@@ -73,7 +73,7 @@ def test_budget_totals():
     assert Budget(64).total(1000, 30) == 64 * 30
 
 
-@pytest.mark.parametrize("name", ["h2o", "prefixkv", "pyramidkv", "snapkv", "spankv",
+@pytest.mark.parametrize("name", ["h2o", "keydiff", "prefixkv", "pyramidkv", "snapkv", "spankv",
                                   "streamingllm", "uniform", "vlcache"])
 def test_builtin_cards_match_the_code(name):
     c = builtin_card(name)

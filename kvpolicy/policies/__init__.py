@@ -1,5 +1,6 @@
 """Built-in policies; importing this package registers them."""
 from .h2o import H2O
+from .keydiff import KeyDiff
 from .prefixkv import PrefixKV, calibrate
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
@@ -8,5 +9,5 @@ from .streamingllm import StreamingLLM
 from .uniform import Uniform
 from .vlcache import VLCache
 
-__all__ = ["H2O", "PrefixKV", "PyramidKV", "SnapKV", "SpanKV", "StreamingLLM", "Uniform", "VLCache",
+__all__ = ["H2O", "KeyDiff", "PrefixKV", "PyramidKV", "SnapKV", "SpanKV", "StreamingLLM", "Uniform", "VLCache",
            "calibrate"]
