@@ -245,7 +245,8 @@ class PolicyCache(Cache):
     # ---- compaction ----------------------------------------------------------------
     def _scores(self, observed: Observed) -> dict[int, Tensor]:
         """Per scored layer fp32 [B, G, S]: what the forward observed on its slots, plus the
-        running scores an evicting layer carries (zero for the forward's new tokens)."""
+        running scores an evicting layer carries (zero for the forward's new tokens; with
+        running "last" the forward's observation replaces them)."""
         out = {}
         for l, layer in enumerate(self.layers):
             if not layer.scored:
@@ -253,7 +254,7 @@ class PolicyCache(Cache):
             attn, S = observed.tally.layer(l), layer.keys.shape[2]
             if attn is not None and attn.shape[-1] < S:  # a deferred tally before the slots grew
                 attn = torch.nn.functional.pad(attn, (0, S - attn.shape[-1]))
-            if layer.scores is not None:
+            if layer.scores is not None and (attn is None or layer.running == "sum"):
                 attn = layer.scores if attn is None else attn + layer.scores
             out[l] = attn
         return out

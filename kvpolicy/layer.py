@@ -10,8 +10,9 @@ a closed layer is a decode step, in place and with fixed shapes (torch.compile-a
 
 - ``append`` layers write the next free slot (``used`` int64 [1]);
 - ``evict`` layers (policies that hold a fixed size) overwrite the slot with the lowest
-  ``policy.victim_priority`` (empty slots first) and add each step's attention
-  probabilities to their running ``scores`` float32 [B, G, C];
+  ``policy.victim_priority`` (empty slots first) and keep running ``scores`` float32
+  [B, G, C]: the sum of each step's attention probabilities, or only the last step's
+  (``Requirements.running``: "sum", "last");
 - ``sliding`` layers (the model's own sliding-window attention) are a ring of ``window``
   slots overwriting the oldest token.
 
@@ -46,6 +47,7 @@ class KVLayer(CacheLayerMixin):
         super().__init__()
         self.kind = "sliding" if window else kind
         self.policy, self.cache_window = policy, window
+        self.running = "sum" if policy is None else policy.requirements().running
         self.attention_window: int | None = None
         self.window_known = False
         self.is_open = False
@@ -171,7 +173,8 @@ class KVLayer(CacheLayerMixin):
                sinks: Tensor | None, observe: bool = False) -> tuple[Tensor, Tensor | None]:
         """One token's attention over the layer's slots: query [B, H, 1, D] -> (out [B, 1,
         H, Dv], probs fp32 [B, G, C] summed over each group when ``observe``, else None).
-        Evicting layers add the probabilities to their running scores."""
+        Evicting layers add the probabilities to their running scores (or replace them:
+        running "last")."""
         self.adopt_window(window)
         visible = visible_slots(self.pos, self.next_pos - 1, self.attention_window)
         keys = self.keys
@@ -180,7 +183,9 @@ class KVLayer(CacheLayerMixin):
                                             self.given)
         out, probs = grouped_attention(query, keys, self.values, visible, scaling, softcap,
                                        sinks, need_probs=observe or self.scores is not None)
-        if self.scores is not None:
+        if self.scores is not None and self.running == "last":
+            self.scores.copy_(probs)
+        elif self.scores is not None:
             self.scores.add_(probs)
         return out, probs
 

@@ -15,7 +15,7 @@ from kvpolicy.models import CACHE_ARG
 from kvpolicy.testing import check_policy
 from tiny_lm import ids, llama
 
-AGNOSTIC = ["keydiff"]
+AGNOSTIC = ["keydiff", "tova"]
 NEW = 6
 
 
@@ -58,6 +58,78 @@ def test_keydiff_scores_are_permutation_equivariant():
                      keys=s.keys[..., perm, :])
     policy = get_policy("keydiff")
     torch.testing.assert_close(policy.score(permuted), policy.score(s)[..., perm])
+
+
+def eager_attentions(model, prompt):
+    """Per layer the unpatched model's attention probabilities [B, H, N, N] (eager)."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(prompt, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_tova_score_is_the_last_rows_head_mean(tiny):
+    """kvpress TOVAPress: the last prompt query's attention, mean over all query heads,
+    copied to every KV head."""
+    prompt = ids(50, 3)
+    policy = get_policy("tova")
+    spy = Spy(policy)
+    with torch.no_grad():
+        kvpolicy.compress(tiny, prompt, policy, 0.5)
+    kvpolicy.detach(tiny)
+    got = policy.score(spy.seen[0])  # [L, 1, G, N]
+    for l, attn in enumerate(eager_attentions(tiny, prompt)):
+        want = attn[0, :, -1, :].mean(0)
+        for g in range(got.shape[2]):
+            torch.testing.assert_close(got[l, 0, g], want, rtol=1e-4, atol=1e-6)
+
+
+def tova_reference(model, prompt, cache_size: int, new_tokens: int):
+    """The original TOVA (schwartz-lab-NLP/TOVA, tova_cache.py) on the unpatched eager
+    model: after each forward every layer drops, until it holds ``cache_size`` tokens, the
+    ones the newest token attends to least (mean over all heads, its own key included);
+    positions stay the original ones. Returns (greedy ids [1, N + new], per layer the
+    positions held at the end)."""
+    model.set_attn_implementation("eager")
+    cache = DynamicCache(config=model.config)
+    held = [[] for _ in range(model.config.num_hidden_layers)]
+    tokens, x, pos = prompt, prompt, torch.arange(prompt.shape[1])[None]
+    try:
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                out = model(x, position_ids=pos, output_attentions=True, use_cache=True,
+                            **{CACHE_ARG: cache})
+                for l, (layer, attn) in enumerate(zip(cache.layers, out.attentions)):
+                    held[l] += pos[0].tolist()
+                    score = attn[0, :, -1, :].mean(0)
+                    if score.shape[0] > cache_size:
+                        keep = torch.sort(score.topk(cache_size).indices).values
+                        layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+                        held[l] = [held[l][i] for i in keep.tolist()]
+                nxt = out.logits[:, -1:].argmax(-1)
+                tokens = torch.cat([tokens, nxt], -1)
+                x, pos = nxt, torch.tensor([[tokens.shape[1] - 1]])
+    finally:
+        model.set_attn_implementation("sdpa")
+    return tokens, [sorted(h) for h in held]
+
+
+def test_tova_decode_is_the_original_fixed_size_cache(tiny):
+    """A layer of ``size`` slots overwrites, before each step, the slot the previous token
+    attended to least: the original's cache of size - 1 tokens plus the newest."""
+    prompt, size = ids(40, 4), 12
+    want, want_held = tova_reference(tiny, prompt, size - 1, NEW + 1)
+    with torch.no_grad(), kvpolicy.apply(tiny, "tova", size):
+        res = tiny.generate(prompt, max_new_tokens=NEW + 1, do_sample=False,
+                            return_dict_in_generate=True)
+    assert torch.equal(res.sequences, want)
+    cache = res.past_key_values
+    for layer, held in zip(cache.layers, want_held):
+        got = sorted(int(p) for p in layer.pos[0, 0] if p >= 0)
+        assert layer.pos.shape[-1] == size
+        assert set(held) <= set(got) and len(got) == size
 
 
 # ---- the observation -----------------------------------------------------------------------
@@ -113,5 +185,5 @@ def test_compress_then_ask(tiny, name):
         out = tiny.generate(torch.cat([document, question], -1), max_new_tokens=NEW,
                             do_sample=False, **{CACHE_ARG: cache.copy()})
     kvpolicy.detach(tiny)
-    assert 0 < sum(kept) <= round(0.3 * 90 * 3)
+    assert 0 < sum(kept) <= round(0.3 * (90 + NEW) * 3)  # fixed-size policies hold new tokens too
     assert out.shape == (1, 90 + 12 + NEW)

@@ -14,8 +14,8 @@ from kvpolicy.policies import H2O
 from kvpolicy.selection import select_keep
 from strategies import budgets, stats
 
-BUILTINS = ["h2o", "prefixkv", "pyramidkv", "snapkv", "spankv", "streamingllm", "uniform",
-            "vlcache"]
+BUILTINS = ["h2o", "prefixkv", "pyramidkv", "snapkv", "spankv", "streamingllm", "tova",
+            "uniform", "vlcache"]
 MONOTONE = ["uniform", "prefixkv", "vlcache", "pyramidkv"]
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -74,7 +74,7 @@ def test_budget_totals():
 
 
 @pytest.mark.parametrize("name", ["h2o", "keydiff", "prefixkv", "pyramidkv", "snapkv", "spankv",
-                                  "streamingllm", "uniform", "vlcache"])
+                                  "streamingllm", "tova", "uniform", "vlcache"])
 def test_builtin_cards_match_the_code(name):
     c = builtin_card(name)
     cls = kvpolicy.policy_class(name)

@@ -6,8 +6,9 @@ from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .spankv import SpanKV
 from .streamingllm import StreamingLLM
+from .tova import TOVA
 from .uniform import Uniform
 from .vlcache import VLCache
 
-__all__ = ["H2O", "KeyDiff", "PrefixKV", "PyramidKV", "SnapKV", "SpanKV", "StreamingLLM", "Uniform", "VLCache",
-           "calibrate"]
+__all__ = ["H2O", "KeyDiff", "PrefixKV", "PyramidKV", "SnapKV", "SpanKV", "StreamingLLM", "TOVA",
+           "Uniform", "VLCache", "calibrate"]
