@@ -172,6 +172,11 @@ def validated(model: nn.Module, policy: str | Policy, budget: float | int,
     b = Budget(budget)
     b.check_holds(pol.min_tokens(), pol.name)
     models.check_supported(model)
+    if pol.requirements().reconstruct:
+        if models.vision_token_ids(model):
+            raise ValueError(f"{pol.name}: its reconstruction passes repeat the prompt's ids, "
+                             f"which cannot carry images; use it on text models")
+        pol.reconstruction(torch.ones(1, 1, dtype=torch.long), 1)  # refuses what it lacks, by name
     return pol, b, cache_rotary(model, pol)
 
 
@@ -236,7 +241,9 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
     patched or not (``compress`` leaves hooks that act only on a PolicyCache;
     ``kvpolicy.detach(model)`` removes them).
     chunk_size: prefill this many tokens at a time, compressing after each chunk, so the
-    K/V held stays near ``budget x tokens seen + chunk_size`` per layer.
+    K/V held stays near ``budget x tokens seen + chunk_size`` per layer. A reconstructing
+    policy (kvzip) holds the whole context until its passes, which repeat ``chunk_size``
+    context tokens each (their attention's memory follows it), then compresses once.
     max_new_tokens: decode steps to size buffers (and fixed-size policies) for.
     """
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -250,7 +257,7 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
     pol, b, rotary = validated(model, policy, budget, params)
     check_prompt_budget(model, pol, b, input_ids, attention_mask)
     hooks: CacheHooks = attach(model)
-    cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary)
+    cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary, chunk_size)
     # an unpatched model's generate would pre-build 4-D masks for a compileable cache
     cache.begin_call(input_ids, max_new_tokens, defer=False,
                      compileable=getattr(model, "_kvpolicy_handle", None) is not None)

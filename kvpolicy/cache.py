@@ -27,10 +27,11 @@ from transformers.cache_utils import Cache
 from .budget import Budget
 from .compaction import compact_layers_into
 from .layer import KVLayer
-from .pipeline import Observation
+from .pipeline import Observation, ScoreTally
 from .planning import at_slots, plan_forward
 from .policy import Plan, Policy
 from .prefill import Observed, PromptObserver
+from .reconstruction import PassObserver
 
 
 @dataclass
@@ -54,12 +55,13 @@ class PolicyCache(Cache):
     torch.compile shapes); recompress: whether a new turn (a call continuing a finished
     call) is compressed again so that each layer keeps ``budget`` of everything seen (else
     it is appended). The chunks of one call's prompt are always compressed. rotary: a
-    kvpolicy.rotary.CacheRotary for policies with positions="cache".
+    kvpolicy.rotary.CacheRotary for policies with positions="cache". chunk_size: context
+    tokens per reconstruction pass (``Requirements.reconstruct``; None: the policy's own).
     """
 
     def __init__(self, layer_windows: list[int | None] | int, policy: Policy, budget: Budget,
                  max_new_tokens: int = 0, bucket: int = 1, recompress: bool = True,
-                 rotary=None):
+                 rotary=None, chunk_size: int | None = None):
         if isinstance(layer_windows, int):
             layer_windows = [None] * layer_windows
         kind = "evict" if policy.requirements().decode == "evict" else "append"
@@ -77,6 +79,13 @@ class PolicyCache(Cache):
         self._observer: PromptObserver | None = None
         self._deferral: Deferral | None = None
         self._plan: Plan | None = None
+        self._call_ids: Tensor | None = None  # ids [B, n] of the call in progress
+        self._chunk_size = chunk_size
+        self._unscored: Observed | None = None  # a first prompt awaiting reconstruction passes
+        self._pass: PassObserver | None = None
+        self._pass_span: tuple[int, int] | None = None
+        self._held: list[tuple] = []
+        self._pass_tally: ScoreTally | None = None
 
     # ---- what the cache tells ----------------------------------------------------------
     @property
@@ -143,6 +152,8 @@ class PolicyCache(Cache):
                                  f"(got {ids.shape[1]})")
         self._continues = seen is not None
         self._compileable = compileable
+        if self.policy.requirements().reconstruct and seen is None and ids is not None:
+            self._call_ids = self._reconstruction_ids(ids)
         if new_tokens is None:
             return
         self._new_tokens = new_tokens
@@ -158,6 +169,49 @@ class PolicyCache(Cache):
         if sequences is not None:
             self._history = sequences
             self._continues = True
+
+    # ---- reconstruction passes (Requirements.reconstruct) -------------------------
+    def _reconstruction_ids(self, ids: Tensor) -> Tensor | None:
+        """The first call's prompt ids [1, n], which the reconstruction passes repeat (None
+        for a prompt given as embeddings: refused once it is observed)."""
+        name = self.policy.name
+        if ids.dim() != 2 or ids.is_floating_point():
+            return None
+        if ids.shape[0] != 1:
+            raise ValueError(f"kvpolicy {name}: reconstruction passes score one context at a time; "
+                             f"pass a batch of one sequence (got {ids.shape[0]})")
+        return ids
+
+    @property
+    def reconstruction_due(self) -> bool:
+        """Whether the first prompt is complete and waits for its reconstruction passes."""
+        return (self._unscored is not None and self._pass_tally is None
+                and int(self.layers[0].seen) >= self._call_ids.shape[1])
+
+    @property
+    def reconstruction_chunk(self) -> int | None:
+        """Context tokens per reconstruction pass (None: the policy's own)."""
+        return self._chunk_size
+
+    def reconstruction_context(self) -> Tensor:
+        """ids [1, n] of the context the reconstruction passes repeat."""
+        self._pass_tally = ScoreTally(len(self.layers))
+        return self._call_ids
+
+    def begin_pass(self, start: int, stop: int) -> None:
+        """The next forward is a reconstruction pass scoring context positions [start, stop)
+        (and the policy's sinks)."""
+        self._pass_span = (start, stop)
+
+    def end_reconstruction(self) -> None:
+        """Plan the first prompt with the passes' max scores and compact it."""
+        unscored, tally = self._unscored, self._pass_tally
+        self._unscored = self._pass_tally = None
+        pos = next(layer for layer in self.layers if layer.scored).pos[:, 0]  # [1, C]
+        observed = Observed(tally, torch.zeros_like(pos, dtype=torch.bool), None,
+                            unscored.new_pos, self.layers[0].next_pos.clone(), False,
+                            unscored.heads_per_group)
+        self._compact(observed, True, self._new_tokens)
 
     # ---- a forward -----------------------------------------------------------------
     def begin_forward(self, owner: str, windows: list[int | None], new_valid: Tensor,
@@ -182,6 +236,14 @@ class PolicyCache(Cache):
             self.reserve(1)
             return
         self.settle()  # a deferred compaction runs before the next forward opens
+        if self._pass_span is not None:
+            (start, stop), self._pass_span = self._pass_span, None
+            self._held = [layer.held() for layer in self.layers]
+            self._pass = PassObserver(self.layers, new_valid.shape[1], start, stop,
+                                      self.policy.sinks, self._pass_tally)
+            for layer in self.layers:
+                layer.open(self._pass.new_pos)
+            return
         self._observer = PromptObserver(self.policy, self.budget, self.layers, new_valid, vision)
         for layer in self.layers:
             layer.open(self._observer.new_pos)
@@ -193,6 +255,8 @@ class PolicyCache(Cache):
         l = module.layer_idx
         layer = self.layers[l]
         layer.adopt_window(window)
+        if self._pass is not None:
+            return self._pass.attend(l, layer, module, query, key, value, scaling, softcap, sinks)
         if self._observer is not None:
             if layer.rotary is not None:
                 query, key = layer.rotary.place(query, key, layer.pos[:, 0], self._observer.new_pos,
@@ -205,14 +269,26 @@ class PolicyCache(Cache):
         return out
 
     def end_forward(self) -> None:
-        """After a forward: plan and compact a multi-token one; count a deferred step."""
-        if self._observer is not None:
+        """After a forward: plan and compact a multi-token one (a first prompt of a
+        reconstructing policy is kept whole until its passes); count a deferred step; put
+        back the context a reconstruction pass attended."""
+        if self._pass is not None:
+            if len(self._pass.attended) != len(self.layers):
+                raise RuntimeError("kvpolicy: a reconstruction pass did not reach every layer")
+            self._pass = None
+            for layer, held in zip(self.layers, self._held):
+                layer.rewind(held)
+            self._held = []
+        elif self._observer is not None:
             observer, self._observer = self._observer, None
             observed = observer.finish(len(self.layers))
             fresh = not self._continues  # else a new turn of a finished call
-            compress = fresh or self.recompress or self.policy.requirements().decode == "evict"
+            needs = self.policy.requirements()
+            compress = fresh or self.recompress or needs.decode == "evict"
             planned = any(layer.scored for layer in self.layers)  # else only windows are kept
-            if compress and self._defer_steps and planned:
+            if needs.reconstruct and planned:
+                self._await_reconstruction(observed, fresh)
+            elif compress and self._defer_steps and planned:
                 self._compact(observed, compress=False, new_tokens=self._new_tokens,
                               defer=self._defer_steps)
             else:
@@ -221,6 +297,17 @@ class PolicyCache(Cache):
             self._deferral.decoded += 1
             if self._deferral.decoded >= self._deferral.steps:
                 self.settle()
+
+    def _await_reconstruction(self, observed: Observed, fresh: bool) -> None:
+        """Keep every slot of a reconstructing policy's forward: a first prompt's waits for
+        its passes (``reconstruction_due``); a later turn is appended, never re-scored."""
+        if fresh and self._call_ids is None:
+            raise ValueError(f"kvpolicy {self.policy.name}: its reconstruction passes repeat the "
+                             f"prompt's token ids; run it through model.generate(input_ids) or "
+                             f"kvpolicy.compress (not inputs_embeds or a hand-written forward)")
+        self._compact(observed, False, self._new_tokens)
+        if fresh:
+            self._unscored = observed
 
     def settle(self) -> None:
         """Plan and compact a deferred forward now, with its counted prompt queries and the

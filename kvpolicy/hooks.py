@@ -15,6 +15,7 @@ from . import interface, models
 from .budget import Budget
 from .cache import PolicyCache
 from .prefill import UnreachedLayersError
+from .reconstruction import reconstruct
 from .registry import get_policy
 from .rotary import cache_position_ids
 
@@ -105,6 +106,8 @@ class CacheHooks:
             return None
         cache.end_forward()
         self._restore()
+        if cache.reconstruction_due:
+            reconstruct(self.model, cache)
         return None
 
     def _restore(self) -> None:

@@ -145,6 +145,16 @@ class KVLayer(CacheLayerMixin):
         for t in self.owned():
             torch._dynamo.mark_static_address(t)
 
+    def held(self) -> tuple:
+        """The closed layer's state, for ``rewind`` (references, no copies)."""
+        return self.keys, self.values, self.pos, self.scores, self.seen
+
+    def rewind(self, held: tuple) -> None:
+        """End a multi-token step without keeping its tokens: back to ``held`` (a
+        reconstruction pass attends the context and leaves it as it was)."""
+        self.keys, self.values, self.pos, self.scores, self.seen = held
+        self.is_open = False
+
     # ---- the decode step -------------------------------------------------------------
     def _write(self, key_states: Tensor, value_states: Tensor) -> None:
         """Write one token [B, G, 1, D] into its slot."""

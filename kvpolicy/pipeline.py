@@ -86,6 +86,18 @@ class ScoreTally:
             b = self.below[layer]
             self.below[layer] = obs.below.clone() if b is None else b + obs.below
 
+    def add_max(self, layer: int, obs: Observation) -> None:
+        """Keep, per key, the max of the tally and an observation over this layer's first S
+        keys (a max-reduction: KVzip's reconstruction passes)."""
+        old, new = self.attn[layer], obs.attn
+        if old is None:
+            self.attn[layer] = new.clone()
+            return
+        if new.shape[-1] > old.shape[-1]:
+            old = torch.nn.functional.pad(old, (0, new.shape[-1] - old.shape[-1]))
+        old[..., :new.shape[-1]] = torch.maximum(old[..., :new.shape[-1]], new)
+        self.attn[layer] = old
+
     def set(self, layer: int, obs: Observation) -> None:
         """Replace layer ``layer``'s tally (a forward that observed its keys afresh)."""
         self.attn[layer] = obs.attn

@@ -254,6 +254,13 @@ class Policy:
         keep = self.evict(self.score(stats), n, stats)
         return Plan(keep, self.capacity(n, stats))
 
+    # ---- reconstruction (policies with Requirements.reconstruct) ----------------------
+    def reconstruction(self, context: Tensor, chunk: int | None) -> list[tuple[int, int, Tensor]]:
+        """The reconstruction passes over context ids int64 [1, n], ``chunk`` context
+        tokens each (None: the policy's own): (start, stop, ids int64 [1, q]), each pass
+        scoring context positions [start, stop). Refuses, by name, what it lacks."""
+        raise NotImplementedError(f"{self.name} runs no reconstruction passes")
+
     # ---- decode hook (policies with decode == "evict") -------------------------------
     def victim_priority(self, scores: Tensor, positions: Tensor, step_pos: Tensor,
                         size: Tensor) -> Tensor:

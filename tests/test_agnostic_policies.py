@@ -4,6 +4,8 @@ kvpolicy.testing, budget 1.0 token-identical to the unpatched tiny model, and a
 compress-then-ask flow."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +17,20 @@ from kvpolicy.models import CACHE_ARG
 from kvpolicy.testing import check_policy
 from tiny_lm import ids, llama
 
-AGNOSTIC = ["keydiff", "tova"]
+AGNOSTIC = ["keydiff", "tova", "kvzip"]
 NEW = 6
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for the tiny model: one id per character, no chat template."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 890 for c in text]}
+
+
+PARAMS = {"kvzip": {"tokenizer": CharTokenizer()}}
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +146,99 @@ def test_tova_decode_is_the_original_fixed_size_cache(tiny):
         assert set(held) <= set(got) and len(got) == size
 
 
+def kvzip_reference(model, context, tok, chunk: int, sinks: int = 4) -> torch.Tensor:
+    """KVzip's scores from the rule (paper Algorithm 1, kvpress KVzipPress): after the
+    context, each pass = repeat request + "\n" + a context chunk teacher-forced, at the
+    positions after the context; a chunk key's score is the max, over the pass's queries
+    and its group's heads, of its probability under the softmax restricted to the sinks,
+    the chunk and the pass's own tokens. Here from the unpatched eager model's full
+    probabilities P, renormalised over that subset. Returns fp32 [L, G, n] (sinks 0)."""
+    n, L = context.shape[1], model.config.num_hidden_layers
+    G = model.config.num_key_value_heads
+    heads = model.config.num_attention_heads // G
+    encode = lambda text: torch.tensor(tok(text)["input_ids"])
+    full = DynamicCache(config=model.config)
+    scores = torch.zeros(L, G, n)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            model(context, use_cache=True, **{CACHE_ARG: full})
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                head = encode("\n\nRepeat the previous context exactly.") if start == 0 else torch.cat(
+                    [encode("\n\nRepeat the part of the previous context exactly, starting with"),
+                     context[0, max(0, start - 8):start]])
+                ids_ = torch.cat([head, encode("\n"), context[0, start:stop]])[None]
+                pos = torch.arange(n, n + ids_.shape[1])[None]
+                out = model(ids_, position_ids=pos, use_cache=True, output_attentions=True,
+                            **{CACHE_ARG: copy.deepcopy(full)})
+                subset = torch.cat([torch.arange(min(sinks, start)), torch.arange(start, stop)])
+                for l, P in enumerate(out.attentions):  # [1, H, q, n + q]
+                    kept = torch.cat([P[0][..., subset], P[0][..., n:]], -1)
+                    p = kept[..., :len(subset)] / kept.sum(-1, keepdim=True)  # [H, q, s]
+                    best = p.view(G, heads, *p.shape[1:]).amax(dim=(1, 2))  # [G, s]
+                    scores[l][:, subset] = torch.maximum(scores[l][:, subset], best)
+    finally:
+        model.set_attn_implementation("sdpa")
+    scores[..., :sinks] = 0
+    return scores
+
+
+def test_kvzip_scores_are_the_reconstruction_rule(tiny):
+    context = ids(70, 8)
+    policy = get_policy("kvzip", tokenizer=CharTokenizer())
+    spy = Spy(policy)
+    with torch.no_grad():
+        kvpolicy.compress(tiny, context, policy, 0.3, chunk_size=32)  # three passes
+    kvpolicy.detach(tiny)
+    got = spy.seen[0].attn[:, 0, :, 4:70]
+    want = kvzip_reference(tiny, context, CharTokenizer(), 32)[..., 4:]
+    assert want.min() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_kvzip_allocation_is_the_global_top_k():
+    """Brute force: among all layer counts within [floor, N] summing to the total, the
+    chosen one keeps the largest sum of per-rank head-mean scores (protected first)."""
+    import itertools
+
+    s = random_stats(L=3, B=1, G=2, N=7)
+    s.attn = s.attn ** torch.tensor([1.0, 3.0, 0.3])[:, None, None, None]  # layers differ
+    policy = get_policy("kvzip", sinks=1)
+    floor, N = policy.floor(s), s.num_tokens
+    key = s.attn.masked_fill(policy.protected(s)[None, :, None], 1e9)
+    ranked = key.sort(-1, descending=True).values.mean(dim=(1, 2)).double()  # [L, N]
+    for total in range(floor * 3, N * 3 + 1):
+        best = max((c for c in itertools.product(range(floor, N + 1), repeat=3) if sum(c) == total),
+                   key=lambda c: sum(float(ranked[l, :k].sum()) for l, k in enumerate(c)))
+        got = policy.allocate(s, total, floor)
+        assert sum(float(ranked[l, :k].sum()) for l, k in enumerate(got.tolist())) == \
+            pytest.approx(sum(float(ranked[l, :k].sum()) for l, k in enumerate(best)))
+
+
+def test_kvzip_under_generate_keeps_what_compress_keeps(tiny):
+    """The passes run after generate's prefill too, before the first decode step."""
+    context, tok = ids(60, 9), CharTokenizer()
+    with torch.no_grad():
+        cache = kvpolicy.compress(tiny, context, "kvzip", 0.3, tokenizer=tok)
+        want = [sorted(int(p) for p in layer.pos[0, 0] if p >= 0) for layer in cache.layers]
+        with kvpolicy.apply(tiny, "kvzip", 0.3, tokenizer=tok):
+            res = tiny.generate(context, max_new_tokens=NEW, do_sample=False,
+                                return_dict_in_generate=True)
+    kvpolicy.detach(tiny)
+    got = [sorted(int(p) for p in layer.pos[0, 0] if 0 <= p < 60) for layer in res.past_key_values.layers]
+    assert got == want and sum(map(len, got)) == round(0.3 * 60 * 3)
+
+
+def test_kvzip_refuses_what_it_cannot_serve(tiny):
+    with pytest.raises(ValueError, match=r"kvzip\(tokenizer=\.\.\.\)"):
+        kvpolicy.apply(tiny, "kvzip", 0.5)
+    with pytest.raises(ValueError, match="batch of one"):
+        kvpolicy.compress(tiny, torch.cat([ids(20, 1), ids(20, 2)]), "kvzip", 0.5,
+                          tokenizer=CharTokenizer())
+    kvpolicy.detach(tiny)
+
+
 # ---- the observation -----------------------------------------------------------------------
 class Spy:
     """Wraps a policy's score to record the Stats it is given."""
@@ -163,7 +270,7 @@ def test_keys_reach_the_policy_as_the_model_caches_them(tiny):
 # ---- invariants, exactness, flows -----------------------------------------------------------
 @pytest.mark.parametrize("name", AGNOSTIC)
 def test_invariants(name):
-    check_policy(name, examples=40, equivariant=False)
+    check_policy(lambda: get_policy(name, **PARAMS.get(name, {})), examples=40, equivariant=False)
 
 
 @pytest.mark.parametrize("name", AGNOSTIC)
@@ -171,7 +278,7 @@ def test_budget_one_is_token_identical(tiny, name):
     prompt = ids(60, 2)
     with torch.no_grad():
         want = tiny.generate(prompt, max_new_tokens=NEW, do_sample=False)
-        with kvpolicy.apply(tiny, name, 1.0):
+        with kvpolicy.apply(tiny, name, 1.0, **PARAMS.get(name, {})):
             got = tiny.generate(prompt, max_new_tokens=NEW, do_sample=False)
     assert torch.equal(got, want)
 
@@ -180,7 +287,8 @@ def test_budget_one_is_token_identical(tiny, name):
 def test_compress_then_ask(tiny, name):
     document, question = ids(90, 1), ids(12, 5)
     with torch.no_grad():
-        cache = kvpolicy.compress(tiny, document, name, 0.3, chunk_size=32, max_new_tokens=NEW)
+        cache = kvpolicy.compress(tiny, document, name, 0.3, chunk_size=32, max_new_tokens=NEW,
+                                  **PARAMS.get(name, {}))
         kept = [int((layer.pos[0, 0] >= 0).sum()) for layer in cache.layers]
         out = tiny.generate(torch.cat([document, question], -1), max_new_tokens=NEW,
                             do_sample=False, **{CACHE_ARG: cache.copy()})

@@ -1,6 +1,7 @@
 """Built-in policies; importing this package registers them."""
 from .h2o import H2O
 from .keydiff import KeyDiff
+from .kvzip import KVzip
 from .prefixkv import PrefixKV, calibrate
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
@@ -10,5 +11,5 @@ from .tova import TOVA
 from .uniform import Uniform
 from .vlcache import VLCache
 
-__all__ = ["H2O", "KeyDiff", "PrefixKV", "PyramidKV", "SnapKV", "SpanKV", "StreamingLLM", "TOVA",
-           "Uniform", "VLCache", "calibrate"]
+__all__ = ["H2O", "KVzip", "KeyDiff", "PrefixKV", "PyramidKV", "SnapKV", "SpanKV", "StreamingLLM",
+           "TOVA", "Uniform", "VLCache", "calibrate"]

@@ -1,0 +1,78 @@
+"""KVzip: score each context key by how much the model needs it to repeat the context
+(Kim et al., 2025), query-agnostic."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..allocation import take_cheapest
+from ..policy import Policy, Stats, check_int
+from ..registry import register_policy
+
+REPEAT = "\n\nRepeat the previous context exactly."
+REPEAT_PART = "\n\nRepeat the part of the previous context exactly, starting with"
+OVERLAP = 8  # tokens of the previous chunk a later pass starts from
+PLACEHOLDER = "@@kvzip@@"
+
+
+@register_policy("kvzip")
+class KVzip(Policy):
+    # the rule: its card, registry/cards/kvzip.toml (also its __doc__)
+    queries = "none"  # the prompt's forward counts nothing: the reconstruction passes score
+    reconstruct = True
+    window = 0
+    protects = "the first `sinks` tokens"
+
+    def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, layerwise: bool = False):
+        if not isinstance(layerwise, bool):
+            raise TypeError(f"layerwise must be a bool, got {layerwise!r}")
+        self.tokenizer = tokenizer
+        self.sinks = check_int("sinks", sinks, 0)
+        self.chunk = check_int("chunk", chunk, 1)
+        self.layerwise = layerwise
+
+    def reconstruction(self, context: Tensor, chunk: int | None) -> list[tuple[int, int, Tensor]]:
+        """The passes repeating context ids int64 [1, n], ``chunk`` (None: ``self.chunk``)
+        tokens each: (start, stop, ids [1, q]) with ids = the repeat request, the chat
+        template's end of the user turn, then context[start:stop] teacher-forced."""
+        if self.tokenizer is None:
+            raise ValueError("kvzip(tokenizer=...): pass the model's tokenizer; KVzip asks the model "
+                             "to repeat the context with its own chat template")
+        step = chunk or self.chunk
+        suffix = self.encode(self.turn_end())
+        passes = []
+        for start in range(0, context.shape[1], step):
+            stop = min(start + step, context.shape[1])
+            if start == 0:
+                head = self.encode(REPEAT)
+            else:
+                head = torch.cat([self.encode(REPEAT_PART), context[0, max(0, start - OVERLAP):start]])
+            ids = torch.cat([head, suffix, context[0, start:stop]])[None]
+            passes.append((start, stop, ids))
+        return passes
+
+    def turn_end(self) -> str:
+        """The chat template's text after a user message up to the assistant's reply ("\\n"
+        without a template), as kvpress splits it."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return "\n"
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": PLACEHOLDER}],
+                                                  add_generation_prompt=True, tokenize=False,
+                                                  enable_thinking=False)
+        return text.split(PLACEHOLDER)[-1]
+
+    def encode(self, text: str) -> Tensor:
+        """int64 [n]: ``text``'s ids without special tokens."""
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
+        """Layerwise: equal. Otherwise a global top-``total`` across layers with a layer's KV
+        heads taking the same count: layer l's k-th token is worth the mean over its heads
+        of each head's k-th highest score (protected tokens first), best first."""
+        if self.layerwise:
+            return super().allocate(stats, total, floor)
+        big = 1e30
+        key = stats.attn.double().masked_fill(self.protected(stats)[None, :, None, :], big)
+        key = key.masked_fill(~stats.valid[None, :, None, :], -big)
+        ranked = key.sort(-1, descending=True).values.mean(dim=(1, 2))  # [L, N]
+        return take_cheapest(-ranked.cpu(), total, floor, self.room(stats))
