@@ -37,9 +37,10 @@ class PolicyHandle:
     """
 
     def __init__(self, model: nn.Module, policy: Policy, budget: Budget, compile: bool,
-                 recompress: bool, rotary: CacheRotary | None = None):
+                 recompress: bool, rotary: CacheRotary | None = None,
+                 query_rotary: CacheRotary | None = None):
         self.model, self.policy, self.budget, self.compile = model, policy, budget, compile
-        self.rotary = rotary
+        self.rotary, self.query_rotary = rotary, query_rotary
         self.recompress = recompress
         self.windows = models.layer_windows(model)
         self._attn = models.attn_implementation(model)
@@ -69,7 +70,7 @@ class PolicyHandle:
     def new_cache(self, max_new_tokens: int) -> PolicyCache:
         bucket = COMPILE_BUCKET if self.compile else 1
         cache = PolicyCache(self.windows, self.policy, self.budget, max_new_tokens, bucket,
-                            self.recompress, self.rotary)
+                            self.recompress, self.rotary, query_rotary=self.query_rotary)
         cache.begin_call(None, max_new_tokens, defer=True, compileable=True)
         return cache
 
@@ -180,6 +181,16 @@ def validated(model: nn.Module, policy: str | Policy, budget: float | int,
     return pol, b, cache_rotary(model, pol)
 
 
+def query_rotary(model: nn.Module, policy: Policy) -> CacheRotary | None:
+    """The rotary a policy asking for query statistics or future positions reads (refused
+    by name where kvpolicy cannot un-rotate queries exactly); None for every other policy."""
+    needs = policy.requirements()
+    if not (needs.query_stats or needs.future_positions):
+        return None
+    return CacheRotary(model, f"{policy.name} reads the pre-RoPE queries and the rotary at future "
+                              f"positions", "Use another query-agnostic policy (keydiff, kvzip).")
+
+
 def cache_rotary(model: nn.Module, policy: Policy) -> CacheRotary | None:
     """The rotary a positions="cache" policy re-applies (refused by name where it cannot
     be exact); None for every other policy."""
@@ -225,7 +236,7 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
     if getattr(model, "_kvpolicy_handle", None) is not None:
         raise RuntimeError(f"kvpolicy is already applied to this model ({model._kvpolicy_handle!r}); "
                            f"remove that handle first")
-    handle = PolicyHandle(model, pol, b, compile, recompress, rotary)
+    handle = PolicyHandle(model, pol, b, compile, recompress, rotary, query_rotary(model, pol))
     handle.install()
     return handle
 
@@ -257,7 +268,8 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
     pol, b, rotary = validated(model, policy, budget, params)
     check_prompt_budget(model, pol, b, input_ids, attention_mask)
     hooks: CacheHooks = attach(model)
-    cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary, chunk_size)
+    cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary, chunk_size,
+                        query_rotary(model, pol))
     # an unpatched model's generate would pre-build 4-D masks for a compileable cache
     cache.begin_call(input_ids, max_new_tokens, defer=False,
                      compileable=getattr(model, "_kvpolicy_handle", None) is not None)

@@ -57,11 +57,13 @@ class PolicyCache(Cache):
     it is appended). The chunks of one call's prompt are always compressed. rotary: a
     kvpolicy.rotary.CacheRotary for policies with positions="cache". chunk_size: context
     tokens per reconstruction pass (``Requirements.reconstruct``; None: the policy's own).
+    query_rotary: the model's rotary (kvpolicy.rotary.CacheRotary) for policies that ask for
+    query statistics or future positions (``Requirements.query_stats``, ``future_positions``).
     """
 
     def __init__(self, layer_windows: list[int | None] | int, policy: Policy, budget: Budget,
                  max_new_tokens: int = 0, bucket: int = 1, recompress: bool = True,
-                 rotary=None, chunk_size: int | None = None):
+                 rotary=None, chunk_size: int | None = None, query_rotary=None):
         if isinstance(layer_windows, int):
             layer_windows = [None] * layer_windows
         kind = "evict" if policy.requirements().decode == "evict" else "append"
@@ -81,6 +83,7 @@ class PolicyCache(Cache):
         self._plan: Plan | None = None
         self._call_ids: Tensor | None = None  # ids [B, n] of the call in progress
         self._chunk_size = chunk_size
+        self._query_rotary = query_rotary
         self._unscored: Observed | None = None  # a first prompt awaiting reconstruction passes
         self._pass: PassObserver | None = None
         self._pass_span: tuple[int, int] | None = None
@@ -244,7 +247,8 @@ class PolicyCache(Cache):
             for layer in self.layers:
                 layer.open(self._pass.new_pos)
             return
-        self._observer = PromptObserver(self.policy, self.budget, self.layers, new_valid, vision)
+        self._observer = PromptObserver(self.policy, self.budget, self.layers, new_valid, vision,
+                                        self._query_rotary)
         for layer in self.layers:
             layer.open(self._observer.new_pos)
 

@@ -109,11 +109,16 @@ class ScoreTally:
 
 def plan_row(policy: Policy, budget: Budget, attn: Tensor, *, queries: Tensor, valid: Tensor,
              heads_per_group: int, vision: Tensor | None = None, below: Tensor | None = None,
-             new_tokens: int = 0, seen: int | None = None, keys: Tensor | None = None) -> Plan:
+             new_tokens: int = 0, seen: int | None = None, keys: Tensor | None = None,
+             query_mean: Tensor | None = None, query_cov: Tensor | None = None,
+             value_norms: Tensor | None = None, future_rotary: Tensor | None = None) -> Plan:
     """The policy's plan for one batch row: attn float32 [L, 1, G, N] (each planned layer's
     tally, aligned on the row's N keys), queries / valid / vision bool [1, N], below float32
     [L, 1, G] | None, new_tokens: decode steps still planned, seen: tokens the budget is a
     fraction of when it differs from the valid keys (a continued cache), keys [L, 1, G, N,
-    D] | None: the layers' cached keys (policies whose requirements ask ``needs_keys``)."""
-    stats = Stats(attn, queries, valid, heads_per_group, vision, below, new_tokens, seen, keys)
+    D] | None: the layers' cached keys (policies whose requirements ask ``needs_keys``);
+    query_mean [L, 1, H, D], query_cov [L, 1, H, D, D], value_norms [L, 1, G, N],
+    future_rotary [1, 2, F, D] (``query_stats`` / ``future_positions``; see Stats)."""
+    stats = Stats(attn, queries, valid, heads_per_group, vision, below, new_tokens, seen, keys,
+                  query_mean, query_cov, value_norms, future_rotary)
     return policy.plan(stats, budget)

@@ -78,6 +78,7 @@ def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: O
     if policy.requirements().needs_keys:  # [L, B, G, W, D], zero at padding and empty slots
         keys = torch.stack([left_pad(layers[l].keys.transpose(-1, -2), width).transpose(-1, -2)
                             for l in scored]) * valid[None, :, None, :, None]
+    stats = query_statistics(observed, scored, valid, width) if observed.moments else {}
     rows = []
     for b in range(valid.shape[0]):
         one = slice(b, b + 1)
@@ -90,8 +91,25 @@ def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: O
                              vision=None if vision is None else vision[one],
                              below=None if below is None else below[:, one],
                              new_tokens=new_tokens, seen=seen,
-                             keys=None if keys is None else keys[:, one]))
+                             keys=None if keys is None else keys[:, one],
+                             **{k: v[:, one] if k != "future_rotary" else v[one]
+                                for k, v in stats.items()}))
     return rows
+
+
+def query_statistics(observed: Observed, scored: list[int], valid: Tensor,
+                     width: int) -> dict[str, Tensor]:
+    """The query mean [L, B, H, D] and covariance [L, B, H, D, D], the value norms [L, B,
+    G, W] (0 at padding) and the future rotary [B, 2, F, D] of an observation that has them."""
+    count, total, outer = (torch.stack(m) for m in zip(*(observed.moments[l] for l in scored)))
+    n = count.clamp_min(1)[:, :, None, None]
+    mean = total / n
+    cov = outer / n[..., None] - mean[..., :, None] * mean[..., None, :]
+    norms = torch.stack([left_pad(observed.value_norms[l], width) for l in scored])
+    out = dict(query_mean=mean, query_cov=cov, value_norms=norms * valid[None, :, None])
+    if observed.future_rotary is not None:
+        out["future_rotary"] = observed.future_rotary
+    return out
 
 
 def left_pad(x: Tensor, width: int) -> Tensor:

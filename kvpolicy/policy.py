@@ -40,6 +40,11 @@ class Requirements:
         (``Policy.reconstruction``) on the uncompressed cache and fills ``Stats.attn`` with
         the max (not the sum) of their attention on each key (KVzip); a later turn is
         appended, not re-scored.
+    query_stats: fill ``Stats.query_mean`` / ``query_cov`` (the pre-RoPE queries of the
+        forward's real tokens after the policy's first ``sinks``) and ``Stats.value_norms``
+        (Expected Attention).
+    future_positions: F > 0 fills ``Stats.future_rotary`` with the model's rotary at the
+        F positions after the prompt.
     """
 
     queries: QuerySet
@@ -50,6 +55,8 @@ class Requirements:
     needs_keys: bool = False
     running: Literal["sum", "last"] = "sum"
     reconstruct: bool = False
+    query_stats: bool = False
+    future_positions: int = 0
 
     @property
     def sparsity(self) -> bool:
@@ -80,6 +87,14 @@ class Stats:
     Appended fields, filled only when the policy's ``Requirements`` ask for them:
     keys: [L, B, G, N, D] in the model's dtype (needs_keys): each scored layer's cached
         keys (post-RoPE, as attention uses them), aligned with ``attn``; 0 at padding.
+    query_mean: float32 [L, B, H, D] (query_stats): the mean of the pre-RoPE queries (as
+        the layer's query projection, and norm where it has one, gives them) of the
+        forward's real tokens after the policy's first ``sinks``, per query head.
+    query_cov: float32 [L, B, H, D, D] (query_stats): their covariance (population, 1/n).
+    value_norms: float32 [L, B, G, N] (query_stats): each cached value's L2 norm; 0 at
+        padding.
+    future_rotary: float32 [B, 2, F, D] (future_positions = F): cos and sin of the model's
+        rotary at each row's F positions after its prompt (rotate-half convention).
     For ``Requirements.reconstruct`` policies ``attn`` holds the max, over the
     reconstruction queries and the query heads of the KV group, of the probability each
     key received (not a sum).
@@ -94,6 +109,10 @@ class Stats:
     max_new_tokens: int = 0
     num_seen: int | None = None
     keys: Tensor | None = None
+    query_mean: Tensor | None = None
+    query_cov: Tensor | None = None
+    value_norms: Tensor | None = None
+    future_rotary: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -163,12 +182,15 @@ class Policy:
     needs_keys: ClassVar[bool] = False
     running: ClassVar[str] = "sum"
     reconstruct: ClassVar[bool] = False
+    query_stats: ClassVar[bool] = False
+    future_positions: int = 0
 
     def requirements(self) -> Requirements:
         """What this policy needs from an engine (see Requirements); a policy whose needs
         depend on its parameters overrides this, never the class attributes."""
         return Requirements(self.queries, self.tau, self.decode, self.defer, self.positions,
-                            self.needs_keys, self.running, self.reconstruct)
+                            self.needs_keys, self.running, self.reconstruct, self.query_stats,
+                            self.future_positions)
 
     # ---- the three steps -------------------------------------------------------------
     def score(self, stats: Stats) -> Tensor:

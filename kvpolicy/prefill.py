@@ -35,6 +35,10 @@ class Observed:
     over a deferred step's slots); new_pos: int64 [B, q] their positions (-1 at padding);
     rows_seen: int64 [B] real tokens seen per row after the forward; continued: whether the
     cache held tokens before it; heads_per_group: query heads per KV head.
+    Requirements.query_stats: moments, per scored layer (count fp32 [B], sum fp32 [B, H, D],
+    sum of outer products fp32 [B, H, D, D]) of the forward's pre-RoPE queries after the
+    policy's sinks; value_norms, per scored layer fp32 [B, G, S_l]. future_rotary fp32
+    [B, 2, F, D]: cos, sin at each row's F positions after it (future_positions = F).
     """
 
     tally: ScoreTally
@@ -44,15 +48,20 @@ class Observed:
     rows_seen: Tensor
     continued: bool
     heads_per_group: int = 1
+    moments: list | None = None
+    value_norms: list | None = None
+    future_rotary: Tensor | None = None
 
 
 class PromptObserver:
     """The attention and score observation of one multi-token forward whose new tokens
     have padding mask new_valid bool [B, q] and vision-token mask vision bool [B, q] | None,
-    over ``layers`` (before they are opened: their ``next_pos`` is the tokens seen)."""
+    over ``layers`` (before they are opened: their ``next_pos`` is the tokens seen).
+    query_rotary: the model's rotary (kvpolicy.rotary.CacheRotary) for a policy whose
+    requirements ask for query statistics (its queries are un-rotated)."""
 
     def __init__(self, policy: Policy, budget: Budget, layers: list[KVLayer], new_valid: Tensor,
-                 vision: Tensor | None):
+                 vision: Tensor | None, query_rotary=None):
         self.policy, needs = policy, policy.requirements()
         first = layers[0]
         seen_rows = first.next_pos if first.next_pos is not None else new_valid.new_zeros(
@@ -69,6 +78,15 @@ class PromptObserver:
         self.all_queries = needs.queries == "all"
         self.attended: set[int] = set()
         self._masks: dict[tuple, Tensor | None] = {}
+        self.rotary = query_rotary
+        if (needs.query_stats or needs.future_positions) and query_rotary is None:
+            raise ValueError(f"kvpolicy {policy.name}: its query statistics need the model's "
+                             f"rotary; build the cache with kvpolicy.apply or kvpolicy.compress")
+        if needs.query_stats:
+            self.observed.moments = [None] * len(layers)
+            self.observed.value_norms = [None] * len(layers)
+        if needs.future_positions:
+            self.observed.future_rotary = self.future(needs.future_positions)
 
     @property
     def new_pos(self) -> Tensor:
@@ -81,6 +99,8 @@ class PromptObserver:
         slots, then the forward's tokens). Returns out [B, q, H, Dv]; observes the scores
         of a planned layer."""
         self.attended.add(layer_idx)
+        if layer.scored and self.observed.moments is not None:
+            self.statistics(layer_idx, query, value)
         visible = self.mask(layer, query.shape[2])
         queries = self.observed.queries
         every_query = layer.scored and self.first == 0 and self.all_queries
@@ -133,6 +153,24 @@ class PromptObserver:
                       key_mask=layer.pos[:, 0] >= 0, softcap=softcap, sinks=sinks,
                       lse=None if lse is None else lse[:, :, self.first:])
         self.record(layer_idx, query, key, obs)
+
+    def statistics(self, layer_idx: int, query: Tensor, value: Tensor) -> None:
+        """The moments of the forward's pre-RoPE queries (query [B, H, q, D] as the model
+        rotated it at their positions) after the policy's sinks, and the values' norms."""
+        pre = self.rotary.rotate(query, self.new_pos.clamp_min(0), inverse=True).float()
+        counted = (self.new_pos >= self.policy.sinks).float()  # -1 at padding
+        weighted = pre * counted[:, None, :, None]
+        self.observed.moments[layer_idx] = (counted.sum(-1), weighted.sum(2),
+                                            torch.einsum("bhqd,bhqe->bhde", weighted, pre))
+        self.observed.value_norms[layer_idx] = value.float().norm(dim=-1)
+
+    def future(self, count: int) -> Tensor:
+        """fp32 [B, 2, F, D]: the rotary's cos and sin at each row's ``count`` positions
+        after the tokens seen once this forward is done."""
+        seen = self.observed.rows_seen
+        positions = seen[:, None] + torch.arange(count, device=seen.device)  # [B, F]
+        cos, sin = self.rotary.table(int(positions.max()) + 1, seen.device)
+        return torch.stack([cos[positions], sin[positions]], 1)
 
     def record(self, layer_idx: int, query: Tensor, key: Tensor, obs: Observation) -> None:
         self.observed.heads_per_group = query.shape[1] // key.shape[1]

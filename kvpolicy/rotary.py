@@ -21,17 +21,21 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 class CacheRotary:
     """The model's rotary embedding as a table of cos / sin per position (float32, grown
-    on demand), to un-rotate keys the model rotated and rotate them at cache positions."""
+    on demand), to un-rotate keys the model rotated and rotate them at cache positions (or
+    un-rotate queries: ``purpose`` names the user in a refusal)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module,
+                 purpose: str = "streamingllm(positions='cache') re-applies the rotary embedding "
+                                "at positions inside the cache",
+                 instead: str = "Use positions='original' (keys keep the positions they were "
+                                "seen at)."):
         text = models.text_config(model)
         name, family = type(model).__name__, getattr(text, "model_type", None)
         why = refusal(model, text, family)
         if why:
             raise models.UnsupportedModelError(
-                f"streamingllm(positions='cache') re-applies the rotary embedding at positions "
-                f"inside the cache, which kvpolicy cannot do exactly for {name} ({family}): {why}. "
-                f"Use positions='original' (keys keep the positions they were seen at).")
+                f"{purpose}, which kvpolicy cannot do exactly for {name} ({family}): {why}. "
+                f"{instead}")
         self.module = model.get_decoder().rotary_emb
         self.max_positions = int(text.max_position_embeddings)
         self.cos = self.sin = None

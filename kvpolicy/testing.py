@@ -32,10 +32,11 @@ __all__ = ["budgets", "check_equivariant", "check_monotone", "check_plan", "chec
 
 @st.composite
 def stats(draw, max_layers: int = 6, max_tokens: int = 64, with_vision: bool | None = None,
-          max_new_tokens: int = 16, with_keys: bool = False) -> Stats:
+          max_new_tokens: int = 16, with_keys: bool = False, with_query_stats: bool = False) -> Stats:
     """Stats of a random left-padded batch: L 1-6, B 1-3, G 1-4, heads per group 1-3,
     N 1-max_tokens; scores random, all equal, or peaked; optional vision spans; with_keys:
-    random keys [L, B, G, N, D] (D 2-8, 0 at padding) for policies that need them."""
+    random keys [L, B, G, N, D] (D 2-8 even, 0 at padding) for policies that need them;
+    with_query_stats: also a query mean and covariance, value norms and a future rotary."""
     L, B = draw(st.integers(1, max_layers)), draw(st.integers(1, 3))
     G, g = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     N = draw(st.integers(1, max_tokens))
@@ -56,9 +57,16 @@ def stats(draw, max_layers: int = 6, max_tokens: int = 64, with_vision: bool | N
               max_new_tokens=draw(st.integers(0, max_new_tokens)))
     entries = s.causal_entries()[None, :, None] * g
     s.below = torch.floor(torch.rand(L, B, G, generator=gen) * entries)
-    if with_keys:
-        D = draw(st.integers(2, 8))
+    if with_keys or with_query_stats:
+        D = 2 * draw(st.integers(1, 4))
         s.keys = torch.randn(L, B, G, N, D, generator=gen) * valid[None, :, None, :, None]
+    if with_query_stats:
+        s.query_mean = torch.randn(L, B, G * g, D, generator=gen)
+        spread = torch.randn(L, B, G * g, D, D, generator=gen)
+        s.query_cov = spread @ spread.transpose(-1, -2) / D
+        s.value_norms = torch.rand(L, B, G, N, generator=gen) * valid[None, :, None]
+        angles = torch.rand(B, 3, D, generator=gen) * 6.3
+        s.future_rotary = torch.stack([angles.cos(), angles.sin()], 1)
     return s
 
 
@@ -134,16 +142,17 @@ def check_policy(policy: str | Callable[[], Policy], *, examples: int = 60,
     and ``equivariant`` switch invariants 5 and 6 (a policy may rightly break them:
     random scores are not permutation-equivariant)."""
     make = (lambda: get_policy(policy)) if isinstance(policy, str) else policy
-    keys = make().requirements().needs_keys
+    needs = make().requirements()
+    keys, query_stats = needs.needs_keys, needs.query_stats
     prop = settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
     @prop
-    @given(s=stats(with_keys=keys), budget=budgets())
+    @given(s=stats(with_keys=keys, with_query_stats=query_stats), budget=budgets())
     def plans(s, budget):
         check_plan(make(), s, budget)
 
     @prop
-    @given(s=stats(with_keys=keys), data=st.data())
+    @given(s=stats(with_keys=keys, with_query_stats=query_stats), data=st.data())
     def allocation_monotone(s, data):
         p = make()
         L, floor = s.num_layers, p.floor(s)
@@ -152,7 +161,7 @@ def check_policy(policy: str | Callable[[], Policy], *, examples: int = 60,
         check_monotone(p, s, t1, data.draw(st.integers(t1, top)))
 
     @prop
-    @given(s=stats(with_vision=False, with_keys=keys), data=st.data())
+    @given(s=stats(with_vision=False, with_keys=keys, with_query_stats=query_stats), data=st.data())
     def scores_equivariant(s, data):
         assume(bool(s.valid.all()))
         N = s.valid.shape[-1]

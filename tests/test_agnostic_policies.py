@@ -17,7 +17,7 @@ from kvpolicy.models import CACHE_ARG
 from kvpolicy.testing import check_policy
 from tiny_lm import ids, llama
 
-AGNOSTIC = ["keydiff", "tova", "kvzip"]
+AGNOSTIC = ["keydiff", "tova", "kvzip", "expected_attention"]
 NEW = 6
 
 
@@ -230,6 +230,14 @@ def test_kvzip_under_generate_keeps_what_compress_keeps(tiny):
     assert got == want and sum(map(len, got)) == round(0.3 * 60 * 3)
 
 
+def test_expected_attention_refuses_a_rotary_it_cannot_undo():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).eval()
+    with pytest.raises(Exception, match="expected_attention reads the pre-RoPE queries"):
+        kvpolicy.compress(model, torch.ones(1, 8, dtype=torch.long), "expected_attention", 0.5)
+
+
 def test_kvzip_refuses_what_it_cannot_serve(tiny):
     with pytest.raises(ValueError, match=r"kvzip\(tokenizer=\.\.\.\)"):
         kvpolicy.apply(tiny, "kvzip", 0.5)
@@ -237,6 +245,64 @@ def test_kvzip_refuses_what_it_cannot_serve(tiny):
         kvpolicy.compress(tiny, torch.cat([ids(20, 1), ids(20, 2)]), "kvzip", 0.5,
                           tokenizer=CharTokenizer())
     kvpolicy.detach(tiny)
+
+
+def pre_rope_queries(model, prompt):
+    """Per layer the queries [H, N, D] before the rotary (q_proj's output), by forward hooks."""
+    out, hooks = [], []
+    H, D = model.config.num_attention_heads, model.config.head_dim
+    for layer in model.model.layers:
+        hooks.append(layer.self_attn.q_proj.register_forward_hook(
+            lambda m, a, y: out.append(y[0].view(-1, H, D).transpose(0, 1))))
+    try:
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            model(prompt, use_cache=True, **{CACHE_ARG: cache})
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, cache
+
+
+def test_expected_attention_score_is_kvpress_rule(tiny):
+    """kvpress ExpectedAttentionPress: mean / covariance of the pre-RoPE queries after the
+    4 sinks, R = mean of the rotary matrices at positions n .. n + 511, z = (R mu).k/sqrt(d)
+    + k.(R S R^T).k/(2d) per query head, softmax over the non-sink keys, mean over the
+    group, x ||v||."""
+    prompt = ids(40, 6)
+    policy = get_policy("expected_attention")
+    spy = Spy(policy)
+    with torch.no_grad():
+        kvpolicy.compress(tiny, prompt, policy, 0.5)
+    kvpolicy.detach(tiny)
+    got = policy.score(spy.seen[0])[:, 0]  # [L, G, N]
+    queries, cache = pre_rope_queries(tiny, prompt)
+    n, D, g = 40, tiny.config.head_dim, 2
+    cos, sin = tiny.model.rotary_emb(torch.zeros(1), position_ids=torch.arange(n, n + 512)[None])
+    half = D // 2
+    for l, (q, layer) in enumerate(zip(queries, cache.layers)):
+        q = q[:, 4:].double()
+        mu = q.mean(1)  # [H, D]
+        sigma = torch.einsum("hnd,hne->hde", q - mu[:, None], q - mu[:, None]) / q.shape[1]
+        rotations = []
+        for c, s_ in zip(cos[0].double(), sin[0].double()):
+            P = torch.zeros(D, D, dtype=torch.float64)
+            P[:half, half:] = -torch.eye(half)
+            P[half:, :half] = torch.eye(half)
+            rotations.append(torch.diag(c) + torch.diag(s_) @ P)
+        R = torch.stack(rotations).mean(0)
+        keys, values = layer.keys[0].double(), layer.values[0].double()  # [G, N, D]
+        for h in range(q.shape[0]):
+            k = keys[h // g, 4:]
+            m, S = R @ mu[h], R @ sigma[h] @ R.T
+            z = k @ m / D ** 0.5 + torch.einsum("nd,de,ne->n", k, S, k) / (2 * D)
+            p = torch.softmax(z, 0)
+            if h % g == 0:
+                total = torch.zeros_like(p)
+            total += p / g
+            if h % g == g - 1:
+                want = total * values[h // g, 4:].norm(dim=-1)
+                torch.testing.assert_close(got[l, h // g, 4:].double(), want, rtol=1e-4, atol=1e-6)
 
 
 # ---- the observation -----------------------------------------------------------------------

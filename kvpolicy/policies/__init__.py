@@ -1,4 +1,5 @@
 """Built-in policies; importing this package registers them."""
+from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .keydiff import KeyDiff
 from .kvzip import KVzip
@@ -11,5 +12,5 @@ from .tova import TOVA
 from .uniform import Uniform
 from .vlcache import VLCache
 
-__all__ = ["H2O", "KVzip", "KeyDiff", "PrefixKV", "PyramidKV", "SnapKV", "SpanKV", "StreamingLLM",
-           "TOVA", "Uniform", "VLCache", "calibrate"]
+__all__ = ["ExpectedAttention", "H2O", "KVzip", "KeyDiff", "PrefixKV", "PyramidKV", "SnapKV",
+           "SpanKV", "StreamingLLM", "TOVA", "Uniform", "VLCache", "calibrate"]
