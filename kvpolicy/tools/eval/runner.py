@@ -199,7 +199,10 @@ class Runner:
         return runs
 
     def run_config(self, policy: str, budget: float, on_sample=lambda: None, **params) -> list[Run]:
-        """All prompts under one policy and budget (errors are recorded, not raised)."""
+        """All prompts under one policy and budget (errors are recorded, not raised); a
+        policy with a ``tokenizer`` parameter (kvzip) gets the model's unless one is given."""
+        if "tokenizer" in kvpolicy.policy_class(policy).defaults():
+            params = {"tokenizer": self.tokenizer, **params}
         runs = []
         try:
             if self.mode == "query-aware":
