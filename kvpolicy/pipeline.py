@@ -111,14 +111,27 @@ def plan_row(policy: Policy, budget: Budget, attn: Tensor, *, queries: Tensor, v
              heads_per_group: int, vision: Tensor | None = None, below: Tensor | None = None,
              new_tokens: int = 0, seen: int | None = None, keys: Tensor | None = None,
              query_mean: Tensor | None = None, query_cov: Tensor | None = None,
-             value_norms: Tensor | None = None, future_rotary: Tensor | None = None) -> Plan:
+             value_norms: Tensor | None = None, future_rotary: Tensor | None = None,
+             reconstructed: bool = False) -> Plan:
     """The policy's plan for one batch row: attn float32 [L, 1, G, N] (each planned layer's
     tally, aligned on the row's N keys), queries / valid / vision bool [1, N], below float32
     [L, 1, G] | None, new_tokens: decode steps still planned, seen: tokens the budget is a
     fraction of when it differs from the valid keys (a continued cache), keys [L, 1, G, N,
     D] | None: the layers' cached keys (policies whose requirements ask ``needs_keys``);
     query_mean [L, 1, H, D], query_cov [L, 1, H, D, D], value_norms [L, 1, G, N],
-    future_rotary [1, 2, F, D] (``query_stats`` / ``future_positions``; see Stats)."""
+    future_rotary [1, 2, F, D] (``query_stats`` / ``future_positions``; see Stats);
+    reconstructed: attn is the max of the policy's reconstruction passes. An input the
+    policy's requirements ask for and the engine did not give is refused by name."""
+    needs = policy.requirements()
+    inputs = (("the cached keys (needs_keys)", needs.needs_keys, keys is not None),
+              ("query statistics (query_stats)", needs.query_stats, query_mean is not None),
+              ("the future rotary (future_positions)", needs.future_positions,
+               future_rotary is not None),
+              ("reconstruction passes (reconstruct)", needs.reconstruct, reconstructed))
+    missing = [what for what, asked, given in inputs if asked and not given]
+    if missing:
+        raise ValueError(f"kvpolicy {policy.name} needs {', '.join(missing)}, which this engine "
+                         f"did not provide; use it through kvpolicy.apply or kvpolicy.compress")
     stats = Stats(attn, queries, valid, heads_per_group, vision, below, new_tokens, seen, keys,
                   query_mean, query_cov, value_norms, future_rotary)
     return policy.plan(stats, budget)

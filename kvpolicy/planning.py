@@ -93,7 +93,9 @@ def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: O
                              new_tokens=new_tokens, seen=seen,
                              keys=None if keys is None else keys[:, one],
                              **{k: v[:, one] if k != "future_rotary" else v[one]
-                                for k, v in stats.items()}))
+                                for k, v in stats.items()},
+                             # a reconstructing policy's prompt is kept whole until its passes
+                             reconstructed=policy.requirements().reconstruct))
     return rows
 
 

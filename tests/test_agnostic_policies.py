@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 import kvpolicy
@@ -236,6 +235,18 @@ def test_expected_attention_refuses_a_rotary_it_cannot_undo():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).eval()
     with pytest.raises(Exception, match="expected_attention reads the pre-RoPE queries"):
         kvpolicy.compress(model, torch.ones(1, 8, dtype=torch.long), "expected_attention", 0.5)
+
+
+@pytest.mark.parametrize("name", ["keydiff", "kvzip", "expected_attention"])
+def test_an_engine_missing_an_input_is_refused_by_name(name):
+    """An engine that plans a row without what the policy asks for (the vLLM plugin today)
+    gets an error naming it, not a plan from zeros."""
+    from kvpolicy.pipeline import plan_row
+
+    s = random_stats(B=1)
+    with pytest.raises(ValueError, match=f"kvpolicy {name} needs .*(keys|reconstruction)"):
+        plan_row(get_policy(name), Budget(0.5), s.attn, queries=s.queries, valid=s.valid,
+                 heads_per_group=2)
 
 
 def test_kvzip_refuses_what_it_cannot_serve(tiny):

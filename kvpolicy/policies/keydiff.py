@@ -1,7 +1,6 @@
 """KeyDiff: keep the keys least similar to their head's mean direction (Park et al., 2025)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
