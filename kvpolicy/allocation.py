@@ -39,7 +39,6 @@ def apportion(weights: Tensor, total: int, lo: Tensor | int, hi: Tensor | int) -
     total >= sum(lo), equal weights differ by at most one (extra to the first layers).
     weights: float [L] >= 0 (a zero weight is served last).
     """
-    L = weights.shape[0]
     K = int(torch.as_tensor(hi).max())
     k = torch.arange(1, K + 1, dtype=torch.float64)
     return take_cheapest(k[None, :] / weights.double().clamp_min(0).cpu()[:, None], total, lo, hi)

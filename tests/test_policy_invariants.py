@@ -41,7 +41,7 @@ def test_allocation_bounds_and_total(name, s, budget):
     policy = get_policy(name)
     plan = quiet_plan(policy, s, budget)
     L, N = s.num_layers, s.num_tokens
-    fixed = policy.decode == "evict"
+    fixed = policy.requirements().decode == "evict"
     sizes = torch.tensor(plan.capacity if fixed else plan.kept)
     cap = N + s.max_new_tokens if fixed else N
     floor = policy.floor(s)
@@ -227,7 +227,7 @@ def test_variants_bounds_rows_and_protected(variant, s, budget):
     when it fits, rows sorted, unique, without padding unless short, protected kept."""
     policy = VARIANTS[variant](s)
     plan = quiet_plan(policy, s, budget)
-    fixed = policy.decode == "evict"
+    fixed = policy.requirements().decode == "evict"
     room = s.num_tokens + (s.max_new_tokens if fixed else 0)
     sizes = torch.tensor(plan.capacity if fixed else plan.kept)
     total = max(policy.total(budget, s), policy.floor(s) * s.num_layers)

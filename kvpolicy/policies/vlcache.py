@@ -1,7 +1,6 @@
 """VL-Cache: modality-aware scores and sparsity-aware layer budgets (Tu et al., 2024)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..allocation import apportion
