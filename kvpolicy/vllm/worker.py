@@ -115,15 +115,19 @@ class Worker:
             q = qsl[i + 1] - qsl[i]
             start = seq[i] - q
             state = self.requests.get(req_id)
-            if start == 0 or (state is None and config is not None):
+            if start == 0:
                 if state is not None:
                     log.info("kvpolicy: request %s restarts from its first token (preempted): "
                              "it is planned again, its new tokens recomputed over the "
                              "compacted cache", req_id)
                 self.requests.pop(req_id, None)
-                if config is None:
-                    continue
-                state = self.requests[req_id] = RequestState(config, prompt, max_new, self.num_layers)
+                state = None if config is None else RequestState(config, prompt, max_new, self.num_layers)
+                if state is not None:
+                    self.requests[req_id] = state
+            elif state is None and config is not None:
+                raise RuntimeError(f"kvpolicy: request {req_id} reaches the attention at position "
+                                   f"{start} without its earlier tokens observed, so it cannot be "
+                                   f"planned")
             if state is not None:
                 rows.append(Row(i, state, req_id, qsl[i], q, start))
         return ForwardPass(self, metadata, builder, rows) if rows else None

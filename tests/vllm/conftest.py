@@ -13,6 +13,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def pytest_collection_modifyitems(items):
+    """The eager-mode test, whose in-process engine's shutdown tears down vLLM's process-wide
+    parallel state (which the session engine needs), runs after every other test."""
+    items.sort(key=lambda item: item.name == "test_eager_mode")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer): a SmolLM2 of these tests' own, so that the exported weights and

@@ -103,7 +103,9 @@ def test_bad_request_settings_fail_that_request(engine, prompts, extra, key):
 
 
 def test_eager_mode(smollm2, hf_dir, prompts):
-    """enforce_eager=True (no compiled graph) serves the same tokens as HF generate."""
+    """enforce_eager=True (no compiled graph) serves the tokens of HF generate. Runs last in
+    the session (conftest): shutting an in-process engine down tears down vLLM's
+    process-wide parallel state, which the session engine needs."""
     llm = make_llm(hf_dir, {"policy": "snapkv", "budget": 0.1}, enforce_eager=True)
     try:
         run = run_stepwise(llm, prompts[-1:], greedy())
