@@ -54,7 +54,17 @@ def make_settings(entry: dict, name: Callable[[str], str]) -> Settings | None:
         budget.check_holds(policy.min_tokens(), policy.name)
     except ValueError as exc:
         raise ValueError(f"{name('budget')}: {exc}") from exc
-    if policy.requirements().decode != "append":
+    needs = policy.requirements()
+    unmet = [what for what, asked in (
+        ("the scored layers' keys (needs_keys)", getattr(needs, "needs_keys", False)),
+        ("reconstruction passes (reconstruct)", getattr(needs, "reconstruct", False)),
+        ("query statistics (query_stats)", getattr(needs, "query_stats", False)),
+        ("the rotary of future positions (future_positions)", getattr(needs, "future_positions", 0) > 0),
+        ("rotary positions inside the cache (positions='cache')", needs.positions == "cache")) if asked]
+    if unmet:
+        raise ValueError(f"{name('policy')}: {policy.name!r} needs {', '.join(unmet)}, which kvpolicy "
+                         f"on vLLM does not give: choose another policy or use kvpolicy.apply")
+    if needs.decode != "append":
         raise ValueError(f"{name('policy')}: kvpolicy on vLLM supports append-only policies; "
                          f"{policy.name!r} evicts while decoding (fixed size), which vLLM's paged "
                          f"cache cannot do here: choose an append policy (e.g. snapkv)")

@@ -121,6 +121,10 @@ def test_eager_mode(smollm2, hf_dir, prompts):
     ({"policy": "snapkv", "kernel": 7, "colour": 1}, TypeError),
     ({"policy": "h2o"}, ValueError),
     ({"policy": "streamingllm"}, ValueError),
+    ({"policy": "tova"}, ValueError),
+    ({"policy": "keydiff"}, ValueError),  # needs the cached keys in its Stats
+    ({"policy": "kvzip"}, ValueError),  # needs reconstruction passes
+    ({"policy": "expected_attention"}, ValueError),  # needs query statistics
     ("snapkv", ValueError),
 ])
 def test_bad_settings_fail_at_engine_start(hf_dir, entry, error):
