@@ -316,6 +316,22 @@ def test_expected_attention_score_is_kvpress_rule(tiny):
                 torch.testing.assert_close(got[l, h // g, 4:].double(), want, rtol=1e-4, atol=1e-6)
 
 
+def test_tova_compiled_decode_is_one_graph_and_eager_tokens(tiny):
+    from torch._dynamo.utils import counters
+
+    prompt = ids(40, 4)
+    with torch.no_grad():
+        with kvpolicy.apply(tiny, "tova", 12):
+            eager = tiny.generate(prompt, max_new_tokens=20, do_sample=False)
+        torch._dynamo.reset()
+        counters.clear()
+        with kvpolicy.apply(tiny, "tova", 12, compile=True), \
+                torch._dynamo.config.patch(error_on_recompile=True):
+            out = tiny.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())) == (1, 0)
+    assert torch.equal(out, eager)
+
+
 # ---- the observation -----------------------------------------------------------------------
 class Spy:
     """Wraps a policy's score to record the Stats it is given."""
