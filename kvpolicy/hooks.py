@@ -55,6 +55,7 @@ class CacheHooks:
             cache = models.given_cache(kwargs)
             if not isinstance(cache, PolicyCache):
                 return generate(*args, **kwargs)
+            models.pass_cache(kwargs, cache)  # under the installed transformers' keyword
             config = kwargs.get("generation_config") or self.model.generation_config
             ids = prompt_of(args, kwargs)
             patched = handle is not None
