@@ -34,10 +34,15 @@ def run(args: argparse.Namespace) -> int:
         if name == "full":
             rows.append(measure(model, tok, inputs, args.max_new_tokens, name))
         else:
-            with apply(model, name, args.budget):
+            with apply(model, name, args.budget, **tokenizer_for(name, tok)):
                 rows.append(measure(model, tok, inputs, args.max_new_tokens, name))
     print(table(rows))
     return 0
+
+
+def tokenizer_for(name: str, tok) -> dict:
+    """The model's tokenizer for a policy that takes one (kvzip builds its repeat prompt)."""
+    return {"tokenizer": tok} if "tokenizer" in policy_class(name).defaults() else {}
 
 
 def built_in() -> list[str]:
@@ -46,11 +51,27 @@ def built_in() -> list[str]:
 
 
 def measure(model, tok, inputs: dict, max_new_tokens: int, name: str, **generate_kwargs) -> dict:
-    """Greedy generation timed per forward (the first is the prefill): answer, KV bytes,
-    kept tokens per layer, prefill seconds, decode ms/token."""
-    stamps: list[float] = []
-    pre = model.register_forward_pre_hook(lambda *a: stamps.append(time.perf_counter()))
-    post = model.register_forward_hook(lambda *a: stamps.append(time.perf_counter()))
+    """Greedy generation timed per forward: answer, KV bytes, kept tokens per layer, prefill
+    seconds (until the first one-token forward starts: the prompt's forwards, KVzip's
+    reconstruction passes included), decode ms/token (the one-token forwards)."""
+    begun: list[tuple[float, int]] = []  # (start, tokens) of each forward, nested ones too
+    steps: list[float] = []  # seconds of each one-token forward
+    first_step: list[float] = []  # when the first one-token forward started
+
+    def before(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        begun.append((time.perf_counter(), ref.shape[1]))
+
+    def after(module, args, kwargs, output):
+        start, tokens = begun.pop()
+        if tokens == 1:
+            steps.append(time.perf_counter() - start)
+            first_step.append(start)
+
+    pre = model.register_forward_pre_hook(before, with_kwargs=True)
+    post = model.register_forward_hook(after, with_kwargs=True)
+    start = time.perf_counter()
     try:
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -58,7 +79,7 @@ def measure(model, tok, inputs: dict, max_new_tokens: int, name: str, **generate
     finally:
         pre.remove()
         post.remove()
-    durations = [b - a for a, b in zip(stamps[::2], stamps[1::2])]
+    end = time.perf_counter()
     cache = models.output_cache(out)
     N = inputs["input_ids"].shape[1]
     if hasattr(cache, "nbytes"):
@@ -68,18 +89,18 @@ def measure(model, tok, inputs: dict, max_new_tokens: int, name: str, **generate
         kept = [N] * len(cache.layers)
     answer = tok.decode(out.sequences[0, N:], skip_special_tokens=True).strip()
     return dict(name=name, answer=answer, correct=ANSWER in answer, kv_bytes=kv_bytes, kept=kept,
-                prefill_s=durations[0],
-                decode_ms=1000 * sum(durations[1:]) / max(1, len(durations) - 1))
+                prefill_s=(first_step[0] if first_step else end) - start,
+                decode_ms=1000 * sum(steps) / max(1, len(steps)))
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'config':<13}{'answer':<26}{'ok':<4}{'KV MiB':>8}{'kept/layer min/mean/max':>26}" \
+    head = f"{'config':<20}{'answer':<26}{'ok':<4}{'KV MiB':>8}{'kept/layer min/mean/max':>26}" \
            f"{'prefill s':>11}{'decode ms/tok':>15}"
     lines = [head, "-" * len(head)]
     for r in rows:
         k = r["kept"]
         kept = f"{min(k)}/{sum(k) / len(k):.0f}/{max(k)}"
         answer = r["answer"].replace("\n", " ")[-24:]  # the end: the model restates the question first
-        lines.append(f"{r['name']:<13}{answer:<26}{'yes' if r['correct'] else 'no':<4}"
+        lines.append(f"{r['name']:<20}{answer:<26}{'yes' if r['correct'] else 'no':<4}"
                      f"{r['kv_bytes'] / 2**20:>8.2f}{kept:>26}{r['prefill_s']:>11.2f}{r['decode_ms']:>15.1f}")
     return "\n".join(lines)

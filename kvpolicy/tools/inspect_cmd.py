@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kvpolicy import Plan, apply, models
+from kvpolicy import Plan, apply, models, policy_class
 
 from .embedded import load_smollm2
 from .eval.tasks import build_samples
@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
     model, tok = load_smollm2()
+    if "tokenizer" in policy_class(args.policy).defaults():  # kvzip builds its repeat prompt
+        params.setdefault("tokenizer", tok)
     sample = build_samples(tok, args.index + 1, args.context, args.seed, tasks=[args.task])[-1]
     ids = sample.input_ids(tok)
     span = answer_span(tok, ids, sample.answers[0])
