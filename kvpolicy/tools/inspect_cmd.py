@@ -81,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if "tokenizer" in policy_class(args.policy).defaults():  # kvzip builds its repeat prompt
         params.setdefault("tokenizer", tok)
     sample = build_samples(tok, args.index + 1, args.context, args.seed, tasks=[args.task])[-1]
-    ids = sample.input_ids(tok)
-    span = answer_span(tok, ids, sample.answers[0])
+    context, rest = sample.split_ids(tok, 0)  # the document and its first question
+    ids, answer = context + rest, sample.questions[0].answers[0]
+    span = answer_span(tok, ids, answer)
     input_ids = torch.tensor([ids])
     with apply(model, args.policy, budget=args.budget, **params), torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     kept_span = span_retention(kept, *span)
     reply = tok.decode(out.sequences[0, len(ids):], skip_special_tokens=True)
     print(f"{args.policy} budget={args.budget} prompt={len(ids)} tokens, span {span} "
-          f"({sample.answers[0]!r}); reply: {reply.strip()!r}")
+          f"({answer!r}); reply: {reply.strip()!r}")
     print("span kept per layer: " + " ".join(f"{x:.2f}" for x in kept_span.tolist()))
     print(f"mean over layers: {kept_span.mean():.3f}; layers keeping all of it: "
           f"{int((kept_span > 0.999).sum())}/{len(kept_span)}")
