@@ -42,7 +42,6 @@ def observe(policy: Policy, query: Tensor, key: Tensor, *, scaling: float, query
     [B, S] | None: False at empty or padded keys; softcap, sinks float [H]: the model's
     softmax; lse fp32 [B, H, q]: the attention's log-sum-exp, when already computed.
     """
-    B, G, S, _ = key.shape
     extra = {"softcap": softcap} if softcap else {}
     if sinks is not None:
         extra["sinks"] = sinks

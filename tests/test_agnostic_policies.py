@@ -88,11 +88,7 @@ def test_tova_score_is_the_last_rows_head_mean(tiny):
     copied to every KV head."""
     prompt = ids(50, 3)
     policy = get_policy("tova")
-    spy = Spy(policy)
-    with torch.no_grad():
-        kvpolicy.compress(tiny, prompt, policy, 0.5)
-    kvpolicy.detach(tiny)
-    got = policy.score(spy.seen[0])  # [L, 1, G, N]
+    got = policy.score(compressed_stats(tiny, prompt, policy, 0.5))  # [L, 1, G, N]
     for l, attn in enumerate(eager_attentions(tiny, prompt)):
         want = attn[0, :, -1, :].mean(0)
         for g in range(got.shape[2]):
@@ -186,11 +182,8 @@ def kvzip_reference(model, context, tok, chunk: int, sinks: int = 4) -> torch.Te
 def test_kvzip_scores_are_the_reconstruction_rule(tiny):
     context = ids(70, 8)
     policy = get_policy("kvzip", tokenizer=CharTokenizer())
-    spy = Spy(policy)
-    with torch.no_grad():
-        kvpolicy.compress(tiny, context, policy, 0.3, chunk_size=32)  # three passes
-    kvpolicy.detach(tiny)
-    got = spy.seen[0].attn[:, 0, :, 4:70]
+    stats = compressed_stats(tiny, context, policy, 0.3, chunk_size=32)  # three passes
+    got = stats.attn[:, 0, :, 4:70]
     want = kvzip_reference(tiny, context, CharTokenizer(), 32)[..., 4:]
     assert want.min() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
@@ -282,11 +275,7 @@ def test_expected_attention_score_is_kvpress_rule(tiny):
     group, x ||v||."""
     prompt = ids(40, 6)
     policy = get_policy("expected_attention")
-    spy = Spy(policy)
-    with torch.no_grad():
-        kvpolicy.compress(tiny, prompt, policy, 0.5)
-    kvpolicy.detach(tiny)
-    got = policy.score(spy.seen[0])[:, 0]  # [L, G, N]
+    got = policy.score(compressed_stats(tiny, prompt, policy, 0.5))[:, 0]  # [L, G, N]
     queries, cache = pre_rope_queries(tiny, prompt)
     n, D, g = 40, tiny.config.head_dim, 2
     cos, sin = tiny.model.rotary_emb(torch.zeros(1), position_ids=torch.arange(n, n + 512)[None])
@@ -343,6 +332,15 @@ class Spy:
     def __call__(self, stats):
         self.seen.append(stats)
         return self.score(stats)
+
+
+def compressed_stats(model, prompt, policy, budget, **compress_kwargs):
+    """The Stats ``policy`` was planned with when ``kvpolicy.compress`` compressed ``prompt``."""
+    spy = Spy(policy)
+    with torch.no_grad():
+        kvpolicy.compress(model, prompt, policy, budget, **compress_kwargs)
+    kvpolicy.detach(model)
+    return spy.seen[0]
 
 
 def test_keys_reach_the_policy_as_the_model_caches_them(tiny):
