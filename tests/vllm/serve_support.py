@@ -1,5 +1,5 @@
 """``vllm serve`` (its server module) started by a test: loopback only, a free port, stopped by its process id;
-and a sampler of its /metrics gauges."""
+and its /metrics gauges."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -69,34 +68,3 @@ class Server:
             text = r.read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name + "{") or line.startswith(name + " "))
-
-
-class GaugeSampler:
-    """Samples a server's gauge every ``every`` seconds in a thread while in its ``with``
-    block: ``samples``, their ``peak`` and ``mean``."""
-
-    def __init__(self, server: Server, name: str, every: float = 0.05):
-        self.server, self.name, self.every, self.samples = server, name, every, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @property
-    def peak(self) -> float:
-        return max(self.samples)
-
-    @property
-    def mean(self) -> float:
-        return sum(self.samples) / len(self.samples)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.samples.append(self.server.gauge(self.name))
-            time.sleep(self.every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
