@@ -30,20 +30,23 @@ def _visible(mask: Tensor | None, is_causal: bool, Q: int, S: int, device) -> Te
 
 
 def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chunk,
-               query_mask=None, scores=False):
-    """(out [B, H, Q, Dv] in query's dtype, lse fp32 [B, H, Q], scores fp32 [B, G, S] or None).
+               query_mask=None, scores=False, need_lse=True):
+    """(out [B, H, Q, Dv] in query's dtype, lse fp32 [B, H, Q] or None, scores fp32 [B, G, S]
+    or None).
 
     fp32 math (fp64 for fp64), ``chunk`` query rows at a time with the group's heads as one
     batched matmul against only the keys the chunk can see (causal: up to its last row); the
-    causal mask touches only the chunk's diagonal block. With ``scores``, the probabilities
-    that make the output also give each key's mass summed over the rows weighted by
-    query_mask (float [B, Q], None = all) and over the group's heads."""
+    causal mask touches only the chunk's diagonal block. The chunk's logits and
+    probabilities live in two buffers allocated once per call. With ``scores``, the
+    probabilities that make the output also give each key's mass summed over the rows
+    weighted by query_mask (float [B, Q], None = all) and over the group's heads; the lse
+    (an extra pass over the logits) only when ``need_lse``."""
     B, H, Q, D = query.shape
     G, S, Dv = key.shape[1], key.shape[2], value.shape[-1]
     g = H // G
     dtype = torch.promote_types(query.dtype, torch.float32)
     dev = query.device
-    q = query.to(dtype).reshape(B * G, g, Q, D)
+    q = (query.to(dtype) * scaling).reshape(B * G, g, Q, D)
     k, v = key.to(dtype).reshape(B * G, S, D), value.to(dtype).reshape(B * G, S, Dv)
     if mask is not None:
         mask = torch.broadcast_to(mask, (B, H, Q, S)).view(B, G, g, Q, S)  # a view, no copy
@@ -52,13 +55,18 @@ def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chun
         weight = torch.ones(B, Q, dtype=dtype, device=dev) if query_mask is None else query_mask.to(dtype)
         mass = torch.zeros(B * G, 1, S, dtype=dtype, device=dev)
     out = torch.empty(B, Q, G, g, Dv, dtype=query.dtype, device=dev)  # [B, Q, H, Dv] in memory, as SDPA
-    lse = torch.empty(B * G, g, Q, dtype=torch.float32, device=dev)
+    lse = torch.empty(B * G, g, Q, dtype=torch.float32, device=dev) if need_lse else None
+    size = B * G * g * min(chunk, Q) * S
+    maybe_unseen = mask is not None or Q > S  # rows that may see no key at all
+    logits_buf, probs_buf = torch.empty(size, dtype=dtype, device=dev), torch.empty(size, dtype=dtype, device=dev)
     for start in range(0, Q, chunk):
         stop = min(start + chunk, Q)
         c = stop - start
         end = max(0, min(S, S - Q + stop)) if is_causal else S  # keys the chunk can see
-        logits = capped(torch.bmm(q[:, :, start:stop].reshape(B * G, g * c, D),
-                                  k[:, :end].transpose(1, 2)).mul_(scaling), softcap)
+        shape = (B * G, g * c, end)
+        logits = torch.bmm(q[:, :, start:stop].reshape(B * G, g * c, D), k[:, :end].transpose(1, 2),
+                           out=logits_buf[:B * G * g * c * end].view(shape))
+        logits = capped(logits, softcap)
         view = logits.view(B, G, g, c, end)
         if mask is not None:
             view.masked_fill_(~mask[:, :, :, start:stop, :end], float("-inf"))
@@ -67,21 +75,38 @@ def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chun
             rows = torch.arange(S - Q + start, S - Q + stop, device=dev)
             seen = visible(torch.arange(first, end, device=dev)[None, :], rows[:, None], later=False)
             view[..., first:end].masked_fill_(~seen, float("-inf"))
-        top = logits.amax(-1, keepdim=True) if end else logits.new_zeros(B * G, g * c, 1)
-        top.masked_fill_(top == float("-inf"), 0.0)  # a row without a visible key
-        probs = logits.sub_(top).exp_()  # exp(logits - row max)
-        total = probs.sum(-1, keepdim=True)  # [B * G, g * c, 1]
-        if sink is not None:
-            total += (sink[..., :c].reshape(B * G, g * c, 1) - top).exp()
-        inverse = total.reciprocal().nan_to_num_(posinf=0.0)  # no visible key, no sink: 0
-        part = torch.bmm(probs, v[:, :end]).mul_(inverse)  # [B * G, g * c, Dv]
+        probs, row_lse = _probabilities(logits, None if sink is None else sink[..., :c], need_lse,
+                                        probs_buf[:B * G * g * c * end].view(shape), maybe_unseen)
+        part = torch.bmm(probs, v[:, :end])  # [B * G, g * c, Dv]
         out[:, start:stop] = part.view(B, G, g, c, Dv).permute(0, 3, 1, 2, 4)
-        lse[:, :, start:stop] = (top + total.log()).view(B * G, g, c)
+        if need_lse:
+            lse[:, :, start:stop] = row_lse.view(B * G, g, c)
         if scores:
             counted = weight[:, None, start:stop].expand(B, G * g, c).reshape(B * G, 1, g * c)
-            mass[:, :, :end] += torch.bmm(counted * inverse.transpose(1, 2), probs)
+            mass[:, :, :end] += torch.bmm(counted, probs)
     result = mass.float().view(B, G, S) if scores else None
-    return out.view(B, Q, H, Dv).transpose(1, 2), lse.reshape(B, H, Q), result
+    return out.view(B, Q, H, Dv).transpose(1, 2), None if lse is None else lse.reshape(B, H, Q), result
+
+
+def _probabilities(logits: Tensor, sink: Tensor | None, need_lse: bool, buffer: Tensor,
+                   maybe_unseen: bool) -> tuple[Tensor, Tensor | None]:
+    """(probs, lse fp32 [N, R] or None) of logits [N, R, S] (-inf = not visible) written to
+    ``buffer`` (same shape): each row's softmax over its visible keys, with sink (a logit per
+    row, N * R values) in the denominator only. A row without a visible key (possible only
+    when ``maybe_unseen``) and without a sink gives probabilities 0 and lse -inf."""
+    N, R, S = logits.shape
+    if sink is None:
+        lse = torch.logsumexp(logits, -1).float() if need_lse else None
+        if S == 0:
+            return buffer, lse
+        probs = torch.ops.aten._softmax.out(logits, -1, False, out=buffer)
+        return (probs.nan_to_num_(0.0) if maybe_unseen else probs), lse  # unseen rows: NaN -> 0
+    sink = sink.reshape(N, R, 1)
+    top = torch.maximum(logits.amax(-1, keepdim=True) if S else sink, sink)  # finite: the sink is
+    probs = torch.sub(logits, top, out=buffer).exp_()
+    total = probs.sum(-1, keepdim=True) + (sink - top).exp()
+    probs.div_(total)
+    return probs, (top + total.log()).squeeze(-1).float() if need_lse else None
 
 
 def attention(
@@ -97,7 +122,7 @@ def attention(
     is_causal also hides keys after S - Q + i from row i. sinks: float [H], a per-head logit
     in each row's denominator (GPT-OSS). A row with no visible key gives 0 (like SDPA).
     """
-    return _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chunk)[0]
+    return _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chunk, need_lse=False)[0]
 
 
 def attention_with_lse(
@@ -142,5 +167,5 @@ def attention_and_scores(
     two). Arguments as ``attention``."""
     qm = None if query_mask is None else query_mask.float()
     out, _, scores = _reference(query, key, value, scaling, mask, is_causal, softcap, sinks,
-                                chunk, qm, scores=True)
+                                chunk, qm, scores=True, need_lse=False)
     return out, scores
