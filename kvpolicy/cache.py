@@ -74,6 +74,7 @@ class PolicyCache(Cache):
             layer.rotary = rotary
         self._new_tokens = max_new_tokens  # decode steps of the call in progress
         self._defer_steps = 0  # decode steps the call's next multi-token forward waits
+        self._call_sized = False  # a call of known length runs: its buffers hold its decode steps
         self._continues = False  # the call in progress continues a finished call
         self._compileable = True
         self._history: Tensor | None = None  # ids [B, n] of the calls finished so far
@@ -159,7 +160,7 @@ class PolicyCache(Cache):
             self._call_ids = self._reconstruction_ids(ids)
         if new_tokens is None:
             return
-        self._new_tokens = new_tokens
+        self._new_tokens, self._call_sized = new_tokens, True
         self._defer_steps = min(self.policy.requirements().defer, max(0, new_tokens - 1)) if defer else 0
         if self.compacted:
             self.reserve(new_tokens + 1)
@@ -169,6 +170,7 @@ class PolicyCache(Cache):
         compaction still waiting runs now, and forwards from here on (a hand-written loop,
         or the next call) continue a finished call."""
         self.settle()
+        self._call_sized = False
         if sequences is not None:
             self._history = sequences
             self._continues = True
@@ -236,7 +238,8 @@ class PolicyCache(Cache):
         for layer in self.layers:
             layer.given = positions
         if decode:
-            self.reserve(1)
+            if not self._call_sized:  # a hand-written loop: one more slot (reads ``used``)
+                self.reserve(1)
             return
         self.settle()  # a deferred compaction runs before the next forward opens
         if self._pass_span is not None:
