@@ -4,10 +4,14 @@ is also the class's docstring (set at registration) and what ``kvpolicy list`` s
 from __future__ import annotations
 
 import inspect
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as the tomli package
+    import tomli as tomllib
 
 
 @dataclass
