@@ -41,7 +41,7 @@ def kernel_specs(dtype: str):
              ("column_sums", score_triton._column_sums_kernel,
               dict(features, COUNT_BELOW=True, **blocks), column_warps),
              ("compact", compact_triton._compact_kernel,
-              dict(DTYPE=tl_dtype, BLOCK_R=compact_triton.BLOCK_R, BLOCK_D=64), 4)]
+              dict(DTYPE=tl_dtype, BLOCK_R=compact_triton.BLOCK_R, BLOCK_D=64, BLOCK_DV=64), 4)]
     for name, fn, constexprs, warps in specs:
         signature = {arg: "constexpr" if arg in constexprs else pointers.get(arg, "fp32" if arg in floats else "i32")
                      for arg in fn.arg_names}

@@ -16,34 +16,36 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @st.composite
 def compaction_cases(draw):
-    """Ragged layers (length 1 possible), kept counts 1, N_l or in between, spare capacity."""
-    B, G, D = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.sampled_from([16, 32, 64]))
+    """Ragged layers (length 1 possible), kept counts 1, N_l or in between, spare capacity;
+    layers may differ in KV heads (MiMo-V2-Flash) and values in head size (Dv != D)."""
+    B, D = draw(st.integers(1, 3)), draw(st.sampled_from([16, 32, 64]))
+    Dv = draw(st.sampled_from([D, 8, 48]))
     layers = []
     for _ in range(draw(st.integers(1, 4))):
         N = draw(st.sampled_from([1, draw(st.integers(1, 300))]))
         kept = draw(st.sampled_from([1, N, draw(st.integers(1, N))]))
-        layers.append((N, kept, kept + draw(st.integers(0, 5))))
-    return dict(B=B, G=G, D=D, layers=layers, strided=draw(st.booleans()),
+        layers.append((N, kept, kept + draw(st.integers(0, 5)), draw(st.integers(1, 4))))
+    return dict(B=B, D=D, Dv=Dv, layers=layers, strided=draw(st.booleans()),
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
 def check_compaction(backend, case):
-    B, G, D, dtype = case["B"], case["G"], case["D"], case["dtype"]
+    B, D, Dv, dtype = case["B"], case["D"], case["Dv"], case["dtype"]
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     gen = torch.Generator().manual_seed(case["seed"])
     keys, values, keep, dst_keys, dst_values = [], [], [], [], []
-    for N, kept, capacity in case["layers"]:
-        for sources in (keys, values):
-            x = torch.randn(B, N, G, D, generator=gen).to(dtype)
-            sources.append((x.transpose(1, 2) if case["strided"] else x.reshape(B, G, N, D)).to(device))
+    for N, kept, capacity, G in case["layers"]:
+        for sources, width in ((keys, D), (values, Dv)):
+            x = torch.randn(B, N, G, width, generator=gen).to(dtype)
+            sources.append((x.transpose(1, 2) if case["strided"] else x.reshape(B, G, N, width)).to(device))
         order = torch.rand(B, G, N, generator=gen).argsort(-1)[..., :kept]
         keep.append(order.sort(-1).values.to(device))
         dst_keys.append(torch.full((B, G, capacity, D), float("nan"), dtype=dtype, device=device))
-        dst_values.append(torch.full((B, G, capacity, D), float("nan"), dtype=dtype, device=device))
+        dst_values.append(torch.full((B, G, capacity, Dv), float("nan"), dtype=dtype, device=device))
     with mock.patch.dict(os.environ, {"KVPOLICY_BACKEND": backend}):
         compact_layers(keys, values, keep, dst_keys, dst_values)
-    for layer, (_, kept, _) in enumerate(case["layers"]):
+    for layer, (_, kept, _, G) in enumerate(case["layers"]):
         b = torch.arange(B)[:, None, None]
         g = torch.arange(G)[None, :, None]
         idx = keep[layer].cpu()
