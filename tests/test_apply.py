@@ -67,6 +67,7 @@ def test_batch_with_left_padding(smollm2):
 
 def test_remove_restores_the_model_exactly(smollm2, long_prompt, reference_tokens):
     model, _ = smollm2
+    kvpolicy.detach(model)  # from the unpatched model (an earlier test may have compressed with it)
     generate, attn = model.generate, model.config._attn_implementation
     hooks = dict(model._forward_pre_hooks)
     handle = kvpolicy.apply(model, "snapkv", 0.1)
