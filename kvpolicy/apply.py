@@ -13,6 +13,7 @@ from .budget import Budget
 from .cache import PolicyCache
 from .hooks import CacheHooks, attach, new_tokens, prompt_of
 from .policy import Policy
+from .quantized import check_bits
 from .registry import get_policy
 from .rotary import CacheRotary
 from .selection import POST_VISION_FALLBACK
@@ -32,14 +33,15 @@ UNSUPPORTED = {
 class PolicyHandle:
     """The patch of one model: ``remove()`` (or leaving the ``with`` block) restores it.
 
-    policy, budget: what generate uses; ``new_cache(max_new_tokens)`` builds the cache
-    generate would inject (for manual forward loops).
+    policy, budget, bits: what generate uses; ``new_cache(max_new_tokens)`` builds the
+    cache generate would inject (for manual forward loops).
     """
 
     def __init__(self, model: nn.Module, policy: Policy, budget: Budget, compile: bool,
                  recompress: bool, rotary: CacheRotary | None = None,
-                 query_rotary: CacheRotary | None = None):
+                 query_rotary: CacheRotary | None = None, bits: int = 16):
         self.model, self.policy, self.budget, self.compile = model, policy, budget, compile
+        self.bits = bits
         self.rotary, self.query_rotary = rotary, query_rotary
         self.recompress = recompress
         self.windows = models.layer_windows(model)
@@ -70,7 +72,8 @@ class PolicyHandle:
     def new_cache(self, max_new_tokens: int) -> PolicyCache:
         bucket = COMPILE_BUCKET if self.compile else 1
         cache = PolicyCache(self.windows, self.policy, self.budget, max_new_tokens, bucket,
-                            self.recompress, self.rotary, query_rotary=self.query_rotary)
+                            self.recompress, self.rotary, query_rotary=self.query_rotary,
+                            bits=self.bits)
         cache.begin_call(None, max_new_tokens, defer=True, compileable=True)
         return cache
 
@@ -99,7 +102,8 @@ class PolicyHandle:
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else "applied"
-        return f"PolicyHandle({self.policy!r}, budget={self.budget}, {state})"
+        bits = f", bits={self.bits}" if self.bits != 16 else ""
+        return f"PolicyHandle({self.policy!r}, budget={self.budget}{bits}, {state})"
 
     # ---- the patch ---------------------------------------------------------------------
     def prepare_generate(self, args: tuple, kwargs: dict) -> None:
@@ -164,14 +168,16 @@ def check_prompt_budget(model: nn.Module, policy: Policy, budget: Budget, ids: t
     budget.check_holds(policy.prompt_min_tokens(valid, vision), policy.name, policy.protects)
 
 
-def validated(model: nn.Module, policy: str | Policy, budget: float | int,
-              params: dict) -> tuple[Policy, Budget, CacheRotary | None]:
+def validated(model: nn.Module, policy: str | Policy, budget: float | int, params: dict,
+              bits: int = 16) -> tuple[Policy, Budget, CacheRotary | None]:
     """The policy, the budget and the rotary of a call of ``apply`` or ``compress``, each
     refused by name (a model kvpolicy cannot hold exactly, an unknown policy or parameter,
-    a budget that cannot hold the policy's protected tokens) before the model is touched."""
+    a budget that cannot hold the policy's protected tokens, ``bits`` not 16/8/4/2 or
+    below 16 for an evicting policy) before the model is touched."""
     pol = get_policy(policy, **params)
     b = Budget(budget)
     b.check_holds(pol.min_tokens(), pol.name)
+    check_bits(bits, pol)
     models.check_supported(model)
     if pol.requirements().reconstruct:
         if models.vision_token_ids(model):
@@ -209,7 +215,8 @@ def compile_config(device: torch.device) -> CompileConfig:
 
 
 def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
-          compile: bool = False, recompress: bool = True, **params) -> PolicyHandle:
+          compile: bool = False, recompress: bool = True, bits: int = 16,
+          **params) -> PolicyHandle:
     """Patch ``model`` so that ``model.generate`` keeps ``budget`` of the prompt's KV cache
     under ``policy`` (a registered name with its ``params``, or a Policy instance).
 
@@ -217,12 +224,14 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
     compile: compile the decode step (fullgraph; CUDA graphs on GPU).
     recompress: a continued cache (a new chat turn) is compressed again to ``budget`` of
     everything seen (default); False appends the new turn as it is.
+    bits: 16 keeps the kept prompt rows in the model's dtype; 8, 4 or 2 stores them
+    quantized (kvpolicy.quantized; policies that append while decoding).
     Everything is validated before the model is touched; errors leave it unpatched.
     """
     for name, flag in (("compile", compile), ("recompress", recompress)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
-    pol, b, rotary = validated(model, policy, budget, params)
+    pol, b, rotary = validated(model, policy, budget, params, bits)
     if not models.vision_token_ids(model):  # a text model's post-vision span: its last 8 tokens
         text = torch.ones(1, POST_VISION_FALLBACK, dtype=torch.bool)
         b.check_holds(pol.prompt_min_tokens(text, None), pol.name, pol.protects)
@@ -236,14 +245,15 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
     if getattr(model, "_kvpolicy_handle", None) is not None:
         raise RuntimeError(f"kvpolicy is already applied to this model ({model._kvpolicy_handle!r}); "
                            f"remove that handle first")
-    handle = PolicyHandle(model, pol, b, compile, recompress, rotary, query_rotary(model, pol))
+    handle = PolicyHandle(model, pol, b, compile, recompress, rotary, query_rotary(model, pol), bits)
     handle.install()
     return handle
 
 
 def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, budget: float | int = 0.1,
              *, attention_mask: torch.Tensor | None = None, chunk_size: int | None = None,
-             max_new_tokens: int = 0, recompress: bool = True, **params) -> PolicyCache:
+             max_new_tokens: int = 0, recompress: bool = True, bits: int = 16,
+             **params) -> PolicyCache:
     """Prefill ``input_ids`` [B, N] and compress its cache under ``policy`` at ``budget``,
     without generating: the query-agnostic case (a document whose questions come later).
 
@@ -256,6 +266,8 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
     policy (kvzip) holds the whole context until its passes, which repeat ``chunk_size``
     context tokens each (their attention's memory follows it), then compresses once.
     max_new_tokens: decode steps to size buffers (and fixed-size policies) for.
+    bits: the kept rows' storage, as for ``apply`` (with ``chunk_size`` each chunk's
+    compaction puts the rows back in full precision and quantizes them again).
     """
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -265,11 +277,11 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"compress needs input_ids as a non-empty int tensor [batch, length], "
                          f"got {shape}")
-    pol, b, rotary = validated(model, policy, budget, params)
+    pol, b, rotary = validated(model, policy, budget, params, bits)
     check_prompt_budget(model, pol, b, input_ids, attention_mask)
     hooks: CacheHooks = attach(model)
     cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary, chunk_size,
-                        query_rotary(model, pol))
+                        query_rotary(model, pol), bits)
     # an unpatched model's generate would pre-build 4-D masks for a compileable cache
     cache.begin_call(input_ids, max_new_tokens, defer=False,
                      compileable=getattr(model, "_kvpolicy_handle", None) is not None)

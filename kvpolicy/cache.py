@@ -31,6 +31,7 @@ from .pipeline import Observation, ScoreTally
 from .planning import at_slots, plan_forward
 from .policy import Plan, Policy
 from .prefill import Observed, PromptObserver
+from .quantized import check_bits
 from .reconstruction import PassObserver
 
 
@@ -59,15 +60,18 @@ class PolicyCache(Cache):
     tokens per reconstruction pass (``Requirements.reconstruct``; None: the policy's own).
     query_rotary: the model's rotary (kvpolicy.rotary.CacheRotary) for policies that ask for
     query statistics or future positions (``Requirements.query_stats``, ``future_positions``).
+    bits: 16 keeps the prompt rows in the model's dtype; 8, 4 or 2 quantizes them at each
+    compaction (kvpolicy.quantized; append policies only; sliding layers stay unquantized).
     """
 
     def __init__(self, layer_windows: list[int | None] | int, policy: Policy, budget: Budget,
                  max_new_tokens: int = 0, bucket: int = 1, recompress: bool = True,
-                 rotary=None, chunk_size: int | None = None, query_rotary=None):
+                 rotary=None, chunk_size: int | None = None, query_rotary=None, bits: int = 16):
         if isinstance(layer_windows, int):
             layer_windows = [None] * layer_windows
         kind = "evict" if policy.requirements().decode == "evict" else "append"
-        super().__init__(layers=[KVLayer(kind, policy, w) for w in layer_windows])
+        bits = check_bits(bits, policy)
+        super().__init__(layers=[KVLayer(kind, policy, w, bits) for w in layer_windows])
         self.policy, self.budget, self.bucket, self.recompress = policy, budget, bucket, recompress
         self.rotary = rotary
         for layer in self.layers:
@@ -312,7 +316,7 @@ class PolicyCache(Cache):
             raise ValueError(f"kvpolicy {self.policy.name}: its reconstruction passes repeat the "
                              f"prompt's token ids; run it through model.generate(input_ids) or "
                              f"kvpolicy.compress (not inputs_embeds or a hand-written forward)")
-        self._compact(observed, False, self._new_tokens)
+        self._compact(observed, False, self._new_tokens, quantize=not fresh)
         if fresh:
             self._unscored = observed
 
@@ -353,21 +357,28 @@ class PolicyCache(Cache):
             out[l] = attn
         return out
 
-    def _compact(self, observed: Observed, compress: bool, new_tokens: int, defer: int = 0) -> None:
+    def _compact(self, observed: Observed, compress: bool, new_tokens: int, defer: int = 0,
+                 quantize: bool = True) -> None:
         """Plan every layer and compact it into new closed buffers; defer > 0 keeps every
-        slot and waits for that many decode steps, carrying the scores in a Deferral."""
+        slot and waits for that many decode steps, carrying the scores in a Deferral.
+        Quantized rows are put back in full precision first, and quantized again at close
+        unless a compaction follows (defer; ``quantize`` False)."""
+        for layer in self.layers:
+            layer.unquantize()
         scores = self._scores(observed)
         plan = plan_forward(self.policy, self.budget, self.layers, observed, scores,
                             compress=compress, new_tokens=new_tokens, bucket=self.bucket)
         if plan.plan is not None:
             self._plan = plan.plan
-        carried = compact_layers_into(self.layers, plan, scores, observed.rows_seen, bool(defer))
+        carried = compact_layers_into(self.layers, plan, scores, observed.rows_seen, bool(defer),
+                                      quantize and not defer)
         if defer:
             self._deferral = Deferral(defer, dataclasses.replace(observed, tally=carried))
 
     # ---- memory and copies ---------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes of all tensors the cache owns (K/V buffers and their bookkeeping)."""
+        """Bytes of all tensors the cache owns (K/V buffers, quantized rows with their
+        scales and zeros, and their bookkeeping)."""
         owned = [t for layer in self.layers for t in layer.owned()]
         if self._plan is not None:
             owned += self._plan.keep

@@ -13,11 +13,12 @@ from .planning import ForwardPlan
 
 
 def compact_layers_into(layers: list[KVLayer], plan: ForwardPlan, scores: dict[int, Tensor],
-                        rows_seen: Tensor, carry: bool) -> ScoreTally | None:
+                        rows_seen: Tensor, carry: bool, quantize: bool = True) -> ScoreTally | None:
     """Close every layer on its kept slots (plan), with its running scores (evicting
     layers: scores fp32 [B, G, S] gathered at the kept slots); rows_seen int64 [B]: the
     tokens seen per row. carry: return the scored layers' gathered scores as a tally over
-    the new slots (a deferred compaction) instead of keeping them in the layers."""
+    the new slots (a deferred compaction) instead of keeping them in the layers.
+    quantize: the layers store their prompt rows in their ``bits`` (KVLayer.close)."""
     kept, new_keys, new_values = gather(layers, plan)
     carried = ScoreTally(len(layers)) if carry else None
     for l, layer in enumerate(layers):
@@ -36,7 +37,7 @@ def compact_layers_into(layers: list[KVLayer], plan: ForwardPlan, scores: dict[i
         if carry and layer.scored:
             carried.set(l, Observation(running))
             running = None
-        layer.close(new_keys[l], new_values[l], pos, n, rows_seen.clone(), running, sizes)
+        layer.close(new_keys[l], new_values[l], pos, n, rows_seen.clone(), running, sizes, quantize)
     return carried
 
 

@@ -17,6 +17,13 @@ a closed layer is a decode step, in place and with fixed shapes (torch.compile-a
   slots overwriting the oldest token.
 
 Slot validity is shared by a row's KV heads (only which token a slot holds differs).
+
+With ``bits`` < 16 (append layers), ``close`` quantizes the first kept prompt rows
+(kvpolicy.quantized.QuantizedRows, ``quantized``); ``keys``/``values`` then hold only the
+slots after them (the policy's recent window, the rest of a token group, the decode
+region) in the model's dtype, while ``pos`` still covers every slot. A decode step
+dequantizes them in front of the buffers; a multi-token step (``open``) or a compaction
+(``unquantize``) first puts them back in full precision.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .attention import grouped_attention, visible_slots
 from .policy import Policy
+from .quantized import QuantizedRows, quantizable_rows
 
 Kind = Literal["append", "evict", "sliding"]
 EMPTY, UNUSABLE = -1, -2  # slot positions: free, or beyond a shorter batch row's fixed size
@@ -43,9 +51,12 @@ class KVLayer(CacheLayerMixin):
 
     is_compileable = True
 
-    def __init__(self, kind: Kind, policy: Policy | None = None, window: int | None = None):
+    def __init__(self, kind: Kind, policy: Policy | None = None, window: int | None = None,
+                 bits: int = 16):
         super().__init__()
         self.kind = "sliding" if window else kind
+        self.bits = bits if self.kind == "append" else 16
+        self.quantized: QuantizedRows | None = None
         self.policy, self.cache_window = policy, window
         self.running = "sum" if policy is None else policy.requirements().running
         self.attention_window: int | None = None
@@ -92,6 +103,7 @@ class KVLayer(CacheLayerMixin):
     def open(self, new_pos: Tensor) -> None:
         """Start a multi-token step whose tokens have positions new_pos int64 [B, q] (-1 at
         padding)."""
+        self.unquantize()
         self.is_open, self._new_pos = True, new_pos
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
@@ -128,15 +140,21 @@ class KVLayer(CacheLayerMixin):
 
     def occupied(self) -> int:
         """Slots in use (appending layers fill a prefix of their buffer; rings all)."""
-        C = self.keys.shape[2]
+        C = self.slots
         ring = self.kind == "evict" or (self.kind == "sliding" and C >= self.cache_window)
         return C if ring else int(self.used)
 
     def close(self, keys: Tensor, values: Tensor, pos: Tensor, kept: int, next_pos: Tensor,
-              scores: Tensor | None, sizes: Tensor | None) -> None:
+              scores: Tensor | None, sizes: Tensor | None, quantize: bool = True) -> None:
         """End the step: adopt compacted buffers [B, G, C, D] whose first ``kept`` slots are
         filled (pos int64 [B, G, C]; evict layers: running scores [B, G, C], each row's
-        fixed size int64 [B])."""
+        fixed size int64 [B]); quantize: store the prompt rows in ``bits`` (False: a
+        compaction that will run again)."""
+        rows = quantizable_rows(kept, getattr(self.policy, "window", 0)) if quantize else 0
+        self.quantized = None
+        if self.bits < 16 and rows:
+            self.quantized = QuantizedRows.quantize(keys[:, :, :rows], values[:, :, :rows], self.bits)
+            keys, values = keys[:, :, rows:].clone(), values[:, :, rows:].clone()
         self.keys, self.values, self.pos, self.next_pos = keys, values, pos, next_pos
         self.scores = scores
         self.sizes = None if sizes is None else sizes.view(-1, 1, 1)
@@ -147,13 +165,33 @@ class KVLayer(CacheLayerMixin):
 
     def held(self) -> tuple:
         """The closed layer's state, for ``rewind`` (references, no copies)."""
-        return self.keys, self.values, self.pos, self.scores, self.seen
+        return self.keys, self.values, self.quantized, self.pos, self.scores, self.seen
 
     def rewind(self, held: tuple) -> None:
         """End a multi-token step without keeping its tokens: back to ``held`` (a
         reconstruction pass attends the context and leaves it as it was)."""
-        self.keys, self.values, self.pos, self.scores, self.seen = held
+        self.keys, self.values, self.quantized, self.pos, self.scores, self.seen = held
         self.is_open = False
+
+    # ---- quantized prompt rows ---------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        """C: the slots ``pos`` covers (quantized rows and the buffers' own)."""
+        return self.keys.shape[2] + (0 if self.quantized is None else self.quantized.rows)
+
+    def unquantize(self) -> None:
+        """Put the quantized prompt rows back in front of the buffers, in the model's dtype
+        (before a multi-token step or a compaction; they are quantized again at close)."""
+        if self.quantized is not None:
+            self.keys, self.values = self._rows()
+            self.quantized = None
+
+    def _rows(self) -> tuple[Tensor, Tensor]:
+        """(keys [B, G, C, D], values [B, G, C, Dv]): every slot in the model's dtype."""
+        if self.quantized is None:
+            return self.keys, self.values
+        keys, values = self.quantized.dequantize()
+        return torch.cat([keys, self.keys], 2), torch.cat([values, self.values], 2)
 
     # ---- the decode step -------------------------------------------------------------
     def _write(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -162,8 +200,9 @@ class KVLayer(CacheLayerMixin):
         if self.rotary is not None:
             key_states = self.rotary.rotate(key_states, self.given, inverse=True)
         if self.kind == "append" or (self.kind == "sliding" and C < self.cache_window):
-            self.keys.index_copy_(2, self.used, key_states)
-            self.values.index_copy_(2, self.used, value_states)
+            row = self.used if self.quantized is None else self.used - self.quantized.rows
+            self.keys.index_copy_(2, row, key_states)
+            self.values.index_copy_(2, row, value_states)
             self.pos.index_copy_(2, self.used, self.next_pos.view(B, 1, 1).expand(B, G, 1))
             self.used.add_(1)
             return
@@ -187,11 +226,11 @@ class KVLayer(CacheLayerMixin):
         running "last")."""
         self.adopt_window(window)
         visible = visible_slots(self.pos, self.next_pos - 1, self.attention_window)
-        keys = self.keys
+        keys, values = self._rows()
         if self.rotary is not None:
             query, keys = self.rotary.place(query, keys, self.pos[:, 0], self.next_pos[:, None] - 1,
                                             self.given)
-        out, probs = grouped_attention(query, keys, self.values, visible, scaling, softcap,
+        out, probs = grouped_attention(query, keys, values, visible, scaling, softcap,
                                        sinks, need_probs=observe or self.scores is not None)
         if self.scores is not None and self.running == "last":
             self.scores.copy_(probs)
@@ -206,7 +245,7 @@ class KVLayer(CacheLayerMixin):
         limit = self.cache_window if self.kind == "sliding" else None
         if self.kind == "evict" or (limit is not None and C >= limit):
             return  # rings: a fixed size
-        free = C - int(self.used)
+        free = self.slots - int(self.used)
         if free >= slots:
             return
         extra = slots - free if limit is None else min(slots - free, limit - C)
@@ -219,13 +258,14 @@ class KVLayer(CacheLayerMixin):
     def owned(self) -> list[Tensor]:
         """The tensors this layer owns (its memory)."""
         names = ("keys", "values", "pos", "next_pos", "used", "scores", "sizes", "seen")
-        return [t for n in names if isinstance(t := getattr(self, n, None), Tensor)]
+        quantized = [] if self.quantized is None else self.quantized.tensors()
+        return [t for n in names if isinstance(t := getattr(self, n, None), Tensor)] + quantized
 
     def get_seq_length(self):
         return self.seen if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        size = self.keys.shape[-2] if self.keys is not None and not self.is_open else 0
+        size = self.slots if self.keys is not None and not self.is_open else 0
         return size + query_length, 0
 
     def get_max_length(self) -> int:

@@ -41,6 +41,10 @@ def make_settings(entry: dict, name: Callable[[str], str]) -> Settings | None:
             raise ValueError(f"{name('policy')} none compresses nothing: drop "
                              f"{', '.join(name(k) for k in params)}")
         return None
+    bits = params.pop("bits", 16)
+    if bits != 16:
+        raise ValueError(f"{name('bits')}: kvpolicy on vLLM keeps rows in the model's dtype (bits=16); "
+                         f"bits={bits!r} (quantized prompt rows) is kvpolicy.apply only")
     try:
         budget = Budget(params.pop("budget", 0.1))
     except (TypeError, ValueError) as exc:

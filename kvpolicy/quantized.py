@@ -1,0 +1,131 @@
+"""Quantized prompt rows (``bits`` 8, 4 or 2), group-wise and asymmetric as in KIVI.
+
+Keys are quantized per channel: groups of ``TOKEN_GROUP`` tokens, one scale and zero per
+(group of tokens, channel). Values per token: groups of up to ``CHANNEL_GROUP`` channels,
+one scale and zero per (token, group of channels). A code is ``round((x - zero) / scale)``
+in [0, 2**bits - 1]; codes are packed along the token axis into uint8 (8 // bits codes a
+byte, the j-th in bits [j*bits, (j+1)*bits)). Scales and zeros are in the rows' dtype.
+Dequantization is one batched op per tensor (shifts and masks, no loop over heads or
+groups), so a decode step stays one fixed-shape graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BITS = (16, 8, 4, 2)  # 16: the model's dtype, not quantized
+TOKEN_GROUP = 32  # keys: tokens per (group, channel) scale; quantized rows are a multiple of it
+CHANNEL_GROUP = 32  # values: at most this many channels per (token, group) scale
+
+
+def check_bits(bits, policy) -> int:
+    """``bits`` as an int in BITS for ``policy`` (a kvpolicy.Policy), else a ValueError
+    naming it: quantized rows are for policies that append while decoding (an evicting
+    policy overwrites prompt slots in place)."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits={bits!r}: kept prompt rows are stored in 16 (the model's dtype), "
+                         f"8, 4 or 2 bits")
+    if bits < 16 and policy.requirements().decode != "append":
+        raise ValueError(f"bits={bits}: {policy.name} evicts while decoding (it overwrites prompt "
+                         f"slots in place), so its rows stay in the model's dtype; pass bits=16 "
+                         f"or an append policy (e.g. snapkv)")
+    return int(bits)
+
+
+def quantizable_rows(kept: int, recent: int) -> int:
+    """Rows of ``kept`` prompt rows that are quantized: all but the last ``recent`` (kept in
+    full precision), rounded down to a multiple of TOKEN_GROUP."""
+    return max(0, kept - recent) // TOKEN_GROUP * TOKEN_GROUP
+
+
+def channel_group(dim: int) -> int:
+    """Channels per value scale: the largest power of two dividing ``dim``, at most
+    CHANNEL_GROUP."""
+    return math.gcd(dim, CHANNEL_GROUP)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """codes uint8 [..., N, D] in [0, 2**bits) with N a multiple of 8 // bits -> packed
+    uint8 [..., N * bits // 8, D] (consecutive tokens share a byte, the first lowest)."""
+    per = 8 // bits
+    grouped = codes.unflatten(-2, (-1, per))  # [..., N / per, per, D]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)[:, None]
+    return (grouped << shifts).sum(-2, dtype=torch.uint8)
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    """packed uint8 [..., M, D] -> codes uint8 [..., M * 8 // bits, D] (inverse of pack)."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)[:, None]
+    codes = (packed[..., None, :] >> shifts) & (2**bits - 1)  # [..., M, per, D]
+    return codes.flatten(-3, -2)
+
+
+def _rounded(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
+    """x float32 in ``dtype``, rounded up (or down) where the nearest value is not."""
+    y = x.to(dtype)
+    off = y.float() < x if up else y.float() > x
+    return torch.where(off, torch.nextafter(y, torch.full_like(y, torch.inf if up else -torch.inf)), y)
+
+
+def _quantize(x: Tensor, bits: int, dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Groups along ``dim`` of x float32: (codes uint8 like x, scale and zero in ``dtype``
+    with ``dim`` of size 1). The stored zero is at or below each group's minimum and the
+    stored scale reaches its maximum, so |x - (code * scale + zero)| <= scale / 2 (up to
+    the arithmetic's rounding)."""
+    low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    zero = _rounded(low, dtype, up=False)
+    scale = _rounded((high - zero.float()) / (2**bits - 1), dtype, up=True)
+    step = scale.float().masked_fill(scale == 0, 1.0)
+    codes = ((x - zero.float()) / step).round_().clamp_(0, 2**bits - 1).to(torch.uint8)
+    return codes, scale, zero
+
+
+@dataclass
+class QuantizedRows:
+    """One layer's quantized prompt rows: N rows of keys [B, G, N, D] and values
+    [B, G, N, Dv] in ``bits``.
+
+    keys: packed uint8 [B, G, N * bits // 8, D], key_scale / key_zero [B, G, N /
+    TOKEN_GROUP, D]; values: packed uint8 [B, G, N * bits // 8, Dv], value_scale /
+    value_zero [B, G, N, Dv / channel_group(Dv)]; scales and zeros in the rows' dtype.
+    """
+
+    bits: int
+    keys: Tensor
+    key_scale: Tensor
+    key_zero: Tensor
+    values: Tensor
+    value_scale: Tensor
+    value_zero: Tensor
+
+    @classmethod
+    def quantize(cls, keys: Tensor, values: Tensor, bits: int) -> QuantizedRows:
+        """keys [B, G, N, D], values [B, G, N, Dv] (N a multiple of TOKEN_GROUP) -> rows."""
+        k = keys.float().unflatten(2, (-1, TOKEN_GROUP))  # [B, G, N / T, T, D]
+        k_codes, k_scale, k_zero = _quantize(k, bits, 3, keys.dtype)
+        v = values.float().unflatten(3, (-1, channel_group(values.shape[-1])))  # [B, G, N, Dv / c, c]
+        v_codes, v_scale, v_zero = _quantize(v, bits, 4, values.dtype)
+        return cls(bits, pack(k_codes.flatten(2, 3), bits), k_scale.squeeze(3), k_zero.squeeze(3),
+                   pack(v_codes.flatten(3, 4), bits), v_scale.squeeze(4), v_zero.squeeze(4))
+
+    def dequantize(self) -> tuple[Tensor, Tensor]:
+        """(keys [B, G, N, D], values [B, G, N, Dv]) in the scales' dtype."""
+        k = unpack(self.keys, self.bits).unflatten(2, (-1, TOKEN_GROUP))  # [B, G, N / T, T, D]
+        keys = (k * self.key_scale[:, :, :, None] + self.key_zero[:, :, :, None]).flatten(2, 3)
+        c = self.values.shape[-1] // self.value_scale.shape[-1]
+        v = unpack(self.values, self.bits).unflatten(3, (-1, c))  # [B, G, N, Dv / c, c]
+        values = (v * self.value_scale[..., None] + self.value_zero[..., None]).flatten(3, 4)
+        return keys, values
+
+    @property
+    def rows(self) -> int:
+        """N: the prompt rows held."""
+        return self.key_scale.shape[2] * TOKEN_GROUP
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor held (its memory)."""
+        return [self.keys, self.key_scale, self.key_zero, self.values, self.value_scale,
+                self.value_zero]
