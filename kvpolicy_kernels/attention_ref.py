@@ -47,7 +47,8 @@ def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chun
     dtype = torch.promote_types(query.dtype, torch.float32)
     dev = query.device
     q = (query.to(dtype) * scaling).reshape(B * G, g, Q, D)
-    k, v = key.to(dtype).reshape(B * G, S, D), value.to(dtype).reshape(B * G, S, Dv)
+    k_t = key.to(dtype).reshape(B * G, S, D).transpose(1, 2).contiguous()  # [B * G, D, S]: faster q k^T
+    v = value.to(dtype).reshape(B * G, S, Dv)
     if mask is not None:
         mask = torch.broadcast_to(mask, (B, H, Q, S)).view(B, G, g, Q, S)  # a view, no copy
     sink = None if sinks is None else sinks.to(dtype).reshape(1, G, g, 1).expand(B, G, g, chunk)
@@ -64,7 +65,7 @@ def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chun
         c = stop - start
         end = max(0, min(S, S - Q + stop)) if is_causal else S  # keys the chunk can see
         shape = (B * G, g * c, end)
-        logits = torch.bmm(q[:, :, start:stop].reshape(B * G, g * c, D), k[:, :end].transpose(1, 2),
+        logits = torch.bmm(q[:, :, start:stop].reshape(B * G, g * c, D), k_t[:, :, :end],
                            out=logits_buf[:B * G * g * c * end].view(shape))
         logits = capped(logits, softcap)
         view = logits.view(B, G, g, c, end)
