@@ -64,9 +64,9 @@ def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chun
         stop = min(start + chunk, Q)
         c = stop - start
         end = max(0, min(S, S - Q + stop)) if is_causal else S  # keys the chunk can see
-        shape = (B * G, g * c, end)
+        shape, used = (B * G, g * c, end), B * G * g * c * end
         logits = torch.bmm(q[:, :, start:stop].reshape(B * G, g * c, D), k_t[:, :, :end],
-                           out=logits_buf[:B * G * g * c * end].view(shape))
+                           out=logits_buf[:used].view(shape))
         logits = capped(logits, softcap)
         view = logits.view(B, G, g, c, end)
         if mask is not None:
@@ -77,7 +77,7 @@ def _reference(query, key, value, scaling, mask, is_causal, softcap, sinks, chun
             seen = visible(torch.arange(first, end, device=dev)[None, :], rows[:, None], later=False)
             view[..., first:end].masked_fill_(~seen, float("-inf"))
         probs, row_lse = _probabilities(logits, None if sink is None else sink[..., :c], need_lse,
-                                        probs_buf[:B * G * g * c * end].view(shape), maybe_unseen)
+                                        probs_buf[:used].view(shape), maybe_unseen)
         part = torch.bmm(probs, v[:, :end])  # [B * G, g * c, Dv]
         out[:, start:stop] = part.view(B, G, g, c, Dv).permute(0, 3, 1, 2, 4)
         if need_lse:
@@ -103,7 +103,7 @@ def _probabilities(logits: Tensor, sink: Tensor | None, need_lse: bool, buffer: 
         probs = torch.ops.aten._softmax.out(logits, -1, False, out=buffer)
         return (probs.nan_to_num_(0.0) if maybe_unseen else probs), lse  # unseen rows: NaN -> 0
     sink = sink.reshape(N, R, 1)
-    top = torch.maximum(logits.amax(-1, keepdim=True) if S else sink, sink)  # finite: the sink is
+    top = torch.maximum(logits.amax(-1, keepdim=True) if S else sink, sink)  # finite, as the sink is
     probs = torch.sub(logits, top, out=buffer).exp_()
     total = probs.sum(-1, keepdim=True) + (sink - top).exp()
     probs.div_(total)
