@@ -8,10 +8,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from .attention_ref import attention, attention_and_scores, attention_with_lse
+from .head_attention_ref import head_attention_ref as head_attention
 from .ops import accumulate_scores_op, compact_layers_op
 
 __all__ = ["accumulate_scores", "accumulate_scores_sparsity", "attention", "attention_and_scores",
-           "attention_with_lse", "compact_layers"]
+           "attention_with_lse", "compact_layers", "head_attention"]
 
 
 def accumulate_scores(

@@ -22,7 +22,9 @@ def accumulate_scores_ref(
     """Attention mass each key receives, summed over counted queries and group heads.
 
     query: [B, H, Q, D], the last Q positions of the sequence (row i sits at N - Q + i).
-    key: [B, G, N, D], H a multiple of G. key_mask: bool [B, N], False = padding.
+    key: [B, G, N, D], H a multiple of G. key_mask: bool [B, N], False = padding, or
+    [B, G, N] when the KV heads hold different keys (per-head plans: False where a head
+    holds none).
     query_mask: bool [B, Q], False = row not counted. Any float dtype.
     The model's softmax: logits = scaling * q.k, then softcap * tanh(logits / softcap) if
     softcap > 0; sinks (float [H]) adds exp(sinks[h]) to each row's denominator (the sink
@@ -45,6 +47,8 @@ def accumulate_scores_ref(
     visible = None  # int [B, N]: real keys at or before each position (for empty rows and tau)
     if key_mask is not None or tau > 0:
         real = torch.ones(B, N, device=dev) if key_mask is None else key_mask.float()
+        if real.dim() == 3:  # per-head: a row sees a key when any head holds one
+            real = real.amax(1)
         visible = real.cumsum(-1)
     scores = torch.zeros(B * G, 1, N, dtype=torch.float32, device=dev)
     below = torch.zeros(B, G, dtype=torch.float32, device=dev)
@@ -92,9 +96,10 @@ def capped(logits: Tensor, softcap: float) -> Tensor:
 def masked(logits: Tensor, B: int, G: int, g: int, c: int, diag: int, end: int,
            key_mask: Tensor | None) -> None:
     """In place on logits [B * G, g * c, end]: -inf where row i of the chunk (position diag
-    + i) cannot see key j: j > diag + i, or padding."""
+    + i) cannot see key j: j > diag + i, or padding (key_mask bool [B, N] or [B, G, N])."""
     view = logits.view(B, G, g, c, end)
     if c > 1:
         view[..., diag:end].masked_fill_(~causal(c, c, logits.device), float("-inf"))
     if key_mask is not None:
-        view.masked_fill_(~key_mask[:, None, None, None, :end], float("-inf"))
+        heads = key_mask[:, None] if key_mask.dim() == 2 else key_mask  # [B, 1 or G, N]
+        view.masked_fill_(~heads[:, :, None, None, :end], float("-inf"))
