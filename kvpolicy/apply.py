@@ -11,6 +11,7 @@ from transformers.generation.configuration_utils import CompileConfig
 from . import interface, models
 from .budget import Budget
 from .cache import PolicyCache
+from .heads import with_per_head
 from .hooks import CacheHooks, attach, new_tokens, prompt_of
 from .policy import Policy
 from .quantized import check_bits
@@ -103,7 +104,8 @@ class PolicyHandle:
     def __repr__(self) -> str:
         state = "removed" if self._removed else "applied"
         bits = f", bits={self.bits}" if self.bits != 16 else ""
-        return f"PolicyHandle({self.policy!r}, budget={self.budget}{bits}, {state})"
+        heads = ", per_head=True" if self.policy.per_head else ""
+        return f"PolicyHandle({self.policy!r}, budget={self.budget}{bits}{heads}, {state})"
 
     # ---- the patch ---------------------------------------------------------------------
     def prepare_generate(self, args: tuple, kwargs: dict) -> None:
@@ -169,15 +171,23 @@ def check_prompt_budget(model: nn.Module, policy: Policy, budget: Budget, ids: t
 
 
 def validated(model: nn.Module, policy: str | Policy, budget: float | int, params: dict,
-              bits: int = 16) -> tuple[Policy, Budget, CacheRotary | None]:
+              bits: int = 16, per_head: bool = False) -> tuple[Policy, Budget, CacheRotary | None]:
     """The policy, the budget and the rotary of a call of ``apply`` or ``compress``, each
     refused by name (a model kvpolicy cannot hold exactly, an unknown policy or parameter,
     a budget that cannot hold the policy's protected tokens, ``bits`` not 16/8/4/2 or
-    below 16 for an evicting policy) before the model is touched."""
+    below 16 for an evicting policy, ``per_head`` for a policy it has no meaning for)
+    before the model is touched. per_head: the policy's per-head copy (kvpolicy.heads)."""
+    if not isinstance(per_head, bool):
+        raise TypeError(f"per_head must be a bool, got {per_head!r}")
     pol = get_policy(policy, **params)
     b = Budget(budget)
     b.check_holds(pol.min_tokens(), pol.name)
     check_bits(bits, pol)
+    if per_head:
+        if bits != 16:
+            raise ValueError(f"per_head=True with bits={bits}: per-head rows are stored in the "
+                             f"model's dtype for now; pass bits=16 or per_head=False")
+        pol = with_per_head(pol)
     models.check_supported(model)
     if pol.requirements().reconstruct:
         if models.vision_token_ids(model):
@@ -216,7 +226,7 @@ def compile_config(device: torch.device) -> CompileConfig:
 
 def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
           compile: bool = False, recompress: bool = True, bits: int = 16,
-          **params) -> PolicyHandle:
+          per_head: bool = False, **params) -> PolicyHandle:
     """Patch ``model`` so that ``model.generate`` keeps ``budget`` of the prompt's KV cache
     under ``policy`` (a registered name with its ``params``, or a Policy instance).
 
@@ -226,12 +236,14 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
     everything seen (default); False appends the new turn as it is.
     bits: 16 keeps the kept prompt rows in the model's dtype; 8, 4 or 2 stores them
     quantized (kvpolicy.quantized; policies that append while decoding).
+    per_head: each layer's budget split across its KV heads by their scores (AdaKV's rule;
+    kvzip selects across every layer and head), each head storing only its own rows.
     Everything is validated before the model is touched; errors leave it unpatched.
     """
     for name, flag in (("compile", compile), ("recompress", recompress)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
-    pol, b, rotary = validated(model, policy, budget, params, bits)
+    pol, b, rotary = validated(model, policy, budget, params, bits, per_head)
     if not models.vision_token_ids(model):  # a text model's post-vision span: its last 8 tokens
         text = torch.ones(1, POST_VISION_FALLBACK, dtype=torch.bool)
         b.check_holds(pol.prompt_min_tokens(text, None), pol.name, pol.protects)
@@ -253,7 +265,7 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
 def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, budget: float | int = 0.1,
              *, attention_mask: torch.Tensor | None = None, chunk_size: int | None = None,
              max_new_tokens: int = 0, recompress: bool = True, bits: int = 16,
-             **params) -> PolicyCache:
+             per_head: bool = False, **params) -> PolicyCache:
     """Prefill ``input_ids`` [B, N] and compress its cache under ``policy`` at ``budget``,
     without generating: the query-agnostic case (a document whose questions come later).
 
@@ -268,6 +280,7 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
     max_new_tokens: decode steps to size buffers (and fixed-size policies) for.
     bits: the kept rows' storage, as for ``apply`` (with ``chunk_size`` each chunk's
     compaction puts the rows back in full precision and quantizes them again).
+    per_head: a count per KV head, as for ``apply``.
     """
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -277,7 +290,7 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"compress needs input_ids as a non-empty int tensor [batch, length], "
                          f"got {shape}")
-    pol, b, rotary = validated(model, policy, budget, params, bits)
+    pol, b, rotary = validated(model, policy, budget, params, bits, per_head)
     check_prompt_budget(model, pol, b, input_ids, attention_mask)
     hooks: CacheHooks = attach(model)
     cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary, chunk_size,

@@ -216,6 +216,7 @@ class PolicyCache(Cache):
         """Plan the first prompt with the passes' max scores and compact it."""
         unscored, tally = self._unscored, self._pass_tally
         self._unscored = self._pass_tally = None
+        self._expand()
         pos = next(layer for layer in self.layers if layer.scored).pos[:, 0]  # [1, C]
         observed = Observed(tally, torch.zeros_like(pos, dtype=torch.bool), None,
                             unscored.new_pos, self.layers[0].next_pos.clone(), False,
@@ -334,6 +335,11 @@ class PolicyCache(Cache):
                             self.layers[0].next_pos.clone(), True, seen.heads_per_group)
         self._compact(observed, True, max(0, self._new_tokens - deferral.decoded))
 
+    def _expand(self) -> None:
+        """Every layer's rows in the layout [B, G, C, D] (KVLayer.expand), for a plan."""
+        for layer in self.layers:
+            layer.expand()
+
     def reserve(self, new_tokens: int) -> None:
         """Make room for ``new_tokens`` decode steps in every append layer (eager)."""
         for layer in self.layers:
@@ -361,10 +367,10 @@ class PolicyCache(Cache):
                  quantize: bool = True) -> None:
         """Plan every layer and compact it into new closed buffers; defer > 0 keeps every
         slot and waits for that many decode steps, carrying the scores in a Deferral.
-        Quantized rows are put back in full precision first, and quantized again at close
-        unless a compaction follows (defer; ``quantize`` False)."""
-        for layer in self.layers:
-            layer.unquantize()
+        Quantized rows are put back in full precision first (and per-head rows unflattened),
+        and quantized again at close unless a compaction follows (defer; ``quantize``
+        False)."""
+        self._expand()
         scores = self._scores(observed)
         plan = plan_forward(self.policy, self.budget, self.layers, observed, scores,
                             compress=compress, new_tokens=new_tokens, bucket=self.bucket)

@@ -23,6 +23,9 @@ def compact_layers_into(layers: list[KVLayer], plan: ForwardPlan, scores: dict[i
     carried = ScoreTally(len(layers)) if carry else None
     for l, layer in enumerate(layers):
         k, empty, cap = kept[l]
+        if layer.per_head:
+            close_flat(layer, k, empty, cap, new_keys[l], new_values[l], rows_seen.clone())
+            continue
         B, G, n = k.shape
         running = None
         if layer.kind == "evict" or (carry and layer.scored):
@@ -41,22 +44,63 @@ def compact_layers_into(layers: list[KVLayer], plan: ForwardPlan, scores: dict[i
     return carried
 
 
+def close_flat(layer: KVLayer, k: Tensor, empty: Tensor, capacity: int, keys: Tensor,
+               values: Tensor, rows_seen: Tensor) -> None:
+    """Close a per-head layer on its gathered rows in the flat layout: k int64 [B, G, n] the
+    kept slots, empty bool [B, G, n] (fillers, padding, slots a head does not hold), keys
+    [B, 1, T, D] / values as ``gather`` filled them (``flat_order``'s rows, then room for
+    ``capacity - n`` decode steps of G slots each)."""
+    B, G, n = k.shape
+    src, heads = flat_order(k, empty, layer.pos)
+    M, T = src.shape[1], keys.shape[2]
+    pos = layer.pos.new_full((B, 1, T), -1)
+    pos[:, 0, :M] = torch.where(heads >= 0, layer.pos.reshape(B, -1).gather(1, src.clamp_min(0)), -1)
+    ring = torch.arange(T - M, device=k.device) % G
+    slot_heads = torch.cat([heads, ring.expand(B, T - M)], 1)
+    layer.close_flat(keys, values, pos, slot_heads, M, rows_seen)
+
+
+def flat_order(k: Tensor, empty: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """A per-head layer's kept rows, head after head: (src int64 [B, M] indices into its
+    slots viewed as [B, G * S], heads int64 [B, M] their KV head, -1 past a row's last)
+    for kept slots k int64 [B, G, n] into S slots, empty bool [B, G, n]; pos int64 [B, G,
+    S] (a slot a head holds no token in is not kept)."""
+    B, G, n = k.shape
+    S = pos.shape[2]
+    held = ~empty & (pos.gather(2, k) >= 0)
+    order = torch.sort((~held).flatten(1).byte(), dim=1, stable=True).indices  # held first
+    M = max(1, int(held.sum((1, 2)).max()))
+    order = order[:, :M]
+    head = torch.arange(G, device=k.device)[None, :, None].expand(B, G, n).flatten(1)
+    src = (head * S + k.flatten(1)).gather(1, order)
+    heads = torch.where(held.flatten(1).gather(1, order), head.gather(1, order), -1)
+    return src, heads
+
+
 def gather(layers: list[KVLayer], plan: ForwardPlan) -> tuple[list, list[Tensor], list[Tensor]]:
     """Gather every layer's kept rows into new buffers with one compact_layers call.
     Returns (per layer (slot indices int64 [B, G, n], empty bool [B, G, n]: fillers and
-    padded slots, capacity), the new keys [B, G, C, D] and values per layer). Scored layers
+    padded slots, capacity), the new keys [B, G, C, D] and values per layer; per-head
+    layers: [B, 1, T, D], their rows head after head, see ``close_flat``). Scored layers
     are left-aligned on the widest one's slots; the plan's indices are into that width."""
     own = [layer.keys.shape[2] for layer in layers]
     planned = max((own[l] for l, layer in enumerate(layers) if layer.scored), default=0)
     shift = [planned - own[l] if layer.scored else 0 for l, layer in enumerate(layers)]
     idx = [(plan.keep[l] - shift[l]).clamp_min(0) for l in range(len(layers))]
-    new_keys, new_values = [], []
-    for l, layer in enumerate(layers):
-        B, G, _, D = layer.keys.shape
-        new_keys.append(layer.keys.new_zeros(B, G, plan.capacity[l], D))
-        new_values.append(layer.values.new_zeros(B, G, plan.capacity[l], layer.values.shape[-1]))
-    compact_layers([layer.keys for layer in layers], [layer.values for layer in layers], idx,
-                   new_keys, new_values)
-    kept = [(idx[l], plan.fill[l][:, None, :] | (plan.keep[l] < shift[l]), plan.capacity[l])
+    kept = [(idx[l], plan.fill[l] | (plan.keep[l] < shift[l]), plan.capacity[l])
             for l in range(len(layers))]
+    sources, targets, new_keys, new_values = [], [], [], []
+    for l, layer in enumerate(layers):
+        B, G, S, D = layer.keys.shape
+        Dv = layer.values.shape[-1]
+        keys, values, index, C = layer.keys, layer.values, idx[l], plan.capacity[l]
+        if layer.per_head:  # the kept rows head after head, then G slots per decode step
+            index = flat_order(idx[l], kept[l][1], layer.pos)[0][:, None]
+            keys, values = keys.reshape(B, 1, G * S, D), values.reshape(B, 1, G * S, Dv)
+            G, C = 1, index.shape[-1] + G * (C - idx[l].shape[-1])
+        sources.append((keys, values))
+        targets.append(index)
+        new_keys.append(layer.keys.new_zeros(B, G, C, D))
+        new_values.append(layer.values.new_zeros(B, G, C, Dv))
+    compact_layers([k for k, _ in sources], [v for _, v in sources], targets, new_keys, new_values)
     return kept, new_keys, new_values

@@ -18,6 +18,17 @@ a closed layer is a decode step, in place and with fixed shapes (torch.compile-a
 
 Slot validity is shared by a row's KV heads (only which token a slot holds differs).
 
+Per-head plans (``per_head`` layers: append layers of a policy planning per KV head) close
+into one flat row of slots per batch row: keys [B, 1, T, D] and pos [B, 1, T] with
+``slot_heads`` int64 [B, T] the KV head each slot belongs to (-1: none), each row's kept
+prompt rows head after head (padded to the longest row), then the decode region, where a
+step writes its G heads' rows into G consecutive slots. So the bytes follow the kept
+entries, not the longest head times the heads. A query head attends only its KV head's
+slots (kvpolicy_kernels.head_attention). A multi-token step (``open``) or a compaction
+(``expand``) first unflattens them into [B, G, S, D], each head's rows first and the rest of
+its row empty (pos -1): the heads then hold different tokens, which the prompt's masks and
+the plan's ``Stats.head_valid`` follow per head.
+
 With ``bits`` < 16 (append layers), ``close`` quantizes the first kept prompt rows
 (kvpolicy.quantized.QuantizedRows, ``quantized``); ``keys``/``values`` then hold only the
 slots after them (the policy's recent window, the rest of a token group, the decode
@@ -32,6 +43,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
+
+from kvpolicy_kernels import head_attention
 
 from .attention import grouped_attention, visible_slots
 from .policy import Policy
@@ -56,6 +69,9 @@ class KVLayer(CacheLayerMixin):
         super().__init__()
         self.kind = "sliding" if window else kind
         self.bits = bits if self.kind == "append" else 16
+        self.per_head = self.kind == "append" and policy is not None and policy.requirements().per_head
+        self.slot_heads: Tensor | None = None  # per_head layers, closed: int64 [B, T]
+        self._split = False  # unflattened per-head rows: the heads hold different slots
         self.quantized: QuantizedRows | None = None
         self.policy, self.cache_window = policy, window
         self.running = "sum" if policy is None else policy.requirements().running
@@ -96,6 +112,7 @@ class KVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.kv_heads = key_states.shape[1]
         self.seen = self.seen.to(self.device)
         self.is_initialized = True
 
@@ -103,7 +120,7 @@ class KVLayer(CacheLayerMixin):
     def open(self, new_pos: Tensor) -> None:
         """Start a multi-token step whose tokens have positions new_pos int64 [B, q] (-1 at
         padding)."""
-        self.unquantize()
+        self.expand()
         self.is_open, self._new_pos = True, new_pos
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
@@ -151,7 +168,7 @@ class KVLayer(CacheLayerMixin):
         fixed size int64 [B]); quantize: store the prompt rows in ``bits`` (False: a
         compaction that will run again)."""
         rows = quantizable_rows(kept, getattr(self.policy, "window", 0)) if quantize else 0
-        self.quantized = None
+        self.quantized, self.slot_heads, self._split = None, None, False
         if self.bits < 16 and rows:
             self.quantized = QuantizedRows.quantize(keys[:, :, :rows], values[:, :, :rows], self.bits)
             keys, values = keys[:, :, rows:].clone(), values[:, :, rows:].clone()
@@ -163,15 +180,66 @@ class KVLayer(CacheLayerMixin):
         for t in self.owned():
             torch._dynamo.mark_static_address(t)
 
+    def close_flat(self, keys: Tensor, values: Tensor, pos: Tensor, slot_heads: Tensor,
+                   kept: int, next_pos: Tensor) -> None:
+        """End the step on per-head rows in the flat layout (see the module docstring):
+        keys [B, 1, T, D], values [B, 1, T, Dv], pos int64 [B, 1, T], slot_heads int64
+        [B, T], the first ``kept`` slots holding the prompt rows."""
+        self.keys, self.values, self.pos, self.next_pos = keys, values, pos, next_pos
+        self.quantized, self.slot_heads, self.scores, self.sizes = None, slot_heads, None, None
+        self._split = False
+        self.used = torch.full((1,), kept, dtype=torch.long, device=keys.device)
+        self.is_open = False
+        for t in self.owned():
+            torch._dynamo.mark_static_address(t)
+
     def held(self) -> tuple:
         """The closed layer's state, for ``rewind`` (references, no copies)."""
-        return self.keys, self.values, self.quantized, self.pos, self.scores, self.seen
+        return (self.keys, self.values, self.quantized, self.pos, self.scores, self.seen,
+                self.slot_heads, self.used)
 
     def rewind(self, held: tuple) -> None:
         """End a multi-token step without keeping its tokens: back to ``held`` (a
         reconstruction pass attends the context and leaves it as it was)."""
-        self.keys, self.values, self.quantized, self.pos, self.scores, self.seen = held
-        self.is_open = False
+        (self.keys, self.values, self.quantized, self.pos, self.scores, self.seen,
+         self.slot_heads, self.used) = held
+        self.is_open, self._split = False, False
+
+    # ---- per-head rows -----------------------------------------------------------------
+    @property
+    def flat(self) -> bool:
+        """Whether the layer holds per-head rows in the flat layout."""
+        return self.slot_heads is not None
+
+    def expand(self) -> None:
+        """Put every row back in the layout [B, G, C, D] in the model's dtype, before a
+        multi-token step or a compaction: quantized rows dequantized, per-head rows
+        unflattened (each head's rows first, in slot order, the rest empty)."""
+        self.unquantize()
+        if self.slot_heads is None:
+            return
+        B, _, T, D = self.keys.shape
+        G = self.kv_heads
+        held = (self.slot_heads >= 0) & (self.pos[:, 0] >= 0)  # [B, T]
+        mine = held[..., None] & (self.slot_heads[..., None] == torch.arange(G, device=held.device))
+        rank = mine.long().cumsum(1) - 1  # [B, T, G]: the slot's index among its head's
+        S = max(1, int(mine.sum(1).max()))
+        b, t = held.nonzero(as_tuple=True)
+        head = self.slot_heads[b, t]
+        at = head * S + rank[b, t, head]
+        keys = self.keys.new_zeros(B, G * S, D)
+        values = self.values.new_zeros(B, G * S, self.values.shape[-1])
+        pos = self.pos.new_full((B, G * S), EMPTY)
+        keys[b, at], values[b, at], pos[b, at] = self.keys[b, 0, t], self.values[b, 0, t], self.pos[b, 0, t]
+        self.keys, self.values = keys.view(B, G, S, D), values.view(B, G, S, -1)
+        self.pos, self.slot_heads, self._split = pos.view(B, G, S), None, True
+        self.used = torch.full((1,), S, dtype=torch.long, device=keys.device)
+
+    @property
+    def is_split(self) -> bool:
+        """Whether the open layer's KV heads hold different slots (per-head rows unflattened
+        by ``expand``): its masks and plan then follow each head's ``pos``."""
+        return self._split
 
     # ---- quantized prompt rows ---------------------------------------------------------
     @property
@@ -199,6 +267,14 @@ class KVLayer(CacheLayerMixin):
         B, G, C, D = self.keys.shape
         if self.rotary is not None:
             key_states = self.rotary.rotate(key_states, self.given, inverse=True)
+        if self.flat:  # the step's G head rows into G consecutive slots
+            heads = key_states.shape[1]
+            slots = self.used + torch.arange(heads, device=self.used.device)
+            self.keys.index_copy_(2, slots, key_states.transpose(1, 2))
+            self.values.index_copy_(2, slots, value_states.transpose(1, 2))
+            self.pos.index_copy_(2, slots, self.next_pos.view(B, 1, 1).expand(B, 1, heads))
+            self.used.add_(heads)
+            return
         if self.kind == "append" or (self.kind == "sliding" and C < self.cache_window):
             row = self.used if self.quantized is None else self.used - self.quantized.rows
             self.keys.index_copy_(2, row, key_states)
@@ -226,6 +302,13 @@ class KVLayer(CacheLayerMixin):
         running "last")."""
         self.adopt_window(window)
         visible = visible_slots(self.pos, self.next_pos - 1, self.attention_window)
+        if self.flat:
+            if observe:
+                raise RuntimeError("kvpolicy: per-head rows cannot be observed while decoding")
+            out = head_attention(query, self.keys[:, 0], self.values[:, 0], self.slot_heads,
+                                 visible[:, 0], kv_heads=self.kv_heads, scaling=scaling,
+                                 softcap=softcap or 0.0, sinks=sinks)
+            return out, None
         keys, values = self._rows()
         if self.rotary is not None:
             query, keys = self.rotary.place(query, keys, self.pos[:, 0], self.next_pos[:, None] - 1,
@@ -245,10 +328,16 @@ class KVLayer(CacheLayerMixin):
         limit = self.cache_window if self.kind == "sliding" else None
         if self.kind == "evict" or (limit is not None and C >= limit):
             return  # rings: a fixed size
+        if self.flat:  # a token is a slot per KV head
+            slots *= self.kv_heads
         free = self.slots - int(self.used)
         if free >= slots:
             return
         extra = slots - free if limit is None else min(slots - free, limit - C)
+        if self.flat:
+            extra = -(-extra // self.kv_heads) * self.kv_heads
+            ring = torch.arange(extra, device=self.keys.device) % self.kv_heads
+            self.slot_heads = torch.cat([self.slot_heads, ring.expand(B, extra)], 1)
         self.keys = torch.cat([self.keys, self.keys.new_zeros(B, G, extra, D)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(B, G, extra, self.values.shape[-1])], 2)
         self.pos = torch.cat([self.pos, self.pos.new_full((B, G, extra), -1)], 2)
@@ -257,7 +346,7 @@ class KVLayer(CacheLayerMixin):
 
     def owned(self) -> list[Tensor]:
         """The tensors this layer owns (its memory)."""
-        names = ("keys", "values", "pos", "next_pos", "used", "scores", "sizes", "seen")
+        names = ("keys", "values", "pos", "next_pos", "used", "scores", "sizes", "seen", "slot_heads")
         quantized = [] if self.quantized is None else self.quantized.tensors()
         return [t for n in names if isinstance(t := getattr(self, n, None), Tensor)] + quantized
 

@@ -20,9 +20,10 @@ from .prefill import Observed
 
 @dataclass
 class ForwardPlan:
-    """Per layer l: keep int64 [B, G, n_l] slot indices, fill bool [B, n_l] (a shorter
-    row's padding, kept empty), capacity (buffer slots); row_sizes int64 [B] each row's
-    fixed size (evicting layers); plan: the policy's Plan of the scored layers, or None."""
+    """Per layer l: keep int64 [B, G, n_l] slot indices, fill bool [B, G, n_l] (a shorter
+    row's or head's padding, kept empty), capacity (buffer slots); row_sizes int64 [B] each
+    row's fixed size (evicting layers); plan: the policy's Plan of the scored layers, or
+    None."""
 
     keep: dict[int, Tensor]
     fill: dict[int, Tensor]
@@ -41,12 +42,16 @@ def plan_forward(policy: Policy, budget: Budget, layers: list[KVLayer], observed
     scored = [l for l, layer in enumerate(layers) if layer.scored]
     if scored:
         rows = row_plans(policy, budget, layers, observed, scores, scored, compress, new_tokens)
-        out.plan = Plan([], [])
+        per_head = all(r.counts is not None for r in rows)
+        out.plan = Plan([], [], [] if per_head else None)
         for i, l in enumerate(scored):
             n = max(r.keep[i].shape[-1] for r in rows)
-            per_row = [pad_keep(r.keep[i], n) for r in rows]
+            per_row = [pad_keep(r.keep[i], n, None if r.counts is None else r.counts[i])
+                       for r in rows]
             out.keep[l] = torch.cat([k for k, _ in per_row])
             out.fill[l] = torch.cat([f for _, f in per_row])
+            if per_head:
+                out.plan.counts.append(torch.cat([r.counts[i] for r in rows]))
             sizes = [r.capacity[i] for r in rows]
             out.row_sizes[l] = torch.tensor(sizes, device=out.keep[l].device)
             fixed = layers[l].kind == "evict"  # a fixed size: the policy's allocation
@@ -55,7 +60,8 @@ def plan_forward(policy: Policy, budget: Budget, layers: list[KVLayer], observed
             out.plan.capacity.append(out.capacity[l])
     for l, layer in enumerate(layers):
         if not layer.scored:
-            out.keep[l], out.fill[l] = window_keep(layer)
+            out.keep[l], fill = window_keep(layer)
+            out.fill[l] = fill[:, None, :].expand(out.keep[l].shape)
             out.capacity[l] = min(layer.cache_window, buffer_slots(out.keep[l].shape[-1],
                                                                    new_tokens, "append", bucket))
     return out
@@ -67,7 +73,10 @@ def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: O
     """One Plan per batch row over the scored layers, indices into the widest layer's slots."""
     width = max(layers[l].keys.shape[2] for l in scored)
     attn = torch.stack([left_pad(scores[l], width) for l in scored])
-    valid = torch.stack([left_pad(layers[l].pos[:, 0] >= 0, width) for l in scored]).any(0)
+    held = torch.stack([left_pad(layers[l].pos >= 0, width) for l in scored])  # [L, B, G, W]
+    valid = held.any(2).any(0)
+    # a per-head cache's heads hold different tokens once planned
+    head_valid = held if policy.requirements().per_head and not bool(held.all(2).eq(held.any(2)).all()) else None
     queries = left_pad(observed.queries, width)
     vision = None if observed.vision is None else left_pad(observed.vision, width)
     tally = observed.tally
@@ -84,7 +93,8 @@ def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: O
         one = slice(b, b + 1)
         seen = int(observed.rows_seen[b]) if observed.continued else None
         if not compress:
-            rows.append(keep_all(valid[one], attn.shape[2], len(scored), new_tokens))
+            rows.append(keep_all(valid[one], attn.shape[2], len(scored), new_tokens,
+                                 policy.requirements().per_head))
             continue
         rows.append(plan_row(policy, budget, attn[:, one], queries=queries[one], valid=valid[one],
                              heads_per_group=observed.heads_per_group,
@@ -94,6 +104,7 @@ def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: O
                              keys=None if keys is None else keys[:, one],
                              **{k: v[:, one] if k != "future_rotary" else v[one]
                                 for k, v in stats.items()},
+                             head_valid=None if head_valid is None else head_valid[:, one],
                              # a reconstructing policy's prompt is kept whole until its passes
                              reconstructed=policy.requirements().reconstruct))
     return rows
@@ -119,21 +130,26 @@ def left_pad(x: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(x, (width - x.shape[-1], 0))
 
 
-def pad_keep(keep: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """(keep [1, G, n], filler bool [1, n]): a row's keep widened to n by repeating its
-    last index; the fillers are marked so their slots stay empty."""
+def pad_keep(keep: Tensor, n: int, counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(keep [1, G, n], filler bool [1, G, n]): a row's keep widened to n by repeating its
+    last index; the fillers (and, for a per-head plan, each head's indices beyond its
+    counts int64 [1, G]) are marked so their slots stay empty."""
     have = keep.shape[-1]
-    fill = torch.arange(n, device=keep.device)[None] >= have
+    rank = torch.arange(n, device=keep.device)[None, None]
+    fill = rank >= (have if counts is None else counts[..., None])
     if have < n:
         keep = torch.cat([keep, keep[..., -1:].expand(*keep.shape[:-1], n - have)], -1)
-    return keep, fill
+    return keep, fill.expand(keep.shape)
 
 
-def keep_all(valid: Tensor, heads: int, num_layers: int, new_tokens: int) -> Plan:
-    """Every valid slot (valid bool [1, S]) kept in every layer and KV head."""
+def keep_all(valid: Tensor, heads: int, num_layers: int, new_tokens: int,
+             per_head: bool = False) -> Plan:
+    """Every valid slot (valid bool [1, S]) kept in every layer and KV head (per_head: as a
+    per-head plan, with every head's count)."""
     n = int(valid.sum())
     idx = valid[0].nonzero()[:, 0][None, None].expand(1, heads, n)
-    return Plan([idx] * num_layers, [n + new_tokens] * num_layers)
+    counts = [torch.full((1, heads), n, device=idx.device)] * num_layers if per_head else None
+    return Plan([idx] * num_layers, [n + new_tokens] * num_layers, counts)
 
 
 def window_keep(layer: KVLayer) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from torch import Tensor
 from . import budget as arithmetic
 from .allocation import equal_split
 from .budget import Budget, Decode
+from .heads import select_heads, split_heads
 from .selection import edge_tokens, post_vision, select_keep
 
 log = logging.getLogger("kvpolicy")
@@ -45,6 +46,8 @@ class Requirements:
         (Expected Attention).
     future_positions: F > 0 fills ``Stats.future_rotary`` with the model's rotary at the
         F positions after the prompt.
+    per_head: plans may keep a different count per KV head (``Plan.counts``); the engine
+        stores each head's rows on their own (kvpolicy.heads).
     """
 
     queries: QuerySet
@@ -57,6 +60,7 @@ class Requirements:
     reconstruct: bool = False
     query_stats: bool = False
     future_positions: int = 0
+    per_head: bool = False
 
     @property
     def sparsity(self) -> bool:
@@ -95,6 +99,9 @@ class Stats:
         padding.
     future_rotary: float32 [B, 2, F, D] (future_positions = F): cos and sin of the model's
         rotary at each row's F positions after its prompt (rotate-half convention).
+    head_valid: bool [L, B, G, N] or None: which KV heads hold each token, when they differ
+        (a continued cache planned per head, whose heads kept different tokens); None:
+        every head holds every valid token.
     For ``Requirements.reconstruct`` policies ``attn`` holds the max, over the
     reconstruction queries and the query heads of the KV group, of the probability each
     key received (not a sum).
@@ -113,6 +120,7 @@ class Stats:
     query_cov: Tensor | None = None
     value_norms: Tensor | None = None
     future_rotary: Tensor | None = None
+    head_valid: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -139,7 +147,10 @@ class Plan:
     """What the cache does with one prompt: per layer the kept indices and the slots.
 
     keep: per layer int64 [B, G, n_l], sorted, unique, in [0, padded length).
-    capacity: per layer slots (>= n_l). For a policy that holds a fixed size while
+    capacity: per layer slots (>= n_l).
+    counts: None (every KV head keeps its n_l) or, for a per-head plan, per layer int64
+    [B, G]: head (b, g) keeps keep[l][b, g, :counts[l][b, g]] (sorted, unique); the rest of
+    its row repeats its last index and is not kept. For a policy that holds a fixed size while
     decoding (decode "evict") it is that size, the policy's allocation. For appending
     policies it is deprecated: the engine sizes its own buffers (the kept rows plus the
     call's new tokens, rounded to its bucket), and a policy need not set it meaningfully.
@@ -147,10 +158,19 @@ class Plan:
 
     keep: list[Tensor]
     capacity: list[int]
+    counts: list[Tensor] | None = None
 
     @property
     def kept(self) -> list[int]:
+        """Per layer the tokens a KV head keeps (per-head plans: the most any head keeps)."""
         return [k.shape[-1] for k in self.keep]
+
+    @property
+    def entries(self) -> list[Tensor]:
+        """Per layer int64 [B, G]: the tokens each KV head keeps."""
+        if self.counts is not None:
+            return self.counts
+        return [torch.full(k.shape[:2], k.shape[-1], device=k.device) for k in self.keep]
 
 
 class Policy:
@@ -184,13 +204,14 @@ class Policy:
     reconstruct: ClassVar[bool] = False
     query_stats: ClassVar[bool] = False
     future_positions: int = 0
+    per_head: bool = False  # plans a count per KV head (set by kvpolicy.heads.with_per_head)
 
     def requirements(self) -> Requirements:
         """What this policy needs from an engine (see Requirements); a policy whose needs
         depend on its parameters overrides this, never the class attributes."""
         return Requirements(self.queries, self.tau, self.decode, self.defer, self.positions,
                             self.needs_keys, self.running, self.reconstruct, self.query_stats,
-                            self.future_positions)
+                            self.future_positions, self.per_head)
 
     # ---- the three steps -------------------------------------------------------------
     def score(self, stats: Stats) -> Tensor:
@@ -198,12 +219,18 @@ class Policy:
         return stats.attn
 
     def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
-        """int64 [L] tokens per layer, floor <= n_l <= room, sum(n) <= total."""
+        """int64 [L] tokens per layer, floor <= n_l <= room, sum(n) <= total (or, for a
+        policy selecting across heads itself, int64 [L, B, G] tokens per KV head)."""
         return equal_split(stats.num_layers, total, floor, self.room(stats))
 
     def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
-        """Per layer int64 [B, G, min(n_l, N)]: protected tokens, then the top scores."""
+        """Per layer int64 [B, G, min(n_l, N)]: protected tokens, then the top scores (n
+        int64 [L, B, G] per KV head: per layer [B, G, max count], see heads.select_heads)."""
         protected = self.protected(stats)
+        if n.dim() == 3:
+            hv = stats.head_valid
+            return [select_heads(scores[l], n[l], protected, stats.valid,
+                                 None if hv is None else hv[l]) for l in range(len(n))]
         return [select_keep(scores[l], min(int(n[l]), stats.num_tokens), protected, stats.valid)
                 for l in range(len(n))]
 
@@ -273,8 +300,13 @@ class Policy:
                 self.name, budget, N, floor, floor / N)
             total = floor * L
         n = self.allocate(stats, total, floor)
-        keep = self.evict(self.score(stats), n, stats)
-        return Plan(keep, self.capacity(n, stats))
+        scores = self.score(stats)
+        if self.per_head and n.dim() == 1:
+            n = split_heads(scores, n, self.protected(stats), stats.valid, stats.head_valid)
+        keep = self.evict(scores, n, stats)
+        if n.dim() == 1:
+            return Plan(keep, self.capacity(n, stats))
+        return Plan(keep, self.capacity(n.amax((1, 2)), stats), list(n))
 
     # ---- reconstruction (policies with Requirements.reconstruct) ----------------------
     def reconstruction(self, context: Tensor, chunk: int | None) -> list[tuple[int, int, Tensor]]:

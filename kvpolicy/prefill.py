@@ -15,7 +15,8 @@ from torch import Tensor
 
 from kvpolicy_kernels import attention_and_scores, attention_with_lse
 
-from .attention import attend, prompt_mask
+from .attention import attend, causal, prompt_mask
+from .attention import visible as visible_
 from .budget import Budget
 from .layer import KVLayer
 from .pipeline import Observation, ScoreTally, nothing_observed, observe
@@ -99,6 +100,7 @@ class PromptObserver:
         slots, then the forward's tokens). Returns out [B, q, H, Dv]; observes the scores
         of a planned layer."""
         self.attended.add(layer_idx)
+        self.heads_per_group = query.shape[1] // key.shape[1]
         if layer.scored and self.observed.moments is not None:
             self.statistics(layer_idx, query, value)
         visible = self.mask(layer, query.shape[2])
@@ -126,7 +128,15 @@ class PromptObserver:
 
     def mask(self, layer: KVLayer, q: int) -> Tensor | None:
         """bool [B, 1, q, S]: causal over the forward's tokens, every held old slot, within
-        the layer's sliding window; None when plain causal attention is exact."""
+        the layer's sliding window; None when plain causal attention is exact. A per-head
+        layer's heads hold different old slots: [B, H, q, S], each query head its KV
+        head's."""
+        if layer.per_head and layer.is_split:
+            G, S = layer.pos.shape[1:]
+            order = causal(q, S, layer.pos.device)
+            visible = visible_(layer.pos[:, :, None, :], self.new_pos[:, None, :, None],
+                               layer.attention_window, order=order)  # [B, G, q, S]
+            return visible.repeat_interleave(self.heads_per_group, 1)
         key_pos = layer.pos[:, 0]  # [B, S]
         S = key_pos.shape[1]
         window = layer.attention_window
@@ -148,9 +158,10 @@ class PromptObserver:
         if self.first is None:
             self.record(layer_idx, query, key, nothing_observed(self.policy, key))
             return
+        held = layer.pos >= 0 if layer.per_head and layer.is_split else layer.pos[:, 0] >= 0
         obs = observe(self.policy, query[:, :, self.first:], key, scaling=scaling,
                       query_mask=self.observed.queries[:, self.first:],
-                      key_mask=layer.pos[:, 0] >= 0, softcap=softcap, sinks=sinks,
+                      key_mask=held, softcap=softcap, sinks=sinks,
                       lse=None if lse is None else lse[:, :, self.first:])
         self.record(layer_idx, query, key, obs)
 

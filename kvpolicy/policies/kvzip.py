@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..allocation import take_cheapest
+from ..heads import global_heads
 from ..policy import Policy, Stats, check_int
 from ..registry import register_policy
 
@@ -66,11 +67,16 @@ class KVzip(Policy):
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
     def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
-        """Layerwise: equal. Otherwise a global top-``total`` across layers with a layer's KV
-        heads taking the same count: layer l's k-th token is worth the mean over its heads
-        of each head's k-th highest score (protected tokens first), best first."""
+        """Layerwise: equal. Per head (``per_head``): the paper's global top-``total`` x G
+        entries over every layer and KV head (int64 [L, B, G], kvpolicy.heads.global_heads).
+        Otherwise a global top-``total`` across layers with a layer's KV heads taking the
+        same count: layer l's k-th token is worth the mean over its heads of each head's
+        k-th highest score (protected tokens first), best first."""
         if self.layerwise:
             return super().allocate(stats, total, floor)
+        if self.per_head:
+            return global_heads(stats.attn, total, floor, self.protected(stats), stats.valid,
+                                stats.head_valid)
         big = 1e30
         key = stats.attn.double().masked_fill(self.protected(stats)[None, :, None, :], big)
         key = key.masked_fill(~stats.valid[None, :, None, :], -big)
