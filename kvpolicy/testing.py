@@ -26,7 +26,8 @@ from .policy import Plan, Policy, Stats
 from .registry import get_policy
 from .selection import select_keep
 
-__all__ = ["budgets", "check_equivariant", "check_monotone", "check_plan", "check_policy",
+__all__ = ["budgets", "check_equivariant", "check_head_plan", "check_monotone", "check_plan",
+           "check_policy",
            "quiet_plan", "stats"]
 
 
@@ -90,6 +91,8 @@ def check_plan(policy: Policy, s: Stats, budget: Budget) -> Plan:
     keep rows sorted, unique, in range, padding only when a sequence is short; protected
     tokens kept. Returns the plan."""
     plan = quiet_plan(policy, s, budget)
+    if plan.counts is not None:
+        return check_head_plan(policy, s, budget, plan)
     L, N = s.num_layers, s.num_tokens
     fixed = policy.requirements().decode == "evict"
     sizes = torch.tensor(plan.capacity if fixed else plan.kept)
@@ -115,9 +118,41 @@ def check_plan(policy: Policy, s: Stats, budget: Budget) -> Plan:
     return plan
 
 
+def check_head_plan(policy: Policy, s: Stats, budget: Budget, plan: Plan) -> Plan:
+    """The invariants of a per-head plan (``Plan.counts``): per row, the entries kept over
+    every layer and KV head sum to at most the total x G, exactly for an unpadded row (or
+    every entry when fewer); each
+    head keeps every protected token, at least the layer floor (or all its real tokens),
+    no padding; its first counts indices sorted, unique, in range."""
+    L, G = s.num_layers, s.attn.shape[2]
+    total = max(policy.total(budget, s), policy.floor(s) * L)
+    protected, real = policy.protected(s), s.valid.sum(-1)
+    floor = policy.floor(s)
+    entries = torch.stack(plan.counts)  # [L, B, G]
+    for b in range(entries.shape[1]):
+        kept, want = int(entries[:, b].sum()), min(total, L * s.num_tokens) * G
+        assert kept <= want, f"row {b} keeps {kept} entries, over the total {total} x {G}"
+        if int(real[b]) == s.num_tokens:
+            assert kept == want, f"row {b} keeps {kept} entries, the total is {total} x {G}"
+    for l, keep in enumerate(plan.keep):
+        counts = plan.counts[l]
+        assert keep.dtype == torch.int64 and counts.shape == keep.shape[:2]
+        assert keep.min() >= 0 and keep.max() < s.valid.shape[-1], "keep index out of range"
+        for b in range(keep.shape[0]):
+            for g in range(G):
+                own = keep[b, g, :int(counts[b, g])]
+                assert len(own) >= min(floor, int(real[b])), f"head {g} of layer {l} under the floor"
+                assert (own[1:] > own[:-1]).all(), "a head's kept indices not sorted and unique"
+                assert s.valid[b][own].all(), "padding kept"
+                mask = torch.zeros(s.valid.shape[-1], dtype=torch.bool)
+                mask[own] = True
+                assert (mask | ~protected[b]).all(), "a protected token evicted from a head"
+    return plan
+
+
 def check_monotone(policy: Policy, s: Stats, t1: int, t2: int) -> None:
     """Invariant 5: a larger total (t2 >= t1) never lowers any layer's allocation."""
-    floor = policy.floor(s)
+    floor = policy.floor(s)  # a per-head allocation (int64 [L, B, G]) compares per head
     assert (policy.allocate(s, t1, floor) <= policy.allocate(s, t2, floor)).all(), \
         f"a layer's allocation fell as the total grew from {t1} to {t2}"
 
