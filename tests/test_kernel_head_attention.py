@@ -24,7 +24,7 @@ def head_cases(draw, max_t: int = 300):
     """Ragged per-head layouts: slots of random heads (-1 included), per-head contiguous
     segments (whole tiles of other heads, skipped), or interleaved one slot per head."""
     G = draw(st.integers(1, 4))
-    D = draw(st.sampled_from([16, 32, 64, 256]))
+    D = draw(st.sampled_from([16, 32, 64, 80, 256]))
     return dict(B=draw(st.integers(1, 3)), G=G, g=draw(st.integers(1, 4)),
                 T=draw(st.integers(G, max_t)), D=D, Dv=draw(st.sampled_from([D, 8, 48])),
                 layout=draw(st.sampled_from(["random", "segments", "interleaved"])),
