@@ -2,14 +2,14 @@
 path) behind one torch custom op; ``KVPOLICY_BACKEND`` = auto | triton | torch (see backend).
 ``attention`` / ``attention_with_lse``: attention with the model's own softmax (softcap,
 sinks), the latter also returning the log-sum-exp the score ops can reuse;
-``attention_and_scores``: the output and every key's score from one pass (CPU path)."""
+``attention_and_scores``: the output and every key's score from one pass (CPU path);
+``head_attention``: decode attention over flat per-head slots (per-head budgets, #27)."""
 from __future__ import annotations
 
 from torch import Tensor
 
 from .attention_ref import attention, attention_and_scores, attention_with_lse
-from .head_attention_ref import head_attention_ref as head_attention
-from .ops import accumulate_scores_op, compact_layers_op
+from .ops import accumulate_scores_op, compact_layers_op, head_attention_op
 
 __all__ = ["accumulate_scores", "accumulate_scores_sparsity", "attention", "attention_and_scores",
            "attention_with_lse", "compact_layers", "head_attention"]
@@ -34,6 +34,19 @@ def accumulate_scores_sparsity(
     """(scores float32 [B, G, N], below float32 [B, G]): scores plus the count of
     probabilities below tau x row max (over the real keys), in the same pass."""
     return accumulate_scores_op(query, key, scaling, tau, key_mask, query_mask, softcap, sinks, lse)
+
+
+def head_attention(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, visible: Tensor, *,
+                   kv_heads: int, scaling: float, softcap: float = 0.0,
+                   sinks: Tensor | None = None) -> Tensor:
+    """out [B, 1, H, Dv] in the query's dtype: decode attention over flat per-head slots.
+
+    query [B, H, 1, D]; keys [B, T, D], values [B, T, Dv] (one float dtype); heads int
+    [B, T]: the KV head of each slot (< 0: none); visible bool [B, T]. Query head h reads the
+    visible slots of KV head h // (H // kv_heads), under the model's softmax (softcap > 0: tanh
+    cap; sinks float [H] join each head's denominator). See head_attention_ref and
+    head_attention_triton."""
+    return head_attention_op(query, keys, values, heads, visible, kv_heads, scaling, softcap, sinks)
 
 
 def compact_layers(keys, values, keep, dst_keys, dst_values) -> None:

@@ -1,7 +1,7 @@
 """The torch custom ops (namespace ``kvpolicy``): reference or Triton, chosen per call.
 
-``kvpolicy::accumulate_scores`` is a ``triton_op``: torch.compile traces its body, which
-branches on the device (CUDA -> ``wrap_triton`` kernels, else the reference), so compiled
+``kvpolicy::accumulate_scores`` and ``kvpolicy::head_attention`` are ``triton_op``s:
+torch.compile traces each body, which branches on the device (CUDA -> ``wrap_triton`` kernels, else the reference), so compiled
 CPU graphs take the reference and compiled CUDA graphs see the kernels; the body doubles as
 the fake implementation. ``kvpolicy::compact_layers`` is an opaque ``custom_op`` with a
 registered fake: its kernel reads raw addresses from a table built with ``data_ptr()``,
@@ -15,6 +15,8 @@ from torch import Tensor
 from .backend import use_triton
 from .compact_ref import compact_layers_ref
 from .compact_triton import _compact_kernel, compact_layers_triton
+from .head_attention_ref import head_attention_ref
+from .head_attention_triton import _head_attention_kernel, head_attention_triton
 from .score_ref import accumulate_scores_ref
 from .score_triton import _column_sums_kernel, accumulate_scores_triton
 
@@ -34,6 +36,29 @@ def accumulate_scores_op(
         return accumulate_scores_triton(query, key, scaling, tau, key_mask, query_mask,
                                         softcap, sinks, lse)
     return accumulate_scores_ref(query, key, scaling, key_mask, query_mask, tau, softcap, sinks, lse)
+
+
+@torch.library.triton_op("kvpolicy::head_attention", mutates_args=())
+def head_attention_op(
+    query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, visible: Tensor,
+    kv_heads: int, scaling: float, softcap: float = 0.0, sinks: Tensor | None = None,
+) -> Tensor:
+    """out [B, 1, H, Dv] in the query's dtype: decode attention over flat per-head slots
+    (see head_attention_ref); softcap 0 = off; sinks float [H] or None."""
+    B, H, Q, D = query.shape
+    if Q != 1 or H % kv_heads:
+        raise ValueError(f"query must be [B, H, 1, D] with H a multiple of kv_heads = {kv_heads}, "
+                         f"got {list(query.shape)}")
+    slots = tuple(keys.shape[:2])
+    if tuple(values.shape[:2]) != slots or tuple(heads.shape) != slots or tuple(visible.shape) != slots:
+        raise ValueError(f"keys [B, T, D], values [B, T, Dv], heads and visible [B, T] disagree: "
+                         f"{list(keys.shape)}, {list(values.shape)}, {list(heads.shape)}, {list(visible.shape)}")
+    if sinks is not None and tuple(sinks.shape) != (H,):
+        raise ValueError(f"sinks must be [H] = [{H}], got {tuple(sinks.shape)}")
+    if use_triton(query.device, _head_attention_kernel):
+        return head_attention_triton(query, keys, values, heads, visible, kv_heads, scaling, softcap, sinks)
+    return head_attention_ref(query, keys, values, heads, visible, kv_heads=kv_heads, scaling=scaling,
+                              softcap=softcap, sinks=sinks)
 
 
 @torch.library.custom_op("kvpolicy::compact_layers", mutates_args=("dst_keys", "dst_values"))

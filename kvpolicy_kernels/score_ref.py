@@ -44,21 +44,19 @@ def accumulate_scores_ref(
     q = query.float().reshape(B * G, g, Q, D)
     k = key.float().reshape(B * G, N, D)
     weight = torch.ones(B, Q, device=dev) if query_mask is None else query_mask.float()
-    visible = None  # int [B, N]: real keys at or before each position (for empty rows and tau)
-    if key_mask is not None or tau > 0:
+    visible = None  # [B, 1 or G, N]: real keys at or before each position, per KV head when the
+    if key_mask is not None or tau > 0:  # mask is per head (for empty rows and tau)
         real = torch.ones(B, N, device=dev) if key_mask is None else key_mask.float()
-        if real.dim() == 3:  # per-head: a row sees a key when any head holds one
-            real = real.amax(1)
-        visible = real.cumsum(-1)
+        visible = (real[:, None] if real.dim() == 2 else real).cumsum(-1)
     scores = torch.zeros(B * G, 1, N, dtype=torch.float32, device=dev)
     below = torch.zeros(B, G, dtype=torch.float32, device=dev)
     for start in range(0, Q, chunk):
         stop = min(start + chunk, Q)
         c, diag, end = stop - start, N - Q + start, N - Q + stop  # keys >= diag: causal block
-        rows = weight[:, start:stop]
+        rows = weight[:, None, start:stop]  # [B, 1 or G, c]
         if visible is not None:
-            rows = rows * (visible[:, diag:end] > 0)  # rows that see a key
-        w = rows[:, None, None, :].expand(B, G, g, c).reshape(B * G, 1, g * c)
+            rows = rows * (visible[:, :, diag:end] > 0)  # rows that see a key (in the head)
+        w = rows[:, :, None, :].expand(B, G, g, c).reshape(B * G, 1, g * c)
         qc = q[:, :, start:stop].reshape(B * G, g * c, D)
         kt = k[:, :end].transpose(1, 2)
         given = None  # the reused lse of each row, +inf for skipped rows (their probabilities: 0)
@@ -83,8 +81,8 @@ def accumulate_scores_ref(
         scores[:, :, :end] += torch.bmm(w, probs)  # [B * G, 1, end]: weighted column sums
         if tau > 0:  # hidden keys are 0 < tau x max: count them out per row
             count = (probs < tau * probs.amax(dim=-1, keepdim=True)).sum(-1).view(B, G, g, c).float()
-            hidden = end - visible[:, diag:end]
-            below += ((count - hidden[:, None, None, :]) * rows[:, None, None, :]).sum((2, 3))
+            hidden = end - visible[:, :, diag:end]  # [B, 1 or G, c]
+            below += ((count - hidden[:, :, None, :]) * rows[:, :, None, :]).sum((2, 3))
     return scores.view(B, G, N), below
 
 

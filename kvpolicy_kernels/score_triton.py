@@ -3,8 +3,10 @@
 Logits are the model's: scaling * q.k, then softcap * tanh(. / softcap) when HAS_SOFTCAP
 (tanh built from exp: libdevice's tanh does not run in the interpreter). Pass 1 (grid B*H x
 query blocks): online softmax over key tiles gives each query row its maximum logit and
-log-sum-exp (fp32 [B, H, Q]); with HAS_SINKS, exp(sink[h]) joins the sum. Rows not counted
-or with no visible key get lse = +inf (sink alone: lse = sink), and add 0 later. A caller
+log-sum-exp (fp32 [B, H, Q]); with HAS_SINKS, exp(sink[h]) joins the sum. The key mask is
+[B, N], or [B, G, N] when the KV heads hold different keys (per-head plans): read with a head
+stride (0 for [B, N]), query head h sees the keys of KV head h // (H // G). Rows not counted
+or with no visible key in their head get lse = +inf (sink alone: lse = sink), and add 0 later. A caller
 that already has the lse (``lse`` argument) skips pass 1, or runs it for the row maximum
 only when tau > 0 (NEED_LSE = False). Pass 2 (grid B*G x key blocks): each program owns one
 key tile, loops over the g query heads of its KV head and the query tiles that can see the
@@ -34,13 +36,14 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
-def _visible(rows, cols, b, Q, N, key_mask_ptr, query_mask_ptr,
+def _visible(rows, cols, b, kv, Q, N, key_mask_ptr, s_mb, s_mg, query_mask_ptr,
              HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr):
-    """bool [BLOCK_Q, BLOCK_N]: key col is causal, real and seen by a counted query row."""
+    """bool [BLOCK_Q, BLOCK_N]: key col is causal, real for KV head kv (key mask element
+    b * s_mb + kv * s_mg + col: s_mg = 0 for a [B, N] mask) and seen by a counted query row."""
     in_range = (rows < Q)[:, None] & (cols < N)[None, :]
     ok = in_range & (cols[None, :] <= (N - Q + rows)[:, None])
     if HAS_KEY_MASK:
-        ok &= (tl.load(key_mask_ptr + b * N + cols, mask=cols < N, other=0) != 0)[None, :]
+        ok &= (tl.load(key_mask_ptr + b * s_mb + kv * s_mg + cols, mask=cols < N, other=0) != 0)[None, :]
     if HAS_QUERY_MASK:
         ok &= (tl.load(query_mask_ptr + b * Q + rows, mask=rows < Q, other=0) != 0)[:, None]
     return ok
@@ -60,7 +63,7 @@ def _logits(q, k, scaling, softcap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _row_stats_kernel(
     q_ptr, k_ptr, key_mask_ptr, query_mask_ptr, sinks_ptr, lse_ptr, max_ptr,
-    s_qb, s_qh, s_qq, s_qd, s_kb, s_kg, s_kn, s_kd,
+    s_qb, s_qh, s_qq, s_qd, s_kb, s_kg, s_kn, s_kd, s_mb, s_mg,
     H, G, Q, N, D, scaling, softcap,
     HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, NEED_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -81,7 +84,8 @@ def _row_stats_kernel(
         k = tl.load(k_ptr + b * s_kb + kv * s_kg + cols[:, None] * s_kn + dims[None, :] * s_kd,
                     mask=(cols < N)[:, None] & (dims < D)[None, :], other=0.0).to(DOT_DTYPE)
         s = _logits(q, k, scaling, softcap, HAS_SOFTCAP)
-        vis = _visible(rows, cols, b, Q, N, key_mask_ptr, query_mask_ptr, HAS_KEY_MASK, HAS_QUERY_MASK)
+        vis = _visible(rows, cols, b, kv, Q, N, key_mask_ptr, s_mb, s_mg, query_mask_ptr,
+                       HAS_KEY_MASK, HAS_QUERY_MASK)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if NEED_LSE:
@@ -102,7 +106,7 @@ def _row_stats_kernel(
 @triton.jit
 def _column_sums_kernel(
     q_ptr, k_ptr, key_mask_ptr, query_mask_ptr, lse_ptr, max_ptr, scores_ptr, below_ptr,
-    s_qb, s_qh, s_qq, s_qd, s_kb, s_kg, s_kn, s_kd,
+    s_qb, s_qh, s_qq, s_qd, s_kb, s_kg, s_kn, s_kd, s_mb, s_mg,
     H, G, Q, N, D, scaling, softcap, tau,
     HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, COUNT_BELOW: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -125,7 +129,7 @@ def _column_sums_kernel(
                         mask=(rows < Q)[:, None] & (dims < D)[None, :], other=0.0).to(DOT_DTYPE)
             lse = tl.load(lse_ptr + (b * H + h) * Q + rows, mask=rows < Q, other=float("inf"))
             s = _logits(q, k, scaling, softcap, HAS_SOFTCAP)
-            vis = _visible(rows, cols, b, Q, N, key_mask_ptr, query_mask_ptr,
+            vis = _visible(rows, cols, b, kv, Q, N, key_mask_ptr, s_mb, s_mg, query_mask_ptr,
                            HAS_KEY_MASK, HAS_QUERY_MASK)
             p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
             acc += tl.sum(p, 0)
@@ -143,7 +147,8 @@ def accumulate_scores_triton(
     key_mask: Tensor | None, query_mask: Tensor | None,
     softcap: float = 0.0, sinks: Tensor | None = None, lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as ``accumulate_scores_ref`` (masks bool [B, N] / [B, Q]; query and key
+    """Same contract as ``accumulate_scores_ref`` (key_mask bool [B, N] or per KV head
+    [B, G, N], query_mask bool [B, Q]; query and key
     fp32, bf16 or fp16, last dimension of any stride; sinks float [H]; lse fp32 [B, H, Q]).
     Returns (scores, below), fp32."""
     B, H, Q, D = query.shape
@@ -163,7 +168,9 @@ def accumulate_scores_triton(
     common = dict(HAS_KEY_MASK=key_mask is not None, HAS_QUERY_MASK=query_mask is not None,
                   HAS_SOFTCAP=softcap > 0, DOT_DTYPE=dot_dtype, BLOCK_Q=BLOCK_Q,
                   BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)))
-    strides = (*query.stride(), *key.stride())
+    mask_strides = (0, 0) if key_mask is None else (
+        (key_mask_arg.stride(0), 0) if key_mask.dim() == 2 else key_mask_arg.stride()[:2])
+    strides = (*query.stride(), *key.stride(), *mask_strides)
     if not given or tau > 0:
         wrap_triton(_row_stats_kernel)[(B * H, triton.cdiv(Q, BLOCK_Q))](
             query, key, key_mask_arg, query_mask_arg, sinks_arg, lse, row_max, *strides,

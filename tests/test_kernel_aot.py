@@ -18,6 +18,8 @@ import pytest
 
 TARGETS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
+HEAD_ATTENTION_DIMS = (64, 128, 256)
+KERNELS = 3 + len(HEAD_ATTENTION_DIMS)  # row_stats, column_sums, compact, head_attention x dims
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,14 +28,15 @@ def kernel_specs(dtype: str):
     on, launched as the op launches it."""
     import triton.language as tl
 
-    from kvpolicy_kernels import compact_triton, score_triton
+    from kvpolicy_kernels import compact_triton, head_attention_triton, score_triton
 
     tl_dtype = getattr(tl, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype])
     blocks = dict(BLOCK_Q=score_triton.BLOCK_Q, BLOCK_N=score_triton.BLOCK_N, BLOCK_D=64)
     features = dict(HAS_KEY_MASK=True, HAS_QUERY_MASK=True, HAS_SOFTCAP=True, DOT_DTYPE=tl_dtype)
     pointers = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", key_mask_ptr="*i1", query_mask_ptr="*i1",
                     sinks_ptr="*fp32", lse_ptr="*fp32", max_ptr="*fp32", scores_ptr="*fp32",
-                    below_ptr="*fp32", table_ptr="*i64")
+                    below_ptr="*fp32", table_ptr="*i64", v_ptr=f"*{dtype}", heads_ptr="*i64",
+                    visible_ptr="*i1", out_ptr=f"*{dtype}")
     floats = ("scaling", "softcap", "tau")
     column_warps = score_triton.FP32_COLUMN_SUMS_WARPS if dtype == "fp32" else 4
     specs = [("row_stats", score_triton._row_stats_kernel,
@@ -42,6 +45,12 @@ def kernel_specs(dtype: str):
               dict(features, COUNT_BELOW=True, **blocks), column_warps),
              ("compact", compact_triton._compact_kernel,
               dict(DTYPE=tl_dtype, BLOCK_R=compact_triton.BLOCK_R, BLOCK_D=64, BLOCK_DV=64), 4)]
+    for head_dim in HEAD_ATTENTION_DIMS:  # common head sizes and the largest supported
+        block_t = head_attention_triton.block_t(head_dim, head_dim)
+        specs.append((f"head_attention_d{head_dim}", head_attention_triton._head_attention_kernel,
+                      dict(HAS_SOFTCAP=True, HAS_SINKS=True, DOT_DTYPE=tl_dtype,
+                           BLOCK_H=head_attention_triton.BLOCK_H, BLOCK_T=block_t,
+                           BLOCK_D=head_dim, BLOCK_DV=head_dim), 4))
     for name, fn, constexprs, warps in specs:
         signature = {arg: "constexpr" if arg in constexprs else pointers.get(arg, "fp32" if arg in floats else "i32")
                      for arg in fn.arg_names}
@@ -89,15 +98,17 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as cache:
         env.update(TRITON_CACHE_DIR=cache, PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
-        out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout)
-    assert len(rows) == 3 * len(TARGETS) * len(DTYPES)
+    assert len(rows) == KERNELS * len(TARGETS) * len(DTYPES)
     for row in rows:
         assert row["cubin_bytes"] > 0 and row["spill_stores"] == row["spill_loads"] == 0, row
         tensor_core = {"sm_80": row["mma"] > 0 and row["wgmma"] == 0, "sm_90a": row["wgmma"] > 0}[row["target"]]
         if row["kernel"] == "compact" or row["dtype"] == "fp32":  # no dot / ieee fp32 dots: FMA
             assert row["mma"] == row["wgmma"] == 0, row
+        elif row["kernel"].startswith("head_attention"):  # 16-row tiles: wgmma needs 64
+            assert row["mma"] > 0 and row["wgmma"] == 0, row
         else:
             assert tensor_core, row
 

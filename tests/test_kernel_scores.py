@@ -1,5 +1,6 @@
 """accumulate_scores(_sparsity): reference and Triton (interpreted without a GPU) vs float64 dense,
-plain and under the model's softmax (Gemma2 softcap, GPT-OSS sinks, both)."""
+plain and under the model's softmax (Gemma2 softcap, GPT-OSS sinks, both), with key masks
+[B, N] or per KV head [B, G, N]."""
 import math
 import os
 from unittest import mock
@@ -21,8 +22,10 @@ TAU = 0.05
 
 
 @st.composite
-def score_cases(draw, max_n: int = 300):
-    """Random GQA shapes with left padding (possibly a whole sequence) and query masks."""
+def score_cases(draw, max_n: int = 300, per_head: bool = False):
+    """Random GQA shapes with left padding (possibly a whole sequence) and query masks; with
+    per_head, the key mask may be per KV head [B, G, N] (head_keep: each head's share of the
+    keys after the padding, so a row may see keys in some heads and none in others)."""
     B, G, g = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
     N = draw(st.integers(1, max_n))
     case = dict(B=B, G=G, g=g, N=N, Q=draw(st.integers(1, N)), D=draw(st.sampled_from([16, 32, 64])),
@@ -32,17 +35,23 @@ def score_cases(draw, max_n: int = 300):
                 query_mask=draw(st.booleans()), logit_scale=draw(st.sampled_from([1.0, 4.0])),
                 softcap=draw(st.sampled_from([0.0, 0.0, 2.0, 30.0])), sinks=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**31 - 1)))
+    if per_head and draw(st.booleans()):
+        case["head_keep"] = draw(st.sampled_from([0.1, 0.5, 0.9]))
     return case
 
 
 def make_inputs(B, G, g, N, Q, D, dtype, pads, query_mask, logit_scale, softcap, sinks, seed,
-                device="cpu"):
+                head_keep=None, device="cpu"):
     """(query, key, key_mask, query_mask, scaling, softcap, sinks): sinks in the input dtype,
-    as models hold them, spread so the sink's share ranges from negligible to most of a row."""
+    as models hold them, spread so the sink's share ranges from negligible to most of a row;
+    head_keep: key_mask [B, G, N], each head keeping that random share of the real keys."""
     gen = torch.Generator().manual_seed(seed)
     query = torch.randn(B, G * g, Q, D, generator=gen).to(dtype)
     key = torch.randn(B, N, G, D, generator=gen).to(dtype).transpose(1, 2)  # strided, like HF
     key_mask = None if pads is None else torch.arange(N)[None, :] >= torch.tensor(pads)[:, None]
+    if head_keep is not None:
+        real = torch.ones(B, N, dtype=torch.bool) if key_mask is None else key_mask
+        key_mask = real[:, None, :] & (torch.rand(B, G, N, generator=gen) < head_keep)
     qmask = torch.rand(B, Q, generator=gen) > 0.3 if query_mask else None
     sink = (3 * torch.randn(G * g, generator=gen) + 2).to(dtype) if sinks else None
     move = lambda t: None if t is None else t.to(device)
@@ -60,8 +69,9 @@ def dense_logits_f64(query, key, scaling, key_mask, query_mask, softcap):
         logits = softcap * torch.tanh(logits / softcap)
     allowed = torch.arange(N)[None, :] <= torch.arange(N - Q, N)[:, None]
     allowed = allowed[None, None].expand(B, H, Q, N).clone()
-    if key_mask is not None:
-        allowed &= key_mask.cpu()[:, None, None, :]
+    if key_mask is not None:  # [B, N] or per KV head [B, G, N]
+        heads = key_mask.cpu()[:, None] if key_mask.dim() == 2 else key_mask.cpu().repeat_interleave(H // G, 1)
+        allowed &= heads[:, :, None, :]
     if query_mask is not None:
         allowed &= query_mask.cpu()[:, None, :, None]
     return logits.masked_fill(~allowed, -math.inf), allowed
@@ -113,25 +123,34 @@ EDGE_ALL_PADDING = dict(B=2, G=2, g=3, N=70, Q=70, D=32, dtype=torch.bfloat16, p
                         query_mask=True, logit_scale=4.0, softcap=0.0, sinks=False, seed=1)
 EDGE_CAP_AND_SINKS = dict(B=2, G=2, g=2, N=70, Q=20, D=32, dtype=torch.float16, pads=[0, 30],
                           query_mask=True, logit_scale=4.0, softcap=2.0, sinks=True, seed=2)
+# per KV head key masks: rows that see keys in one head and none in the other (tau, sinks)
+EDGE_PER_HEAD = dict(B=1, G=2, g=1, N=2, Q=2, D=16, dtype=torch.float32, pads=None, query_mask=False,
+                     logit_scale=1.0, softcap=0.0, sinks=False, seed=0, head_keep=0.1)
+EDGE_PER_HEAD_PADDED = dict(EDGE_CAP_AND_SINKS, N=130, Q=70, pads=[5, 64], head_keep=0.5)
 
 
 @settings(max_examples=60, deadline=None)
-@given(score_cases())
+@given(score_cases(per_head=True))
 @example(EDGE_ONE_TOKEN)
 @example(EDGE_ALL_PADDING)
 @example(EDGE_CAP_AND_SINKS)
+@example(EDGE_PER_HEAD)
+@example(EDGE_PER_HEAD_PADDED)
 def test_reference_matches_float64_dense(case):
     check_against_dense("torch", case)
 
 
 @settings(max_examples=12, deadline=None)
-@given(score_cases(max_n=150))  # the interpreter's time grows with B * H * Q * N
+@given(score_cases(max_n=150, per_head=True))  # the interpreter's time grows with B * H * Q * N
 @example(EDGE_ONE_TOKEN)
 @example(EDGE_ALL_PADDING)
 @example(dict(EDGE_ALL_PADDING, N=130, Q=33, pads=[0, 64], dtype=torch.float16))
 @example(dict(EDGE_CAP_AND_SINKS, sinks=False, dtype=torch.float32))
 @example(dict(EDGE_CAP_AND_SINKS, softcap=0.0, dtype=torch.bfloat16))
 @example(EDGE_CAP_AND_SINKS)
+@example(EDGE_PER_HEAD)
+@example(EDGE_PER_HEAD_PADDED)
+@example(dict(EDGE_PER_HEAD_PADDED, dtype=torch.bfloat16, softcap=0.0, sinks=False, head_keep=0.1))
 def test_triton_matches_float64_dense(case):
     check_against_dense("triton", case)
 
