@@ -22,9 +22,9 @@ def compact_layers_into(layers: list[KVLayer], plan: ForwardPlan, scores: dict[i
     kept, new_keys, new_values = gather(layers, plan)
     carried = ScoreTally(len(layers)) if carry else None
     for l, layer in enumerate(layers):
-        k, empty, cap = kept[l]
-        if layer.per_head:
-            close_flat(layer, k, empty, cap, new_keys[l], new_values[l], rows_seen.clone())
+        k, empty, cap, flat = kept[l]
+        if flat is not None:
+            close_flat(layer, *flat, new_keys[l], new_values[l], rows_seen.clone())
             continue
         B, G, n = k.shape
         running = None
@@ -44,19 +44,17 @@ def compact_layers_into(layers: list[KVLayer], plan: ForwardPlan, scores: dict[i
     return carried
 
 
-def close_flat(layer: KVLayer, k: Tensor, empty: Tensor, capacity: int, keys: Tensor,
-               values: Tensor, rows_seen: Tensor) -> None:
-    """Close a per-head layer on its gathered rows in the flat layout: k int64 [B, G, n] the
-    kept slots, empty bool [B, G, n] (fillers, padding, slots a head does not hold), keys
-    [B, 1, T, D] / values as ``gather`` filled them (``flat_order``'s rows, then room for
-    ``capacity - n`` decode steps of G slots each)."""
-    B, G, n = k.shape
-    src, heads = flat_order(k, empty, layer.pos)
+def close_flat(layer: KVLayer, src: Tensor, heads: Tensor, keys: Tensor, values: Tensor,
+               rows_seen: Tensor) -> None:
+    """Close a per-head layer on its gathered rows in the flat layout: src / heads int64
+    [B, M] as ``flat_order`` gave them, keys [B, 1, T, D] / values as ``gather`` filled them
+    (those M rows, then G slots per decode step)."""
+    B, G = layer.pos.shape[:2]
     M, T = src.shape[1], keys.shape[2]
     pos = layer.pos.new_full((B, 1, T), -1)
     pos[:, 0, :M] = torch.where(heads >= 0, layer.pos.reshape(B, -1).gather(1, src.clamp_min(0)), -1)
-    ring = torch.arange(T - M, device=k.device) % G
-    slot_heads = torch.cat([heads, ring.expand(B, T - M)], 1)
+    ring = torch.arange(T - M, device=keys.device) % G
+    slot_heads = torch.cat([heads, ring.expand(B, T - M)], 1).to(torch.int16)
     layer.close_flat(keys, values, pos, slot_heads, M, rows_seen)
 
 
@@ -80,24 +78,26 @@ def flat_order(k: Tensor, empty: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
 def gather(layers: list[KVLayer], plan: ForwardPlan) -> tuple[list, list[Tensor], list[Tensor]]:
     """Gather every layer's kept rows into new buffers with one compact_layers call.
     Returns (per layer (slot indices int64 [B, G, n], empty bool [B, G, n]: fillers and
-    padded slots, capacity), the new keys [B, G, C, D] and values per layer; per-head
-    layers: [B, 1, T, D], their rows head after head, see ``close_flat``). Scored layers
-    are left-aligned on the widest one's slots; the plan's indices are into that width."""
+    padded slots, capacity, per-head layers' ``flat_order`` else None), the new keys [B, G,
+    C, D] and values per layer; per-head layers: [B, 1, T, D], their rows head after head,
+    see ``close_flat``). Scored layers are left-aligned on the widest one's slots; the
+    plan's indices are into that width."""
     own = [layer.keys.shape[2] for layer in layers]
     planned = max((own[l] for l, layer in enumerate(layers) if layer.scored), default=0)
     shift = [planned - own[l] if layer.scored else 0 for l, layer in enumerate(layers)]
     idx = [(plan.keep[l] - shift[l]).clamp_min(0) for l in range(len(layers))]
-    kept = [(idx[l], plan.fill[l] | (plan.keep[l] < shift[l]), plan.capacity[l])
-            for l in range(len(layers))]
-    sources, targets, new_keys, new_values = [], [], [], []
+    kept, sources, targets, new_keys, new_values = [], [], [], [], []
     for l, layer in enumerate(layers):
         B, G, S, D = layer.keys.shape
         Dv = layer.values.shape[-1]
-        keys, values, index, C = layer.keys, layer.values, idx[l], plan.capacity[l]
+        empty = plan.fill[l] | (plan.keep[l] < shift[l])
+        keys, values, index, C, flat = layer.keys, layer.values, idx[l], plan.capacity[l], None
         if layer.per_head:  # the kept rows head after head, then G slots per decode step
-            index = flat_order(idx[l], kept[l][1], layer.pos)[0][:, None]
+            flat = flat_order(idx[l], empty, layer.pos)
+            index = flat[0][:, None]
             keys, values = keys.reshape(B, 1, G * S, D), values.reshape(B, 1, G * S, Dv)
             G, C = 1, index.shape[-1] + G * (C - idx[l].shape[-1])
+        kept.append((idx[l], empty, plan.capacity[l], flat))
         sources.append((keys, values))
         targets.append(index)
         new_keys.append(layer.keys.new_zeros(B, G, C, D))

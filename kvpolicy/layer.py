@@ -20,7 +20,7 @@ Slot validity is shared by a row's KV heads (only which token a slot holds diffe
 
 Per-head plans (``per_head`` layers: append layers of a policy planning per KV head) close
 into one flat row of slots per batch row: keys [B, 1, T, D] and pos [B, 1, T] with
-``slot_heads`` int64 [B, T] the KV head each slot belongs to (-1: none), each row's kept
+``slot_heads`` int16 [B, T] the KV head each slot belongs to (-1: none), each row's kept
 prompt rows head after head (padded to the longest row), then the decode region, where a
 step writes its G heads' rows into G consecutive slots. So the bytes follow the kept
 entries, not the longest head times the heads. A query head attends only its KV head's
@@ -70,7 +70,7 @@ class KVLayer(CacheLayerMixin):
         self.kind = "sliding" if window else kind
         self.bits = bits if self.kind == "append" else 16
         self.per_head = self.kind == "append" and policy is not None and policy.requirements().per_head
-        self.slot_heads: Tensor | None = None  # per_head layers, closed: int64 [B, T]
+        self.slot_heads: Tensor | None = None  # per_head layers, closed: int16 [B, T]
         self._split = False  # unflattened per-head rows: the heads hold different slots
         self.quantized: QuantizedRows | None = None
         self.policy, self.cache_window = policy, window
@@ -183,7 +183,7 @@ class KVLayer(CacheLayerMixin):
     def close_flat(self, keys: Tensor, values: Tensor, pos: Tensor, slot_heads: Tensor,
                    kept: int, next_pos: Tensor) -> None:
         """End the step on per-head rows in the flat layout (see the module docstring):
-        keys [B, 1, T, D], values [B, 1, T, Dv], pos int64 [B, 1, T], slot_heads int64
+        keys [B, 1, T, D], values [B, 1, T, Dv], pos int64 [B, 1, T], slot_heads int16
         [B, T], the first ``kept`` slots holding the prompt rows."""
         self.keys, self.values, self.pos, self.next_pos = keys, values, pos, next_pos
         self.quantized, self.slot_heads, self.scores, self.sizes = None, slot_heads, None, None
@@ -225,7 +225,7 @@ class KVLayer(CacheLayerMixin):
         rank = mine.long().cumsum(1) - 1  # [B, T, G]: the slot's index among its head's
         S = max(1, int(mine.sum(1).max()))
         b, t = held.nonzero(as_tuple=True)
-        head = self.slot_heads[b, t]
+        head = self.slot_heads[b, t].long()
         at = head * S + rank[b, t, head]
         keys = self.keys.new_zeros(B, G * S, D)
         values = self.values.new_zeros(B, G * S, self.values.shape[-1])
@@ -337,7 +337,7 @@ class KVLayer(CacheLayerMixin):
         if self.flat:
             extra = -(-extra // self.kv_heads) * self.kv_heads
             ring = torch.arange(extra, device=self.keys.device) % self.kv_heads
-            self.slot_heads = torch.cat([self.slot_heads, ring.expand(B, extra)], 1)
+            self.slot_heads = torch.cat([self.slot_heads, ring.to(torch.int16).expand(B, extra)], 1)
         self.keys = torch.cat([self.keys, self.keys.new_zeros(B, G, extra, D)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(B, G, extra, self.values.shape[-1])], 2)
         self.pos = torch.cat([self.pos, self.pos.new_full((B, G, extra), -1)], 2)

@@ -1,5 +1,6 @@
 """The model-family matrix: every decoder-only causal-LM family transformers ships, as a
-tiny random model, is exact under kvpolicy at budget 1.0 (an append and an evicting policy)
+tiny random model, is exact under kvpolicy at budget 1.0 (an append and an evicting policy,
+and the append one with per-head budgets)
 and shrinks its cache at 0.1 — or ``apply`` refuses it with a clear error. A family added by
 a future transformers fails ``test_every_family_is_classified`` until it is listed here."""
 from pathlib import Path
@@ -116,7 +117,8 @@ def test_family_is_exact_or_refused(family):
         return
     with torch.no_grad():
         reference = model.generate(ids, max_new_tokens=NEW, do_sample=False)
-        for name, params in (("snapkv", {"window": 4}), ("h2o", {})):
+        for name, params in (("snapkv", {"window": 4}), ("h2o", {}),
+                             ("snapkv", {"window": 4, "per_head": True})):
             with kvpolicy.apply(model, name, budget=1.0, **params):
                 assert torch.equal(model.generate(ids, max_new_tokens=NEW, do_sample=False),
                                    reference), name
@@ -125,7 +127,8 @@ def test_family_is_exact_or_refused(family):
                                      return_dict_in_generate=True)
             cache = out.past_key_values
             scored = [layer for layer in cache.layers if layer.kind != "sliding"]
-            assert all(layer.keys.shape[2] < PROMPT for layer in scored), name
+            held = [layer.keys.shape[2] // (layer.kv_heads if layer.flat else 1) for layer in scored]
+            assert all(n < PROMPT for n in held), (name, params)
             assert not torch.isnan(out.sequences.float()).any()
 
 
@@ -137,7 +140,7 @@ def test_padded_batch_is_exact(family):
     mask = (ids != 0).long()
     with torch.no_grad():
         reference = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-        for name in ("uniform", "h2o"):
-            with kvpolicy.apply(model, name, budget=1.0):
+        for name, params in (("uniform", {}), ("h2o", {}), ("snapkv", {"window": 4, "per_head": True})):
+            with kvpolicy.apply(model, name, budget=1.0, **params):
                 got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-            assert torch.equal(got, reference), name
+            assert torch.equal(got, reference), (name, params)

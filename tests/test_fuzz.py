@@ -18,6 +18,7 @@ EXAMPLES = int(os.environ.get("KVPOLICY_FUZZ_EXAMPLES", "12"))
 FAMILIES = ["llama", "mistral", "gemma2", "gpt_oss", "qwen2", "gpt2"]
 POLICIES = ["uniform", "snapkv", "pyramidkv", "prefixkv", "vlcache", "spankv", "h2o", "streamingllm"]
 SMALL = {"snapkv": dict(window=4), "pyramidkv": dict(window=4), "spankv": dict(window=4)}
+PER_HEAD = {"snapkv", "pyramidkv", "prefixkv", "vlcache"}  # drawn with per_head=True or not
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 pytestmark = pytest.mark.fuzz
@@ -32,7 +33,8 @@ def model_of(family):
 
 @st.composite
 def cases(draw):
-    """(family, input_ids [B, N], attention_mask [B, N], policy, max_new_tokens)."""
+    """(family, input_ids [B, N], attention_mask [B, N], policy, max_new_tokens, the policy's
+    apply options: its small window, per_head for some)."""
     family = draw(st.sampled_from(FAMILIES))
     B, N = draw(st.integers(1, 3)), draw(st.integers(1, 300))
     lengths = [N] + [draw(st.integers(1, N)) for _ in range(B - 1)]
@@ -40,17 +42,21 @@ def cases(draw):
     ids = torch.randint(3, 900, (B, N), generator=gen)
     mask = (torch.arange(N)[None] >= N - torch.tensor(lengths)[:, None]).long()
     ids = ids.masked_fill(mask == 0, 0)
-    return family, ids, mask, draw(st.sampled_from(POLICIES)), draw(st.integers(1, 20))
+    policy = draw(st.sampled_from(POLICIES))
+    options = dict(SMALL.get(policy, {}))
+    if policy in PER_HEAD and draw(st.booleans()):
+        options["per_head"] = True
+    return family, ids, mask, policy, draw(st.integers(1, 20)), options
 
 
 @FUZZ
 @given(cases())
 def test_full_budget_is_exact(case):
-    family, ids, mask, policy, new = case
+    family, ids, mask, policy, new, options = case
     model = model_of(family)
     with torch.no_grad():
         reference = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-        with kvpolicy.apply(model, policy, 1.0, **SMALL.get(policy, {})):
+        with kvpolicy.apply(model, policy, 1.0, **options):
             got = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     assert torch.equal(got, reference)
 
@@ -58,9 +64,9 @@ def test_full_budget_is_exact(case):
 @FUZZ
 @given(cases(), st.floats(0.01, 1.0))
 def test_any_budget_runs_without_nan(case, budget):
-    family, ids, mask, policy, new = case
+    family, ids, mask, policy, new, options = case
     model = model_of(family)
-    with kvpolicy.apply(model, policy, budget, **SMALL.get(policy, {})), torch.no_grad():
+    with kvpolicy.apply(model, policy, budget, **options), torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                              output_scores=True, return_dict_in_generate=True)
     assert out.sequences.shape == (ids.shape[0], ids.shape[1] + len(out.scores))

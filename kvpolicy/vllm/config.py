@@ -45,6 +45,9 @@ def make_settings(entry: dict, name: Callable[[str], str]) -> Settings | None:
     if bits != 16:
         raise ValueError(f"{name('bits')}: kvpolicy on vLLM keeps rows in the model's dtype (bits=16); "
                          f"bits={bits!r} (quantized prompt rows) is kvpolicy.apply only")
+    if params.pop("per_head", False):
+        raise ValueError(f"{name('per_head')}: vLLM's paged blocks hold every KV head of a layer, "
+                         f"so per-head budgets are kvpolicy.apply only; drop per_head")
     try:
         budget = Budget(params.pop("budget", 0.1))
     except (TypeError, ValueError) as exc:
@@ -64,7 +67,8 @@ def make_settings(entry: dict, name: Callable[[str], str]) -> Settings | None:
         ("reconstruction passes (reconstruct)", getattr(needs, "reconstruct", False)),
         ("query statistics (query_stats)", getattr(needs, "query_stats", False)),
         ("the rotary of future positions (future_positions)", getattr(needs, "future_positions", 0) > 0),
-        ("rotary positions inside the cache (positions='cache')", needs.positions == "cache")) if asked]
+        ("rotary positions inside the cache (positions='cache')", needs.positions == "cache"),
+        ("per-head budgets (per_head)", getattr(needs, "per_head", False))) if asked]
     if unmet:
         raise ValueError(f"{name('policy')}: {policy.name!r} needs {', '.join(unmet)}, which kvpolicy "
                          f"on vLLM does not give: choose another policy or use kvpolicy.apply")
