@@ -15,6 +15,7 @@ from kvpolicy.heads import SAFEGUARD, select_heads, split_heads, with_per_head
 from kvpolicy.selection import edge_tokens
 from kvpolicy.testing import check_policy
 from kvpolicy.tools.embedded import chat_prompt
+from kvpolicy.vllm.config import make_settings
 
 
 @st.composite
@@ -90,6 +91,13 @@ def test_refused_by_name(smollm2, name, why):
     with pytest.raises(TypeError, match="per_head must be a bool"):
         kvpolicy.apply(model, "snapkv", 0.5, per_head=1)
     assert getattr(model, "_kvpolicy_handle", None) is None
+
+
+def test_vllm_refuses_per_head_by_name():
+    with pytest.raises(ValueError, match="kvpolicy.per_head: vLLM's paged blocks"):
+        make_settings({"policy": "snapkv", "budget": 0.1, "per_head": True}, lambda k: f"kvpolicy.{k}")
+    with pytest.raises(ValueError, match=r"per-head budgets \(per_head\)"):
+        make_settings({"policy": with_per_head(get_policy("snapkv"))}, lambda k: f"kvpolicy.{k}")
 
 
 @pytest.fixture(scope="module")
