@@ -114,12 +114,15 @@ class PolicyCache(Cache):
         return self._plan
 
     @property
-    def kept(self) -> list[int]:
-        """Prompt tokens kept per scored layer by the last plan."""
+    def kept(self) -> list[float]:
+        """Prompt tokens kept per scored layer by the last plan, per KV head: a per-head
+        plan's mean over its heads (of the batch row keeping most)."""
         if self._plan is None:
             raise RuntimeError("PolicyCache.kept: no prompt has been processed yet (run a forward "
                                "or generate with this cache first)")
-        return self._plan.kept
+        if self._plan.counts is None:
+            return self._plan.kept
+        return [float(c.sum(-1).max()) / c.shape[-1] for c in self._plan.counts]
 
     @property
     def pending(self) -> Deferral | None:

@@ -16,11 +16,13 @@ from .eval.tasks import build_samples
 
 
 def kept_fraction(plan: Plan, num_positions: int, row: int = 0) -> Tensor:
-    """float32 [L, N]: for sequence ``row``, the share of KV heads keeping each position."""
+    """float32 [L, N]: for sequence ``row``, the share of KV heads keeping each position
+    (a per-head plan's heads: their own counts)."""
     out = torch.zeros(len(plan.keep), num_positions)
-    for l, keep in enumerate(plan.keep):
-        heads = keep[row]  # [G, n_l]
-        out[l].index_add_(0, heads.flatten().cpu(), torch.full((heads.numel(),), 1.0 / heads.shape[0]))
+    for l, (keep, counts) in enumerate(zip(plan.keep, plan.entries)):
+        heads = keep[row].cpu()  # [G, n_l]
+        own = torch.arange(heads.shape[1]) < counts[row].cpu()[:, None]
+        out[l].index_add_(0, heads[own], torch.full((int(own.sum()),), 1.0 / heads.shape[0]))
     return out
 
 
