@@ -16,7 +16,8 @@ a closed layer is a decode step, in place and with fixed shapes (torch.compile-a
 - ``sliding`` layers (the model's own sliding-window attention) are a ring of ``window``
   slots overwriting the oldest token.
 
-Slot validity is shared by a row's KV heads (only which token a slot holds differs).
+Slot validity is shared by a row's KV heads (only which token a slot holds differs), except
+in a per-head layer's unflattened rows (below).
 
 Per-head plans (``per_head`` layers: append layers of a policy planning per KV head) close
 into one flat row of slots per batch row: keys [B, 1, T, D] and pos [B, 1, T] with
