@@ -5,11 +5,12 @@ Poisson arrivals, prompts of MIN..MAX tokens, OUT output tokens each (ignore_eos
 vLLM, then kvpolicy at each budget, on the same requests.
 
     .venv-vllm/bin/python benchmarks/vllm_serving.py MODEL_DIR [--requests 32] [--rate 2]
-        [--blocks 512] [--policy snapkv] [--budgets 0.1 0.2]
+        [--out-tokens 64] [--blocks 512] [--max-num-seqs N] [--policy snapkv] [--budgets 0.1 0.2]
 
-Reports per configuration: most requests running at once and the peak KV usage (from
-/metrics, sampled every 50 ms), preemptions (vllm:num_preemptions_total), output tokens/s
-(over the run's wall time), TTFT median and p90; then the ratios against plain.
+Reports per configuration: most and mean requests running at once, peak and mean KV usage
+(from /metrics, sampled every 50 ms over the run), preemptions
+(vllm:num_preemptions_total), output tokens/s (over the run's wall time), TTFT median and
+p90; then the ratios against plain.
 MODEL_DIR: a Hugging Face folder (the embedded SmolLM2: ``tests/vllm/smollm2_hf.py``).
 """
 from __future__ import annotations
@@ -110,14 +111,13 @@ def run(server: Server, token_ids, out_tokens: int, arrivals: list[float]) -> di
     """Send every request at its arrival time; sample /metrics meanwhile."""
     import openai
 
-    peak = {"running": 0.0, "kv": 0.0}
+    samples: list[tuple[float, float]] = []  # (requests running, KV usage) every 50 ms
     done = threading.Event()
 
     def sample():
         while not done.is_set():
             m = server.metrics()
-            peak["running"] = max(peak["running"], m.get("vllm:num_requests_running", 0))
-            peak["kv"] = max(peak["kv"], m.get("vllm:kv_cache_usage_perc", 0))
+            samples.append((m.get("vllm:num_requests_running", 0), m.get("vllm:kv_cache_usage_perc", 0)))
             time.sleep(0.05)
 
     async def all_requests():
@@ -135,7 +135,9 @@ def run(server: Server, token_ids, out_tokens: int, arrivals: list[float]) -> di
     done.set()
     sampler.join()
     ttfts = sorted(t for t, _ in results)
-    return {"max_running": int(peak["running"]), "peak_kv_usage": round(peak["kv"], 3),
+    running, kv = zip(*samples)
+    return {"max_running": int(max(running)), "mean_running": round(statistics.mean(running), 1),
+            "peak_kv_usage": round(max(kv), 3), "mean_kv_usage": round(statistics.mean(kv), 3),
             "preemptions": int(server.metrics().get("vllm:num_preemptions_total", 0) - preempted),
             "output_tok_s": round(sum(n for _, n in results) / seconds, 1), "seconds": round(seconds, 1),
             "ttft_median_s": round(statistics.median(ttfts), 2),
@@ -151,6 +153,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=3000)
     ap.add_argument("--out-tokens", type=int, default=64)
     ap.add_argument("--blocks", type=int, default=512, help="KV pool in 32-token blocks")
+    ap.add_argument("--max-num-seqs", type=int, help="vLLM's limit on requests running at once "
+                    "(every configuration; default: vLLM's)")
     ap.add_argument("--policy", default="snapkv")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--seed", type=int, default=0)
@@ -167,8 +171,11 @@ def main() -> None:
         t += rng.expovariate(args.rate)
     common = ["--block-size", "32", "--num-gpu-blocks-override", str(args.blocks), "--max-model-len",
               str(args.max_tokens + args.out_tokens), "--seed", str(args.seed)]
+    if args.max_num_seqs is not None:
+        common += ["--max-num-seqs", str(args.max_num_seqs)]
     print(json.dumps({"requests": args.requests, "rate": args.rate, "prompt_tokens": sum(map(len, token_ids)),
-                      "out_tokens": args.out_tokens, "blocks": args.blocks}), flush=True)
+                      "out_tokens": args.out_tokens, "blocks": args.blocks,
+                      "max_num_seqs": args.max_num_seqs}), flush=True)
     rows = {}
     for budget in [None, *args.budgets]:
         name = "plain" if budget is None else f"{args.policy} {budget}"
