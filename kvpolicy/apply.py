@@ -14,6 +14,7 @@ from .cache import PolicyCache
 from .heads import with_per_head
 from .hooks import CacheHooks, attach, new_tokens, prompt_of
 from .policy import Policy
+from .memory import Memory, storage
 from .quantized import check_bits
 from .registry import get_policy
 from .rotary import CacheRotary
@@ -170,23 +171,26 @@ def check_prompt_budget(model: nn.Module, policy: Policy, budget: Budget, ids: t
     budget.check_holds(policy.prompt_min_tokens(valid, vision), policy.name, policy.protects)
 
 
-def validated(model: nn.Module, policy: str | Policy, budget: float | int, params: dict,
-              bits: int = 16, per_head: bool = False) -> tuple[Policy, Budget, CacheRotary | None]:
-    """The policy, the budget and the rotary of a call of ``apply`` or ``compress``, each
-    refused by name (a model kvpolicy cannot hold exactly, an unknown policy or parameter,
-    a budget that cannot hold the policy's protected tokens, ``bits`` not 16/8/4/2 or
-    below 16 for an evicting policy, ``per_head`` for a policy it has no meaning for)
-    before the model is touched. per_head: the policy's per-head copy (kvpolicy.heads)."""
+def validated(model: nn.Module, policy: str | Policy, budget: float | int | Memory, params: dict,
+              bits: int | None = None, per_head: bool = False
+              ) -> tuple[Policy, Budget, CacheRotary | None, int]:
+    """The policy, the budget, the rotary and the bits of a call of ``apply`` or
+    ``compress``, each refused by name (a model kvpolicy cannot hold exactly, an unknown
+    policy or parameter, a budget that cannot hold the policy's protected tokens, ``bits``
+    not 16/8/4/2, below 16 for an evicting policy or given with a Memory budget,
+    ``per_head`` for a policy it has no meaning for) before the model is touched.
+    per_head: the policy's per-head copy (kvpolicy.heads)."""
     if not isinstance(per_head, bool):
         raise TypeError(f"per_head must be a bool, got {per_head!r}")
     pol = get_policy(policy, **params)
-    b = Budget(budget)
+    b, bits = storage(model, pol, budget, bits)
     b.check_holds(pol.min_tokens(), pol.name)
-    check_bits(bits, pol)
+    bits = check_bits(bits, pol)
     if per_head:
         if bits != 16:
             raise ValueError(f"per_head=True with bits={bits}: per-head rows are stored in the "
-                             f"model's dtype for now; pass bits=16 or per_head=False")
+                             f"model's dtype for now (a Memory budget chooses fewer bits); pass "
+                             f"bits=16 with a token budget, or per_head=False")
         pol = with_per_head(pol)
     models.check_supported(model)
     if pol.requirements().reconstruct:
@@ -194,7 +198,7 @@ def validated(model: nn.Module, policy: str | Policy, budget: float | int, param
             raise ValueError(f"{pol.name}: its reconstruction passes repeat the prompt's ids, "
                              f"which cannot carry images; use it on text models")
         pol.reconstruction(torch.ones(1, 1, dtype=torch.long), 1)  # refuses what it lacks, by name
-    return pol, b, cache_rotary(model, pol)
+    return pol, b, cache_rotary(model, pol), bits
 
 
 def query_rotary(model: nn.Module, policy: Policy) -> CacheRotary | None:
@@ -224,18 +228,21 @@ def compile_config(device: torch.device) -> CompileConfig:
     return config
 
 
-def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
-          compile: bool = False, recompress: bool = True, bits: int = 16,
+def apply(model: nn.Module, policy: str | Policy, budget: float | int | Memory = 0.1, *,
+          compile: bool = False, recompress: bool = True, bits: int | None = None,
           per_head: bool = False, **params) -> PolicyHandle:
     """Patch ``model`` so that ``model.generate`` keeps ``budget`` of the prompt's KV cache
     under ``policy`` (a registered name with its ``params``, or a Policy instance).
 
-    budget: float in (0, 1] (kept fraction) or int (average tokens per layer).
+    budget: float in (0, 1] (kept fraction), int (average tokens per layer), or
+    ``kvpolicy.Memory(fraction)`` (at most that fraction of the full cache's bytes; kvpolicy
+    chooses the bits and the kept tokens, kvpolicy.memory).
     compile: compile the decode step (fullgraph; CUDA graphs on GPU).
     recompress: a continued cache (a new chat turn) is compressed again to ``budget`` of
     everything seen (default); False appends the new turn as it is.
-    bits: 16 keeps the kept prompt rows in the model's dtype; 8, 4 or 2 stores them
-    quantized (kvpolicy.quantized; policies that append while decoding).
+    bits: 16 (the default with a token budget) keeps the kept prompt rows in the model's
+    dtype; 8, 4 or 2 stores them quantized (kvpolicy.quantized; policies that append while
+    decoding); not with a Memory budget, which chooses them.
     per_head: each layer's budget split across its KV heads by their scores (AdaKV's rule;
     kvzip selects across every layer and head), each head storing only its own rows.
     Everything is validated before the model is touched; errors leave it unpatched.
@@ -243,7 +250,7 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
     for name, flag in (("compile", compile), ("recompress", recompress)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
-    pol, b, rotary = validated(model, policy, budget, params, bits, per_head)
+    pol, b, rotary, bits = validated(model, policy, budget, params, bits, per_head)
     if not models.vision_token_ids(model):  # a text model's post-vision span: its last 8 tokens
         text = torch.ones(1, POST_VISION_FALLBACK, dtype=torch.bool)
         b.check_holds(pol.prompt_min_tokens(text, None), pol.name, pol.protects)
@@ -262,10 +269,10 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int = 0.1, *,
     return handle
 
 
-def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, budget: float | int = 0.1,
-             *, attention_mask: torch.Tensor | None = None, chunk_size: int | None = None,
-             max_new_tokens: int = 0, recompress: bool = True, bits: int = 16,
-             per_head: bool = False, **params) -> PolicyCache:
+def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy,
+             budget: float | int | Memory = 0.1, *, attention_mask: torch.Tensor | None = None,
+             chunk_size: int | None = None, max_new_tokens: int = 0, recompress: bool = True,
+             bits: int | None = None, per_head: bool = False, **params) -> PolicyCache:
     """Prefill ``input_ids`` [B, N] and compress its cache under ``policy`` at ``budget``,
     without generating: the query-agnostic case (a document whose questions come later).
 
@@ -278,7 +285,7 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
     policy (kvzip) holds the whole context until its passes, which repeat ``chunk_size``
     context tokens each (their attention's memory follows it), then compresses once.
     max_new_tokens: decode steps to size buffers (and fixed-size policies) for.
-    bits: the kept rows' storage, as for ``apply`` (with ``chunk_size`` each chunk's
+    budget, bits: as for ``apply`` (with ``chunk_size`` each chunk's
     compaction puts the rows back in full precision and quantizes them again).
     per_head: a count per KV head, as for ``apply``.
     """
@@ -290,7 +297,7 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy, bu
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"compress needs input_ids as a non-empty int tensor [batch, length], "
                          f"got {shape}")
-    pol, b, rotary = validated(model, policy, budget, params, bits, per_head)
+    pol, b, rotary, bits = validated(model, policy, budget, params, bits, per_head)
     check_prompt_budget(model, pol, b, input_ids, attention_mask)
     hooks: CacheHooks = attach(model)
     cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary, chunk_size,

@@ -18,6 +18,11 @@ class Budget:
 
     def __post_init__(self) -> None:
         v = self.value
+        from .memory import Memory  # memory builds on this module
+        if isinstance(v, Memory):
+            raise ValueError(f"budget={v}: a Memory budget is resolved for a model by "
+                             f"kvpolicy.apply / kvpolicy.compress; here (e.g. vLLM) pass a token "
+                             f"budget (a float fraction or an int)")
         if hasattr(v, "item") and getattr(v, "ndim", getattr(v, "dim", lambda: 1)()) == 0:
             v = v.item()  # numpy / torch 0-d scalars
         if isinstance(v, bool) or not isinstance(v, (numbers.Integral, numbers.Real)):

@@ -31,7 +31,7 @@ from .pipeline import Observation, ScoreTally
 from .planning import at_slots, plan_forward
 from .policy import Plan, Policy
 from .prefill import Observed, PromptObserver
-from .quantized import check_bits
+from .quantized import Scratch, check_bits
 from .reconstruction import PassObserver
 
 
@@ -71,7 +71,8 @@ class PolicyCache(Cache):
             layer_windows = [None] * layer_windows
         kind = "evict" if policy.requirements().decode == "evict" else "append"
         bits = check_bits(bits, policy)
-        super().__init__(layers=[KVLayer(kind, policy, w, bits) for w in layer_windows])
+        scratch = Scratch()  # eager decode's dequantized rows, one layer at a time
+        super().__init__(layers=[KVLayer(kind, policy, w, bits, scratch) for w in layer_windows])
         self.policy, self.budget, self.bucket, self.recompress = policy, budget, bucket, recompress
         self.rotary = rotary
         for layer in self.layers:

@@ -34,8 +34,9 @@ With ``bits`` < 16 (append layers), ``close`` quantizes the first kept prompt ro
 (kvpolicy.quantized.QuantizedRows, ``quantized``); ``keys``/``values`` then hold only the
 slots after them (the policy's recent window, the rest of a token group, the decode
 region) in the model's dtype, while ``pos`` still covers every slot. A decode step
-dequantizes them in front of the buffers; a multi-token step (``open``) or a compaction
-(``unquantize``) first puts them back in full precision.
+dequantizes them in front of the buffers (eager: into the cache's shared ``scratch``); a
+multi-token step (``open``) or a compaction (``unquantize``) first puts them back in full
+precision.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from kvpolicy_kernels import head_attention
 
 from .attention import grouped_attention, visible_slots
 from .policy import Policy
-from .quantized import QuantizedRows, quantizable_rows
+from .quantized import QuantizedRows, Scratch, quantizable_rows
 
 Kind = Literal["append", "evict", "sliding"]
 EMPTY, UNUSABLE = -1, -2  # slot positions: free, or beyond a shorter batch row's fixed size
@@ -66,7 +67,7 @@ class KVLayer(CacheLayerMixin):
     is_compileable = True
 
     def __init__(self, kind: Kind, policy: Policy | None = None, window: int | None = None,
-                 bits: int = 16):
+                 bits: int = 16, scratch: Scratch | None = None):
         super().__init__()
         self.kind = "sliding" if window else kind
         self.bits = bits if self.kind == "append" else 16
@@ -74,6 +75,7 @@ class KVLayer(CacheLayerMixin):
         self.slot_heads: Tensor | None = None  # per_head layers, closed: int16 [B, T]
         self._split = False  # unflattened per-head rows: the heads hold different slots
         self.quantized: QuantizedRows | None = None
+        self.scratch = scratch or Scratch()
         self.policy, self.cache_window = policy, window
         self.running = "sum" if policy is None else policy.requirements().running
         self.attention_window: int | None = None
@@ -252,15 +254,17 @@ class KVLayer(CacheLayerMixin):
         """Put the quantized prompt rows back in front of the buffers, in the model's dtype
         (before a multi-token step or a compaction; they are quantized again at close)."""
         if self.quantized is not None:
-            self.keys, self.values = self._rows()
+            self.keys, self.values = self.quantized.joined(self.keys, self.values)
             self.quantized = None
 
     def _rows(self) -> tuple[Tensor, Tensor]:
-        """(keys [B, G, C, D], values [B, G, C, Dv]): every slot in the model's dtype."""
+        """(keys [B, G, C, D], values [B, G, C, Dv]): every slot in the model's dtype (eager
+        with quantized rows: views of the scratch, valid until the next layer's step)."""
         if self.quantized is None:
             return self.keys, self.values
-        keys, values = self.quantized.dequantize()
-        return torch.cat([keys, self.keys], 2), torch.cat([values, self.values], 2)
+        if torch.compiler.is_compiling():
+            return self.quantized.joined(self.keys, self.values)
+        return self.scratch.rows(self.quantized, self.keys, self.values)
 
     # ---- the decode step -------------------------------------------------------------
     def _write(self, key_states: Tensor, value_states: Tensor) -> None:

@@ -3,10 +3,15 @@
 Keys are quantized per channel: groups of ``TOKEN_GROUP`` tokens, one scale and zero per
 (group of tokens, channel). Values per token: groups of up to ``CHANNEL_GROUP`` channels,
 one scale and zero per (token, group of channels). A code is ``round((x - zero) / scale)``
-in [0, 2**bits - 1]; codes are packed along the token axis into uint8 (8 // bits codes a
-byte, the j-th in bits [j*bits, (j+1)*bits)). Scales and zeros are in the rows' dtype.
-Dequantization is one batched op per tensor (shifts and masks, no loop over heads or
-groups), so a decode step stays one fixed-shape graph.
+in [0, 2**bits - 1]; codes are packed along the token axis into uint8: the N rows are
+split into 8 // bits consecutive blocks of M = N * bits / 8 rows and packed row m holds
+row m of block j in bits [j*bits, (j+1)*bits). Scales and zeros are in the rows' dtype.
+
+Decoding: compiled (and ``unquantize``), ``dequantize`` is one batched op per tensor and
+``joined`` concatenates the full-precision rows after it, which inductor fuses into one
+fixed-shape graph. Eager, ``Scratch.rows`` writes both into one buffer shared by a cache's
+layers, with no allocation per step: the codes unpacked with int32 shifts and masks (four
+bytes at a time), then one ``addcmul`` per tensor (code * scale + zero).
 """
 from __future__ import annotations
 
@@ -47,20 +52,35 @@ def channel_group(dim: int) -> int:
     return math.gcd(dim, CHANNEL_GROUP)
 
 
+def _shifts(bits: int, device: torch.device) -> Tensor:
+    """uint8 [8 // bits, 1, 1]: block j's shift."""
+    return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)[:, None, None]
+
+
 def pack(codes: Tensor, bits: int) -> Tensor:
     """codes uint8 [..., N, D] in [0, 2**bits) with N a multiple of 8 // bits -> packed
-    uint8 [..., N * bits // 8, D] (consecutive tokens share a byte, the first lowest)."""
-    per = 8 // bits
-    grouped = codes.unflatten(-2, (-1, per))  # [..., N / per, per, D]
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)[:, None]
-    return (grouped << shifts).sum(-2, dtype=torch.uint8)
+    uint8 [..., M, D], M = N * bits // 8: row m holds row m of each block of M rows (block j
+    in bits [j*bits, (j+1)*bits))."""
+    blocks = codes.unflatten(-2, (8 // bits, -1))  # [..., per, M, D]
+    return (blocks << _shifts(bits, codes.device)).sum(-3, dtype=torch.uint8)
 
 
 def unpack(packed: Tensor, bits: int) -> Tensor:
     """packed uint8 [..., M, D] -> codes uint8 [..., M * 8 // bits, D] (inverse of pack)."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)[:, None]
-    codes = (packed[..., None, :] >> shifts) & (2**bits - 1)  # [..., M, per, D]
-    return codes.flatten(-3, -2)
+    codes = (packed[..., None, :, :] >> _shifts(bits, packed.device)) & (2**bits - 1)
+    return codes.flatten(-3, -2)  # [..., per, M, D] -> [..., N, D]
+
+
+def unpack_into(packed: Tensor, bits: int, out: Tensor) -> Tensor:
+    """unpack(packed, bits) written into out uint8 [B, G, N, D] (contiguous), four codes at
+    a time: packed [B, G, M, D] read as int32 words (M * D is a multiple of 4: M is a
+    multiple of 8), each block a shift of the words, then one mask of every byte."""
+    B, G, M, D = packed.shape
+    words = packed.contiguous().view(B, G, M * D).view(torch.int32)  # [B, G, M * D / 4]
+    blocks = out.view(B, G, 8 // bits, M * D).view(torch.int32)  # [B, G, per, M * D / 4]
+    for j in range(8 // bits):
+        torch.bitwise_right_shift(words, j * bits, out=blocks[:, :, j])
+    return blocks.bitwise_and_((2**bits - 1) * 0x01010101).view(torch.uint8).view(out.shape)
 
 
 def _rounded(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
@@ -114,11 +134,28 @@ class QuantizedRows:
     def dequantize(self) -> tuple[Tensor, Tensor]:
         """(keys [B, G, N, D], values [B, G, N, Dv]) in the scales' dtype."""
         k = unpack(self.keys, self.bits).unflatten(2, (-1, TOKEN_GROUP))  # [B, G, N / T, T, D]
-        keys = (k * self.key_scale[:, :, :, None] + self.key_zero[:, :, :, None]).flatten(2, 3)
-        c = self.values.shape[-1] // self.value_scale.shape[-1]
-        v = unpack(self.values, self.bits).unflatten(3, (-1, c))  # [B, G, N, Dv / c, c]
-        values = (v * self.value_scale[..., None] + self.value_zero[..., None]).flatten(3, 4)
-        return keys, values
+        keys = torch.addcmul(self.key_zero[:, :, :, None], k, self.key_scale[:, :, :, None])
+        v = unpack(self.values, self.bits).unflatten(3, (self.value_scale.shape[-1], -1))  # [B, G, N, Dv / c, c]
+        values = torch.addcmul(self.value_zero[..., None], v, self.value_scale[..., None])
+        return keys.flatten(2, 3), values.flatten(3, 4)
+
+    def dequantize_into(self, keys: Tensor, values: Tensor, codes: Tensor) -> None:
+        """dequantize() written into keys [B, G, N, D] and values [B, G, N, Dv] (views in
+        the scales' dtype); codes: uint8 scratch of at least B * G * N * max(D, Dv)."""
+        for packed, scale, zero, out, split in (
+                (self.keys, self.key_scale[:, :, :, None], self.key_zero[:, :, :, None], keys,
+                 (2, (-1, TOKEN_GROUP))),
+                (self.values, self.value_scale[..., None], self.value_zero[..., None], values,
+                 (3, (self.value_scale.shape[-1], -1)))):
+            c = packed if self.bits == 8 else unpack_into(
+                packed, self.bits, codes[:out.numel()].view(out.shape))
+            torch.addcmul(zero, c.unflatten(*split), scale, out=out.unflatten(*split))
+
+    def joined(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """(keys [B, G, N + n, D], values [B, G, N + n, Dv]): the rows dequantized, then
+        keys/values [B, G, n, D / Dv] (the slots after them), as new tensors."""
+        k, v = self.dequantize()
+        return torch.cat([k, keys], 2), torch.cat([v, values], 2)
 
     @property
     def rows(self) -> int:
@@ -129,3 +166,38 @@ class QuantizedRows:
         """Every tensor held (its memory)."""
         return [self.keys, self.key_scale, self.key_zero, self.values, self.value_scale,
                 self.value_zero]
+
+
+class Scratch:
+    """Eager decode's buffers, shared by a cache's layers (a layer writes and reads them
+    within its own attention): the layer's slots in the model's dtype (keys then values)
+    and uint8 codes, each a flat buffer grown to the largest layer. They hold one layer's
+    rows at a time and are not counted by ``PolicyCache.nbytes`` (like the attention's own
+    temporaries); a copy of the cache starts with none."""
+
+    def __init__(self) -> None:
+        self.floats: Tensor | None = None
+        self.codes: Tensor | None = None
+
+    def __deepcopy__(self, memo) -> Scratch:
+        return Scratch()
+
+    @staticmethod
+    def _take(buffer: Tensor | None, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+        return buffer
+
+    def rows(self, rows: QuantizedRows, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """rows.joined(keys, values) as views of this scratch (valid until the next call)."""
+        B, G, n, D = keys.shape
+        Dv, N = values.shape[-1], rows.rows
+        nk, nv = B * G * (N + n) * D, B * G * (N + n) * Dv
+        self.floats = self._take(self.floats, nk + nv, keys.dtype, keys.device)
+        self.codes = self._take(self.codes, B * G * N * max(D, Dv), torch.uint8, keys.device)
+        k = self.floats[:nk].view(B, G, N + n, D)
+        v = self.floats[nk:nk + nv].view(B, G, N + n, Dv)
+        rows.dequantize_into(k[:, :, :N], v[:, :, :N], self.codes)
+        k[:, :, N:].copy_(keys)
+        v[:, :, N:].copy_(values)
+        return k, v

@@ -45,6 +45,18 @@ def test_policy_parameters_parse_as_labels():
         command.parse_policies("spankv:observe")
 
 
+def test_budgets_parse_tokens_bits_and_memory():
+    """--budgets: F (tokens), F@BITS (tokens at BITS bits), memF (kvpolicy.Memory(F)), each
+    labelled; anything else refused by name."""
+    from kvpolicy import Memory
+
+    assert command.parse_budgets("0.1,1@2,mem0.05") == [
+        ("", 0.1, 0.1, {}), (" [2 bits]", 1.0, 1.0, {"bits": 2}), (" [mem]", 0.05, Memory(0.05), {})]
+    for bad in ("mem", "mem1.5", "0.1@x", "ten"):
+        with pytest.raises(SystemExit, match=f"budget '{bad}'"):
+            command.parse_budgets(bad)
+
+
 def test_runner_answers_like_generate(smollm2):
     """Query-aware: the harness's prefill + greedy loop gives what ``model.generate`` gives
     under apply, on the natural prompt."""

@@ -60,6 +60,8 @@ def test_summarize_and_table():
     full, = summarize([_run("full", 1.0, "needle", 1.0, kl=0.0), _run("full", 1.0, "key_value", 1.0, kl=0.0)])
     table = format_table(rows, full)
     assert "full cache" in table and "h2o" in table and "failed" in table
+    head = table.splitlines()[0].split()
+    assert head[:5] == ["policy", "budget", "bytes", "kept", "bits"]
 
 
 def test_kvpress_answers_are_scored(tmp_path):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import kvpolicy
 from kvpolicy import Budget, PolicyCache, get_policy
-from kvpolicy.quantized import TOKEN_GROUP, QuantizedRows, channel_group, pack, unpack
+from kvpolicy.quantized import TOKEN_GROUP, QuantizedRows, Scratch, channel_group, pack, unpack, unpack_into
 from kvpolicy.tools.embedded import chat_prompt
 from kvpolicy.vllm.config import make_settings
 from test_cache import prefill  # tests/ is on sys.path (conftest)
@@ -25,6 +25,44 @@ def test_pack_unpack_round_trip(bits, B, groups, D, seed):
     packed = pack(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape[2] == codes.shape[2] * bits // 8
     assert torch.equal(unpack(packed, bits), codes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from((4, 2)), st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 9),
+       st.integers(0, 2**31 - 1))
+def test_unpack_into_four_codes_at_a_time_equals_unpack(bits, B, G, groups, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (B, G, groups * TOKEN_GROUP * bits // 8, D), generator=gen,
+                           dtype=torch.uint8)
+    out = torch.full((B, G, groups * TOKEN_GROUP, D), 255, dtype=torch.uint8)
+    assert torch.equal(unpack_into(packed, bits, out), unpack(packed, bits))
+    assert torch.equal(out, unpack(packed, bits))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(QUANTIZED), st.lists(st.tuples(st.integers(1, 4), st.integers(0, 40)), min_size=1,
+                                            max_size=3), st.sampled_from([8, 24, 64]), st.integers(0, 2**31 - 1))
+def test_scratch_rows_equal_the_joined_rows(bits, layers, D, seed):
+    """Eager decode's shared scratch gives the same slots as concatenating the dequantized
+    rows and the full-precision ones, layer after layer of different sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    scratch = Scratch()
+    for groups, tail in layers:
+        k = torch.randn(1, 2, groups * TOKEN_GROUP, D, generator=gen)
+        v = torch.randn(1, 2, groups * TOKEN_GROUP, D, generator=gen) * 3
+        rows = QuantizedRows.quantize(k, v, bits)
+        k_tail, v_tail = torch.randn(1, 2, tail, D, generator=gen), torch.randn(1, 2, tail, D, generator=gen)
+        got = scratch.rows(rows, k_tail, v_tail)
+        want = rows.joined(k_tail, v_tail)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_copied_cache_has_its_own_scratch():
+    cache = random_cache(4)[0]
+    cache.layers[0]._rows()
+    copied = cache.copy()
+    assert copied.layers[0].scratch is copied.layers[1].scratch is not cache.layers[0].scratch
+    assert copied.layers[0].scratch.floats is None and cache.layers[0].scratch.floats is not None
 
 
 @settings(max_examples=40, deadline=None)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from kvpolicy import available_policies
+from kvpolicy import Memory, available_policies
 
 from .metrics import score_answer
 from .report import format_table, kvpress_runs, summarize
@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'all' or a comma list; NAME:KEY=VALUE[:KEY=VALUE] sets parameters, e.g. "
                         "spankv:observe=16 (default: all)")
     p.add_argument("--budgets", default="0.05,0.1,0.2,0.5",
-                   help="comma list of kept fractions (default: 0.05,0.1,0.2,0.5)")
+                   help="comma list of budgets: F keeps the fraction F of the prompt's tokens in the "
+                        "model's dtype, F@BITS the fraction F with rows in BITS (8, 4, 2) bits, memF "
+                        "at most the fraction F of the full cache's bytes (kvpolicy.Memory: bits and "
+                        "tokens chosen by its rule) (default: 0.05,0.1,0.2,0.5)")
     p.add_argument("--samples", type=int, default=8,
                    help="documents in all, two questions each; the tasks take turns (default: 8)")
     p.add_argument("--tasks", default="all",
@@ -69,6 +72,26 @@ def parse_list(text: str, allowed: list[str], what: str) -> list[str]:
     return items
 
 
+def parse_budgets(text: str) -> list[tuple[str, float, object, dict]]:
+    """(label suffix, number, budget, extra apply parameters) per entry of --budgets: F,
+    F@BITS (bits=BITS) or memF (kvpolicy.Memory(F)); refused by name otherwise."""
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            if item.startswith("mem"):
+                f = float(item[3:])
+                out.append((" [mem]", f, Memory(f), {}))
+            elif "@" in item:
+                f, bits = item.split("@")
+                out.append((f" [{int(bits)} bits]", float(f), float(f), {"bits": int(bits)}))
+            else:
+                out.append(("", float(item), float(item), {}))
+        except ValueError as exc:
+            raise SystemExit(f"kvpolicy eval: budget {item!r}: write F (a kept fraction), F@BITS "
+                             f"(8, 4 or 2 bits) or memF (a fraction of the bytes) ({exc})") from None
+    return out
+
+
 def parse_policies(text: str) -> list[tuple[str, str, dict]]:
     """(label, name, params) per entry of --policies: NAME or NAME:KEY=VALUE[:KEY=VALUE],
     values parsed as Python literals where they are one (ints, floats, booleans)."""
@@ -98,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
     policies = parse_policies(args.policies)
     tasks = parse_list(args.tasks, task_names(args.split), "task")
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = parse_budgets(args.budgets)
     if not 16 <= args.context <= 8000:  # SmolLM2 has 8192 positions; template, question, answer
         raise SystemExit("kvpolicy eval: --context must be within 16..8000 tokens")
     if args.chunk_size is not None and args.chunk_size < 1:
@@ -119,20 +142,21 @@ def run(args: argparse.Namespace) -> int:
     full_runs = [{"policy": "full", "budget": 1.0, "sample": p.id, "task": p.sample.task,
                   "score": score_answer(p.reference_answer, p.answers), "answer": p.reference_answer,
                   "agreement": 1.0, "kl": 0.0,
-                  "kl_first": 0.0, "kept": 1.0, "seconds": p.reference.seconds} for p in runner.prompts]
+                  "kl_first": 0.0, "kept": 1.0, "bytes": 1.0, "bits": 16,
+                  "seconds": p.reference.seconds} for p in runner.prompts]
     meta = {"model": args.model, "context": args.context, "samples": args.samples, "tasks": tasks,
             "split": args.split, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
             "mode": args.mode, "chunk_size": args.chunk_size, "answer_prefix": args.answer_prefix,
             "questions": len(runner.prompts),
-            "policies": [label for label, _, _ in policies], "budgets": budgets,
+            "policies": [label for label, _, _ in policies], "budgets": args.budgets.split(","),
             "date": datetime.date.today().isoformat(), "machine": _machine()}
     os.makedirs(args.out, exist_ok=True)
     runs = []
-    for budget in budgets:  # budget-major: an interrupted run still compares every policy
+    for suffix, number, budget, extra in budgets:  # budget-major: an interrupted run compares every policy
         for label, policy, params in policies:
-            bar.set_postfix_str(f"{label} {budget:g}")
-            done = runner.run_config(policy, budget, on_sample=bar.update, **params)
-            runs += [dict(dataclasses.asdict(r), policy=label) for r in done]
+            bar.set_postfix_str(f"{label}{suffix} {number:g}")
+            done = runner.run_config(policy, budget, on_sample=bar.update, **params, **extra)
+            runs += [dict(dataclasses.asdict(r), policy=label + suffix, budget=number) for r in done]
             meta["wall_seconds"] = round(time.perf_counter() - started, 1)
             write_results(args.out, meta, runner, full_runs, runs, complete=False)  # kept if interrupted
     bar.close()

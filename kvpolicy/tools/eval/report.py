@@ -19,7 +19,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         row = {"policy": policy, "budget": budget, "samples": len(ok), "errors": len(rs) - len(ok)}
         if ok:
             row["accuracy"] = mean(r["score"] for r in ok)
-            for key in ("agreement", "kl", "kl_first", "kept"):
+            for key in ("agreement", "kl", "kl_first", "kept", "bytes", "bits"):
                 values = [r[key] for r in ok if r.get(key) is not None]
                 row[key] = mean(values) if values else None
             by_task = defaultdict(list)
@@ -33,7 +33,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 def format_table(rows: list[dict], full: dict) -> str:
     """A plain-text table: the full cache first, then each policy by budget."""
     tasks = sorted(full["by_task"])
-    head = f"{'policy':<22}{'budget':>7}{'kept':>7}{'acc':>6}{'agree':>7}{'KL':>8}  " + \
+    head = f"{'policy':<22}{'budget':>7}{'bytes':>7}{'kept':>7}{'bits':>5}{'acc':>6}{'agree':>7}{'KL':>8}  " + \
         " ".join(f"{t[:12]:>12}" for t in tasks)
     lines = [head, "-" * len(head), _line("full cache", 1.0, full, tasks)]
     lines += [_line(r["policy"], r["budget"], r, tasks) for r in rows]
@@ -45,7 +45,8 @@ def _line(name: str, budget: float, row: dict, tasks: list[str]) -> str:
         return f"{name:<22}{budget:>7g}  all {row.get('errors', 0)} samples failed"
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     by_task = row.get("by_task", {})
-    return (f"{name:<22}{budget:>7g}{fmt(row.get('kept'), '>7.3f')}{row['accuracy']:>6.2f}"
+    return (f"{name:<22}{budget:>7g}{fmt(row.get('bytes'), '>7.3f')}{fmt(row.get('kept'), '>7.3f')}"
+            f"{fmt(row.get('bits'), '>5.0f')}{row['accuracy']:>6.2f}"
             f"{fmt(row.get('agreement'), '>7.2f')}{fmt(row.get('kl'), '>8.3f')}  "
             + " ".join(f"{fmt(by_task.get(t), '>12.2f')}" for t in tasks))
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import kvpolicy
+from kvpolicy.memory import held_fraction
 from kvpolicy.models import CACHE_ARG
 
 from ..embedded import load_smollm2
@@ -82,6 +83,8 @@ class Run:
     kl: float = 0.0
     kl_first: float = 0.0
     kept: float = 0.0
+    bytes: float = 0.0  # the kept prompt rows' bytes over the full cache's (kvpolicy.memory)
+    bits: int = 16
     seconds: float = 0.0
     answer: str = ""
     error: str = ""
@@ -176,9 +179,10 @@ class Runner:
         # a deferred plan ran over the prompt and the decode steps it waited for
         planned = prompt.input_ids.shape[1] + min(cache.defer_steps, len(gen.tokens) - 1)
         run.kept = sum(cache.kept) / (len(cache.kept) * planned)
+        run.bytes, run.bits = held_fraction(cache, planned), handle.bits
         return self._compare(run, prompt, gen, after_prefill)
 
-    def run_agnostic(self, prompts: list[Prompt], policy: str, budget: float, **params) -> list[Run]:
+    def run_agnostic(self, prompts: list[Prompt], policy: str, budget, **params) -> list[Run]:
         """Query-agnostic: one sample's document compressed once, each question from a copy."""
         context = prompts[0].context_ids
         assert all(torch.equal(p.context_ids, context) for p in prompts)
@@ -190,15 +194,16 @@ class Runner:
                                   **params)
         seconds = time.perf_counter() - start
         kept = sum(cache.kept) / (len(cache.kept) * context.shape[1])
+        held, bits = held_fraction(cache, context.shape[1]), cache.layers[0].bits
         runs = []
         for p in prompts:
             gen, after_prefill = self._greedy(p.rest_ids, cache.copy(), False)
-            run = Run(cache.policy.name, budget, p.id, p.sample.task, kept=kept)
+            run = Run(cache.policy.name, budget, p.id, p.sample.task, kept=kept, bytes=held, bits=bits)
             runs.append(self._compare(run, p, gen, after_prefill))
             run.seconds += seconds / len(prompts)
         return runs
 
-    def run_config(self, policy: str, budget: float, on_sample=lambda: None, **params) -> list[Run]:
+    def run_config(self, policy: str, budget, on_sample=lambda: None, **params) -> list[Run]:
         """All prompts under one policy and budget (errors are recorded, not raised); a
         policy with a ``tokenizer`` parameter (kvzip) gets the model's unless one is given."""
         if "tokenizer" in kvpolicy.policy_class(policy).defaults():
