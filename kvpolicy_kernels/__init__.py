@@ -12,7 +12,7 @@ from .attention_ref import attention, attention_and_scores, attention_with_lse
 from .backend import use_triton
 from .head_attention_ref import head_attention_ref
 from .head_attention_triton import _head_attention_kernel
-from .ops import accumulate_scores_op, compact_layers_op, head_attention_op
+from .ops import accumulate_scores_op, check_head_attention, compact_layers_op, head_attention_op
 
 __all__ = ["accumulate_scores", "accumulate_scores_sparsity", "attention", "attention_and_scores",
            "attention_with_lse", "compact_layers", "head_attention"]
@@ -51,6 +51,7 @@ def head_attention(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, v
     head_attention_triton. Where the reference runs (CPU) it is called directly: a decode
     step spares the custom op's dispatch (about 60 us a layer on CPU)."""
     if not use_triton(query.device, _head_attention_kernel):
+        check_head_attention(query, keys, values, heads, visible, kv_heads, sinks)
         return head_attention_ref(query, keys, values, heads, visible, kv_heads=kv_heads,
                                   scaling=scaling, softcap=softcap, sinks=sinks)
     return head_attention_op(query, keys, values, heads, visible, kv_heads, scaling, softcap, sinks)

@@ -45,6 +45,16 @@ def head_attention_op(
 ) -> Tensor:
     """out [B, 1, H, Dv] in the query's dtype: decode attention over flat per-head slots
     (see head_attention_ref); softcap 0 = off; sinks float [H] or None."""
+    check_head_attention(query, keys, values, heads, visible, kv_heads, sinks)
+    if use_triton(query.device, _head_attention_kernel):
+        return head_attention_triton(query, keys, values, heads, visible, kv_heads, scaling, softcap, sinks)
+    return head_attention_ref(query, keys, values, heads, visible, kv_heads=kv_heads, scaling=scaling,
+                              softcap=softcap, sinks=sinks)
+
+
+def check_head_attention(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor,
+                         visible: Tensor, kv_heads: int, sinks: Tensor | None) -> None:
+    """A ValueError naming what disagrees among head_attention's inputs (shapes only)."""
     B, H, Q, D = query.shape
     if Q != 1 or H % kv_heads:
         raise ValueError(f"query must be [B, H, 1, D] with H a multiple of kv_heads = {kv_heads}, "
@@ -55,10 +65,6 @@ def head_attention_op(
                          f"{list(keys.shape)}, {list(values.shape)}, {list(heads.shape)}, {list(visible.shape)}")
     if sinks is not None and tuple(sinks.shape) != (H,):
         raise ValueError(f"sinks must be [H] = [{H}], got {tuple(sinks.shape)}")
-    if use_triton(query.device, _head_attention_kernel):
-        return head_attention_triton(query, keys, values, heads, visible, kv_heads, scaling, softcap, sinks)
-    return head_attention_ref(query, keys, values, heads, visible, kv_heads=kv_heads, scaling=scaling,
-                              softcap=softcap, sinks=sinks)
 
 
 @torch.library.custom_op("kvpolicy::compact_layers", mutates_args=("dst_keys", "dst_values"))
