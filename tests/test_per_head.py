@@ -171,9 +171,14 @@ def test_chunked_compress_and_a_second_turn(smollm2, prompt):
 def test_padded_batch_rows_are_independent(smollm2):
     model, tok = smollm2
     texts = [chat_prompt(tok, w, "Summarize the text above in one sentence.") for w in (150, 220)]
-    side, tok.padding_side = tok.padding_side, "left"
-    batch = tok.pad({"input_ids": [t["input_ids"][0] for t in texts]}, return_tensors="pt")
-    tok.padding_side = side
+    rows = [t["input_ids"][0] for t in texts]
+    N = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((len(rows), N), pad)
+    mask = torch.zeros(len(rows), N, dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding
+        ids[i, N - len(r):], mask[i, N - len(r):] = r, 1
+    batch = {"input_ids": ids, "attention_mask": mask}
     with kvpolicy.apply(model, "snapkv", 0.3, per_head=True):
         both = greedy(model, **batch)
         alone = [greedy(model, **t) for t in texts]
