@@ -25,13 +25,12 @@ import time
 import torch
 from peak_memory import status_bytes  # benchmarks/ is on sys.path (script)
 from test_bench_decode import Stamps
-from test_bench_ratios import alternate, median_ratio, raw_prompt
+from test_bench_ratios import SKIPPED, alternate, median_ratio, raw_prompt
 from transformers import StoppingCriteriaList
 
 import kvpolicy
 from kvpolicy.tools.embedded import load_smollm2
 
-SKIPPED = 2  # decode steps not timed (the first: allocation)
 
 
 def timed(model, ids, policy: str, budget: float, per_head: bool, new_tokens: int) -> tuple[float, float]:

@@ -101,8 +101,9 @@ def test_vllm_refuses_per_head_by_name():
 
 
 @pytest.fixture(scope="module")
-def prompt(smollm2):
-    return chat_prompt(smollm2[1], 250, "Summarize the text above in one sentence.")
+def prompt(long_prompt):
+    """conftest's shared ~400-token prompt."""
+    return long_prompt
 
 
 def greedy(model, steps=12, **kwargs):
