@@ -20,7 +20,9 @@ in results.json), and its mode is followed:
   split).
 
 Greedy decoding outside the press with explicit position ids (a compressed DynamicCache is
-shorter than the positions it has seen), as kvpress's pipeline decodes. Budgets are kept
+shorter than the positions it has seen), as kvpress's pipeline decodes. KVzipPress reads
+the tokenizer from ``model.config.name_or_path``: the embedded model's tokenizer is saved to
+a temporary folder and the config points there. Budgets are kept
 fractions (ours): kept = 1 - compression_ratio. The answers file records kvpress's version.
 """
 import argparse
@@ -28,6 +30,7 @@ import copy
 import importlib.metadata
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -108,6 +111,9 @@ def main() -> None:
         raise SystemExit("the run used --chunk-size; kvpress prefills whole prompts")
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else meta["budgets"]
     model, tok = embedded.load_smollm2(threads=1)
+    tokenizer_dir = tempfile.mkdtemp(prefix="kvpress-tokenizer-")
+    tok.save_pretrained(tokenizer_dir)  # KVzipPress loads the tokenizer from config.name_or_path
+    model.config.name_or_path = tokenizer_dir
     eos = model.generation_config.eos_token_id
     stop = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
     groups: dict[tuple, list[dict]] = {}  # prompts sharing a document

@@ -73,3 +73,14 @@ def test_kvpress_answers_are_scored(tmp_path):
     runs = kvpress_runs(str(path), {prompt.id: prompt})
     assert sorted((r["policy"], r["budget"], r["score"]) for r in runs) == \
         [("kvpress:snapkv", 0.1, 1.0), ("kvpress:snapkv", 0.5, 0.0)]
+
+
+def test_answers_files_name_their_rows_by_label(tmp_path):
+    """docs/quantized_cache_answers.py's file labels its rows "transformers:"."""
+    sample = Sample("s0", "needle", "pydoc", "doc", [Question("q?", ["123456"], "The secret code is")])
+    prompt = Prompt(sample, 0, torch.tensor([[1, 2]]), torch.tensor([[3]]))
+    path = tmp_path / "qc.json"
+    path.write_text(json.dumps({"_meta": {"label": "transformers"}, "quanto-2bit": {
+        "0.0938": {prompt.id: "it is 123456"}}}))
+    runs = kvpress_runs(str(path), {prompt.id: prompt})
+    assert [(r["policy"], r["budget"], r["score"]) for r in runs] == [("transformers:quanto-2bit", 0.0938, 1.0)]

@@ -53,10 +53,12 @@ def _line(name: str, budget: float, row: dict, tasks: list[str]) -> str:
 
 def kvpress_runs(path: str, prompts: dict) -> list[dict]:
     """Runs from a kvpress answers file: {press: {kept fraction: {prompt id: answer}}}
-    (written by docs/kvpress_answers.py); ``prompts``: prompt id -> runner.Prompt. Scored
-    like ours, without KL or agreement."""
+    (written by docs/kvpress_answers.py, or docs/quantized_cache_answers.py, whose
+    ``_meta.label`` "transformers" names its rows); ``prompts``: prompt id ->
+    runner.Prompt. Scored like ours, without KL or agreement."""
     with open(path) as f:
         answers = json.load(f)
+    label = answers.get("_meta", {}).get("label", "kvpress")
     runs = []
     for press, by_budget in answers.items():
         if press.startswith("_"):  # "_meta": versions and mode
@@ -65,7 +67,7 @@ def kvpress_runs(path: str, prompts: dict) -> list[dict]:
             for sid, answer in by_sample.items():
                 if sid in prompts:
                     p = prompts[sid]
-                    runs.append({"policy": f"kvpress:{press}", "budget": float(budget), "sample": sid,
+                    runs.append({"policy": f"{label}:{press}", "budget": float(budget), "sample": sid,
                                  "task": p.sample.task, "score": score_answer(answer, p.answers),
                                  "answer": answer, "agreement": None, "kl": None, "kl_first": None,
                                  "kept": None})
