@@ -183,14 +183,10 @@ def validated(model: nn.Module, policy: str | Policy, budget: float | int | Memo
     if not isinstance(per_head, bool):
         raise TypeError(f"per_head must be a bool, got {per_head!r}")
     pol = get_policy(policy, **params)
-    b, bits = storage(model, pol, budget, bits)
+    b, bits = storage(model, pol, budget, bits, per_head)
     b.check_holds(pol.min_tokens(), pol.name)
     bits = check_bits(bits, pol)
     if per_head:
-        if bits != 16:
-            raise ValueError(f"per_head=True with bits={bits}: per-head rows are stored in the "
-                             f"model's dtype for now (a Memory budget chooses fewer bits); pass "
-                             f"bits=16 with a token budget, or per_head=False")
         pol = with_per_head(pol)
     models.check_supported(model)
     if pol.requirements().reconstruct:

@@ -24,7 +24,7 @@ def compact_layers_into(layers: list[KVLayer], plan: ForwardPlan, scores: dict[i
     for l, layer in enumerate(layers):
         k, empty, cap, flat = kept[l]
         if flat is not None:
-            close_flat(layer, *flat, new_keys[l], new_values[l], rows_seen.clone())
+            close_flat(layer, *flat, new_keys[l], new_values[l], rows_seen.clone(), quantize)
             continue
         B, G, n = k.shape
         running = None
@@ -45,17 +45,17 @@ def compact_layers_into(layers: list[KVLayer], plan: ForwardPlan, scores: dict[i
 
 
 def close_flat(layer: KVLayer, src: Tensor, heads: Tensor, keys: Tensor, values: Tensor,
-               rows_seen: Tensor) -> None:
+               rows_seen: Tensor, quantize: bool = True) -> None:
     """Close a per-head layer on its gathered rows in the flat layout: src / heads int64
     [B, M] as ``flat_order`` gave them, keys [B, 1, T, D] / values as ``gather`` filled them
-    (those M rows, then G slots per decode step)."""
+    (those M rows, then G slots per decode step); quantize as for KVLayer.close."""
     B, G = layer.pos.shape[:2]
     M, T = src.shape[1], keys.shape[2]
     pos = layer.pos.new_full((B, 1, T), -1)
     pos[:, 0, :M] = torch.where(heads >= 0, layer.pos.reshape(B, -1).gather(1, src.clamp_min(0)), -1)
     ring = torch.arange(T - M, device=keys.device) % G
     slot_heads = torch.cat([heads, ring.expand(B, T - M)], 1).to(torch.int16)
-    layer.close_flat(keys, values, pos, slot_heads, M, rows_seen)
+    layer.close_flat(keys, values, pos, slot_heads, M, rows_seen, quantize)
 
 
 def flat_order(k: Tensor, empty: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,7 +36,9 @@ slots after them (the policy's recent window, the rest of a token group, the dec
 region) in the model's dtype, while ``pos`` still covers every slot. A decode step
 dequantizes them in front of the buffers (eager: into the cache's shared ``scratch``); a
 multi-token step (``open``) or a compaction (``unquantize``) first puts them back in full
-precision.
+precision. A per-head layer's flat rows are quantized the same way, as one KV head's rows
+(``close_flat``: the prompt rows head after head, so a token group spans two heads only at a
+head's boundary); its decode attends the dequantized rows by their ``slot_heads``.
 """
 from __future__ import annotations
 
@@ -164,16 +166,24 @@ class KVLayer(CacheLayerMixin):
         ring = self.kind == "evict" or (self.kind == "sliding" and C >= self.cache_window)
         return C if ring else int(self.used)
 
+    def _quantized(self, keys: Tensor, values: Tensor, kept: int, quantize: bool) -> QuantizedRows | None:
+        """The first of ``kept`` rows of keys/values [B, G, C, D] in ``bits`` (all but the
+        policy's window, whole token groups), or None (16 bits, too few rows, or not
+        ``quantize``)."""
+        rows = quantizable_rows(kept, getattr(self.policy, "window", 0)) if quantize else 0
+        if self.bits == 16 or not rows:
+            return None
+        return QuantizedRows.quantize(keys[:, :, :rows], values[:, :, :rows], self.bits)
+
     def close(self, keys: Tensor, values: Tensor, pos: Tensor, kept: int, next_pos: Tensor,
               scores: Tensor | None, sizes: Tensor | None, quantize: bool = True) -> None:
         """End the step: adopt compacted buffers [B, G, C, D] whose first ``kept`` slots are
         filled (pos int64 [B, G, C]; evict layers: running scores [B, G, C], each row's
         fixed size int64 [B]); quantize: store the prompt rows in ``bits`` (False: a
         compaction that will run again)."""
-        rows = quantizable_rows(kept, getattr(self.policy, "window", 0)) if quantize else 0
-        self.quantized, self.slot_heads, self._split = None, None, False
-        if self.bits < 16 and rows:
-            self.quantized = QuantizedRows.quantize(keys[:, :, :rows], values[:, :, :rows], self.bits)
+        self.quantized, self.slot_heads, self._split = self._quantized(keys, values, kept, quantize), None, False
+        if self.quantized is not None:
+            rows = self.quantized.rows
             keys, values = keys[:, :, rows:].clone(), values[:, :, rows:].clone()
         self.keys, self.values, self.pos, self.next_pos = keys, values, pos, next_pos
         self.scores = scores
@@ -184,12 +194,17 @@ class KVLayer(CacheLayerMixin):
             torch._dynamo.mark_static_address(t)
 
     def close_flat(self, keys: Tensor, values: Tensor, pos: Tensor, slot_heads: Tensor,
-                   kept: int, next_pos: Tensor) -> None:
+                   kept: int, next_pos: Tensor, quantize: bool = True) -> None:
         """End the step on per-head rows in the flat layout (see the module docstring):
         keys [B, 1, T, D], values [B, 1, T, Dv], pos int64 [B, 1, T], slot_heads int16
-        [B, T], the first ``kept`` slots holding the prompt rows."""
+        [B, T], the first ``kept`` slots holding the prompt rows (head after head); with
+        ``bits`` < 16 they are quantized as one KV head's rows, as ``close`` does."""
+        self.quantized = self._quantized(keys, values, kept, quantize)
+        if self.quantized is not None:
+            rows = self.quantized.rows
+            keys, values = keys[:, :, rows:].clone(), values[:, :, rows:].clone()
         self.keys, self.values, self.pos, self.next_pos = keys, values, pos, next_pos
-        self.quantized, self.slot_heads, self.scores, self.sizes = None, slot_heads, None, None
+        self.slot_heads, self.scores, self.sizes = slot_heads, None, None
         self._split = False
         self.used = torch.full((1,), kept, dtype=torch.long, device=keys.device)
         self.is_open = False
@@ -275,8 +290,9 @@ class KVLayer(CacheLayerMixin):
         if self.flat:  # the step's G head rows into G consecutive slots
             heads = key_states.shape[1]
             slots = self.used + torch.arange(heads, device=self.used.device)
-            self.keys.index_copy_(2, slots, key_states.transpose(1, 2))
-            self.values.index_copy_(2, slots, value_states.transpose(1, 2))
+            rows = slots if self.quantized is None else slots - self.quantized.rows
+            self.keys.index_copy_(2, rows, key_states.transpose(1, 2))
+            self.values.index_copy_(2, rows, value_states.transpose(1, 2))
             self.pos.index_copy_(2, slots, self.next_pos.view(B, 1, 1).expand(B, 1, heads))
             self.used.add_(heads)
             return
@@ -310,7 +326,8 @@ class KVLayer(CacheLayerMixin):
         if self.flat:
             if observe:
                 raise RuntimeError("kvpolicy: per-head rows cannot be observed while decoding")
-            out = head_attention(query, self.keys[:, 0], self.values[:, 0], self.slot_heads,
+            keys, values = self._rows()
+            out = head_attention(query, keys[:, 0], values[:, 0], self.slot_heads,
                                  visible[:, 0], kv_heads=self.kv_heads, scaling=scaling,
                                  softcap=softcap or 0.0, sinks=sinks)
             return out, None

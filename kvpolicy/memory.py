@@ -6,8 +6,9 @@ The full cache is the prompt's K/V in the model's dtype (itemsize E bytes: 4 for
 A kept slot of one KV head costs, as ``PolicyCache.nbytes`` counts it: its K and V (D +
 Dv elements) at ``bits`` / 8 bytes each, the scales and zeros of kvpolicy.quantized (2E
 bytes per 32 key elements, per ``channel_group(Dv)`` value elements), its position (int64,
-8 bytes), and an evicting layer's running score (float32, 4 bytes). The last ``window`` +
-31 kept rows of a layer (at most) stay in the model's dtype.
+8 bytes), an evicting layer's running score (float32, 4 bytes), and a per-head slot's KV
+head tag (``per_head``: int16, 2 bytes). The last ``window`` + 31 kept rows of a layer (at
+most) stay in the model's dtype.
 
 Rule (constants chosen on the tune split of ``kvpolicy eval``, docs/quality.md): the widest
 of 16, 8, 4, 2 bits whose kept token fraction is at least ``MIN_TOKENS``, else 2 bits
@@ -31,7 +32,7 @@ from .quantized import TOKEN_GROUP, channel_group
 
 MIN_TOKENS = 0.2  # the rule's constant, chosen on the tune split (docs/quality.md): keep at least this token fraction
 BITS_WIDEST_FIRST = (16, 8, 4, 2)
-POSITION_BYTES, SCORE_BYTES = 8, 4  # pos int64, an evicting layer's running score float32
+POSITION_BYTES, SCORE_BYTES, TAG_BYTES = 8, 4, 2  # pos int64, an evicting layer's running score float32, a per-head slot's KV head int16
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,10 @@ class Memory:
         return f"Memory({self.fraction:g})"
 
 
-def slot_bytes(bits: int, itemsize: int, head_dim: int, value_dim: int, evicts: bool = False) -> float:
+def slot_bytes(bits: int, itemsize: int, head_dim: int, value_dim: int, evicts: bool = False,
+               per_head: bool = False) -> float:
     """Bytes of one kept slot of one KV head at ``bits`` (module docstring)."""
-    extra = POSITION_BYTES + (SCORE_BYTES if evicts else 0)
+    extra = POSITION_BYTES + (SCORE_BYTES if evicts else 0) + (TAG_BYTES if per_head else 0)
     if bits == 16:
         return (head_dim + value_dim) * itemsize + extra
     scales = 2 * itemsize * (head_dim / TOKEN_GROUP + value_dim / channel_group(value_dim))
@@ -84,26 +86,32 @@ class MemoryBudget(Budget):
 
 
 def resolve(memory: Memory, itemsize: int, head_dim: int, value_dim: int, window: int,
-            evicts: bool) -> MemoryBudget:
+            evicts: bool, per_head: bool = False) -> MemoryBudget:
     """The bit width and token budget of ``memory`` for a model whose K/V rows have
     ``itemsize`` bytes per element and head dims ``head_dim``/``value_dim``, under a
-    policy with ``window`` recent rows (``evicts``: a policy that evicts while decoding)."""
+    policy with ``window`` recent rows (``evicts``: a policy that evicts while decoding;
+    ``per_head``: slots tagged with their KV head)."""
     entry = (head_dim + value_dim) * itemsize
-    slot_full = slot_bytes(16, itemsize, head_dim, value_dim, evicts)
+
+    def cost(bits: int) -> float:
+        return slot_bytes(bits, itemsize, head_dim, value_dim, evicts, per_head)
+
+    slot_full = cost(16)
     widths = (16,) if evicts else BITS_WIDEST_FIRST
-    fits = [b for b in widths if memory.fraction * entry / slot_bytes(b, itemsize, head_dim, value_dim, evicts)
-            >= MIN_TOKENS]
+    fits = [b for b in widths if memory.fraction * entry / cost(b) >= MIN_TOKENS]
     bits = fits[0] if fits else widths[-1]
-    slot = slot_bytes(bits, itemsize, head_dim, value_dim, evicts)
+    slot = cost(bits)
     tokens = min(1.0, memory.fraction * entry / slot)
     recent = 0 if bits == 16 else window + TOKEN_GROUP - 1
     return MemoryBudget(tokens, memory, bits, slot, slot_full, entry, recent)
 
 
-def storage(model: nn.Module, policy: Policy, budget, bits: int | None) -> tuple[Budget, int]:
+def storage(model: nn.Module, policy: Policy, budget, bits: int | None,
+            per_head: bool = False) -> tuple[Budget, int]:
     """(Budget, bits) of a call of ``apply`` / ``compress``: a Memory budget resolved for
-    ``model`` (its dtype and head dim; bits chosen by the rule, so ``bits`` must be None),
-    else ``Budget(budget)`` with ``bits`` (None: 16)."""
+    ``model`` (its dtype and head dim; bits chosen by the rule, so ``bits`` must be None;
+    ``per_head`` slots cost their KV head tag too), else ``Budget(budget)`` with ``bits``
+    (None: 16)."""
     if not isinstance(budget, Memory):
         return Budget(budget), 16 if bits is None else bits
     if bits is not None:
@@ -113,22 +121,25 @@ def storage(model: nn.Module, policy: Policy, budget, bits: int | None) -> tuple
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     itemsize = next(model.parameters()).dtype.itemsize
     b = resolve(budget, itemsize, head_dim, head_dim, getattr(policy, "window", 0),
-                policy.requirements().decode == "evict")
+                policy.requirements().decode == "evict", per_head)
     return b, b.bits
 
 
 def held_fraction(cache, tokens: int) -> float:
     """The bytes ``cache`` (a PolicyCache after its plan) holds for its kept prompt rows,
     counted as ``nbytes`` counts them (quantized rows with scales and zeros, rows in the
-    model's dtype, positions, running scores) without the decode region, over the bytes of
-    the full cache's K/V for ``tokens`` prompt tokens (every scored layer)."""
+    model's dtype, positions, running scores, per-head slots' KV head tags) without the
+    decode region, over the bytes of the full cache's K/V for ``tokens`` prompt tokens
+    (every scored layer)."""
     held = full = 0
     for layer, kept in zip([layer for layer in cache.layers if layer.scored], cache.kept):
-        B, G = layer.pos.shape[:2]
-        row = (layer.keys[0, 0, 0].nbytes + layer.values[0, 0, 0].nbytes) * B * G
+        B, G = layer.pos.shape[0], layer.kv_heads
+        entry = layer.keys[0, 0, 0].nbytes + layer.values[0, 0, 0].nbytes  # one KV head's row
         rest = POSITION_BYTES + (SCORE_BYTES if layer.scores is not None else 0)
-        quantized = 0 if layer.quantized is None else layer.quantized.rows
+        rest += TAG_BYTES if layer.flat else 0
+        entries = kept * G  # per batch row (a per-head plan's kept is the mean over heads)
+        quantized = 0 if layer.quantized is None else layer.quantized.rows * layer.pos.shape[1]
         q_bytes = 0 if layer.quantized is None else sum(t.nbytes for t in layer.quantized.tensors())
-        held += q_bytes + (kept - quantized) * row + kept * rest * B * G
-        full += tokens * row
+        held += q_bytes + ((entries - quantized) * entry + entries * rest) * B
+        full += tokens * entry * B * G
     return held / full

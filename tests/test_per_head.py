@@ -1,8 +1,8 @@
 """Per-head budgets (kvpolicy.heads, ``per_head=True``): the split and selection invariants
 (hypothesis), the policy kit's per-head checks, and generate on the embedded SmolLM2:
 exact at budget 1.0, the flat layout against the unflattened one, bytes that follow the
-kept entries, chunked compress with a second turn, padded batches, compiled decode, and the
-refusals by name."""
+kept entries, chunked compress with a second turn, padded batches, compiled decode,
+quantized rows (``bits``, ``kvpolicy.Memory``), and the refusals by name."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 import kvpolicy
 from kvpolicy import get_policy, models
+from kvpolicy.memory import held_fraction
 from kvpolicy.heads import SAFEGUARD, select_heads, split_heads, with_per_head
 from kvpolicy.selection import edge_tokens
 from kvpolicy.testing import check_policy
@@ -86,8 +87,6 @@ def test_refused_by_name(smollm2, name, why):
     model, _ = smollm2
     with pytest.raises(ValueError, match=f"per_head=True: {name} .*{why}"):
         kvpolicy.apply(model, name, 0.5, per_head=True)
-    with pytest.raises(ValueError, match="per_head=True with bits=4"):
-        kvpolicy.apply(model, "snapkv", 0.5, per_head=True, bits=4)
     with pytest.raises(TypeError, match="per_head must be a bool"):
         kvpolicy.apply(model, "snapkv", 0.5, per_head=1)
     assert getattr(model, "_kvpolicy_handle", None) is None
@@ -196,6 +195,56 @@ def test_compiled_decode_is_one_graph(smollm2, prompt):
     torch._dynamo.reset()
     counters.clear()
     with kvpolicy.apply(model, "snapkv", 0.3, per_head=True, compile=True):
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = greedy(model, **steps, **prompt)
+    assert (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())) == (1, 0)
+    assert torch.equal(out, eager)
+
+
+def test_quantized_flat_rows_decode_as_their_dequantized_rows(smollm2, prompt):
+    """bits=4 with per_head: the flat prompt rows are quantized (fewer bytes than 16 bits),
+    and the next-token logits equal those of the same rows dequantized into the flat
+    buffers."""
+    model, _ = smollm2
+    cache = kvpolicy.compress(model, prompt["input_ids"], "snapkv", 0.3, per_head=True, bits=4)
+    wide = kvpolicy.compress(model, prompt["input_ids"], "snapkv", 0.3, per_head=True)
+    assert all(layer.flat and layer.quantized is not None for layer in cache.layers)
+    assert cache.nbytes() < 0.6 * wide.nbytes()
+    plain = cache.copy()
+    for layer in plain.layers:
+        layer.unquantize()
+        layer.grow(1)
+    step = torch.tensor([[prompt["input_ids"][0, -1]]])
+    with torch.no_grad():
+        got = model(step, **{models.CACHE_ARG: cache.copy()}).logits
+        want = model(step, **{models.CACHE_ARG: plain}).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_budget_per_head_holds_its_bytes(smollm2, prompt):
+    """Memory(0.1) with per_head: the rule counts each slot's KV head tag, and the prompt
+    rows held stay within the fraction; generate continues over the quantized flat rows."""
+    model, tok = smollm2
+    ids = prompt["input_ids"]
+    cache = kvpolicy.compress(model, ids, "snapkv", kvpolicy.Memory(0.1), per_head=True)
+    assert cache.budget.bits < 16 and cache.layers[0].flat
+    assert held_fraction(cache, ids.shape[1]) <= 0.1
+    ask = tok.apply_chat_template([{"role": "user", "content": "And the main point?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = greedy(model, steps=6, input_ids=torch.cat([ids, ask["input_ids"]], -1),
+                 **{models.CACHE_ARG: cache})
+    assert out.shape[1] == ids.shape[1] + ask["input_ids"].shape[1] + 6
+    assert all(layer.flat and layer.quantized is not None for layer in cache.layers)
+
+
+def test_compiled_decode_with_quantized_flat_rows_is_one_graph(smollm2, prompt):
+    model, _ = smollm2
+    steps = dict(steps=17, min_new_tokens=17)
+    with kvpolicy.apply(model, "snapkv", 0.3, per_head=True, bits=4):
+        eager = greedy(model, **steps, **prompt)
+    torch._dynamo.reset()
+    counters.clear()
+    with kvpolicy.apply(model, "snapkv", 0.3, per_head=True, bits=4, compile=True):
         with torch._dynamo.config.patch(error_on_recompile=True):
             out = greedy(model, **steps, **prompt)
     assert (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())) == (1, 0)

@@ -30,7 +30,7 @@ def test_pack_unpack_round_trip(bits, B, groups, D, seed):
 @settings(max_examples=40, deadline=None)
 @given(st.sampled_from((4, 2)), st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 9),
        st.integers(0, 2**31 - 1))
-def test_unpack_into_four_codes_at_a_time_equals_unpack(bits, B, G, groups, D, seed):
+def test_unpack_into_equals_unpack(bits, B, G, groups, D, seed):
     gen = torch.Generator().manual_seed(seed)
     packed = torch.randint(0, 256, (B, G, groups * TOKEN_GROUP * bits // 8, D), generator=gen,
                            dtype=torch.uint8)
