@@ -15,21 +15,22 @@ one [16, D] query tile, so every row is read once per group). A program streams 
 rows in tiles of BLOCK_T packed rows: each packed tile of keys and values is loaded once (its
 bytes hold 8 / bits tokens each) and serves the 8 / bits blocks in turn; for block j the
 tile's tokens are j * M + m, codes = (byte >> j * bits) & (2**bits - 1), a row is code *
-scale + zero in fp32, rounded once to the rows' dtype (DOT_DTYPE) before the dots. A token's key scale sits at its group (t // Tk, channel), its value scale
-at (t, channel // c); value scales and zeros are loaded only for visible tokens (0 elsewhere,
-so hidden rows add exactly 0), and a block tile with no visible token is skipped (no scale
-load, no dot, no exp). Then the n full-precision rows stream as in head_attention_triton,
-loads predicated on ``visible``. So a row of codes crosses memory once and is never written
-back dequantized: the reads are bits / 16 of a bf16 cache's plus the scales.
+scale + zero in fp32, rounded once to the rows' dtype before the dots. A token's key scale
+sits at its group (t // Tk, channel), its value scale at (t, channel // c); value scales
+and zeros are loaded only for visible tokens (0 elsewhere, so hidden rows add exactly 0),
+and a block tile with no visible token is skipped (no scale load, no dot, no exp). Then the
+n full-precision rows stream as in head_attention_triton, loads predicated on ``visible``.
+So a row of codes crosses memory once and is never written back dequantized: the reads are
+bits / 16 of a bf16 cache's plus the scales.
 
 Per tile the online softmax of head_attention_triton (``_step``): logits in fp32 from
 ``tl.dot`` in DOT_DTYPE with fp32 accumulation, softcap (tanh from exp), the running maximum
 and sum, p rounded to the rows' dtype for p @ V; sinks start the softmax as a key of value 0;
 a head that sees nothing gets 0. Under TRITON_INTERPRET=1 bf16 tiles are upcast to fp32 for
-the dots (DOT_DTYPE, triton-lang/triton#11584), and the dequantized bf16 rows (and their p)
-stay fp32: the interpreter casts fp32 to bf16 by truncation (triton 3.7.1, ``cast_impl``), the
-GPU to nearest even, and truncated keys shift every logit the same way. Not done: splitting
-the rows across programs (flash-decoding).
+the dots (DOT_DTYPE, triton-lang/triton#11584), and the dequantized rows and p are rounded
+to bf16 by hand (``_round``): the interpreter casts fp32 to bf16 by truncation (triton 3.7.1,
+``cast_impl``) where the GPU rounds to nearest even, and truncated keys shift every logit
+the same way. Not done: splitting the rows across programs (flash-decoding).
 """
 from __future__ import annotations
 
@@ -45,18 +46,29 @@ from .score_triton import _TL_DTYPES, _logits
 
 
 @triton.jit
+def _round(x, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """x fp32 rounded to nearest (even) in the rows' dtype ROWS, held in DOT_DTYPE: ROWS
+    itself, except bf16 rows under TRITON_INTERPRET=1 (DOT_DTYPE fp32), rounded by hand on
+    the bits because the interpreter's fp32 -> bf16 cast truncates."""
+    if ROWS == DOT_DTYPE:
+        return x.to(DOT_DTYPE)
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _step(q, k, v, mine, m_i, l_i, acc, scaling, softcap,
-          HAS_SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """One tile of the online softmax: q [BLOCK_H, BLOCK_D] in DOT_DTYPE, k [BLOCK_T,
-    BLOCK_D] and v [BLOCK_T, BLOCK_DV] in the rows' dtype (finite), mine bool [BLOCK_T] the
-    rows seen -> (m_i, l_i, acc) updated."""
-    s = _logits(q, k.to(DOT_DTYPE), scaling, softcap, HAS_SOFTCAP)
+          HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """One tile of the online softmax: q [BLOCK_H, BLOCK_D], k [BLOCK_T, BLOCK_D] and v
+    [BLOCK_T, BLOCK_DV] in DOT_DTYPE (finite), mine bool [BLOCK_T] the rows seen -> (m_i,
+    l_i, acc) updated; p is rounded to the rows' dtype ROWS for p @ V."""
+    s = _logits(q, k, scaling, softcap, HAS_SOFTCAP)
     s = tl.where(mine[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows stay finite
     alpha = tl.exp(m_i - shift)
     p = tl.exp(s - shift[:, None])
-    pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
+    pv = tl.dot(_round(p, ROWS, DOT_DTYPE), v, input_precision="ieee")
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
 
 
@@ -85,6 +97,7 @@ def _quantized_attention_kernel(
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    ROWS: tl.constexpr = kscale_ptr.dtype.element_ty  # the rows' dtype
     bg = b * G + kv  # the program's index in the quantized tensors and visible
     N = M * (8 // BITS)
     seen = visible_ptr + bg * (N + n)
@@ -110,8 +123,8 @@ def _quantized_attention_kernel(
                 v_codes = ((v_bytes >> (j * BITS)) & low).to(tl.float32)
                 v = (v_codes * tl.load(vscale_ptr + v_at, mask=v_ok, other=0.0).to(tl.float32)
                      + tl.load(vzero_ptr + v_at, mask=v_ok, other=0.0).to(tl.float32))
-                m_i, l_i, acc = _step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), mine, m_i, l_i, acc,
-                                      scaling, softcap, HAS_SOFTCAP, DOT_DTYPE)
+                m_i, l_i, acc = _step(q, _round(k, ROWS, DOT_DTYPE), _round(v, ROWS, DOT_DTYPE), mine,
+                                      m_i, l_i, acc, scaling, softcap, HAS_SOFTCAP, ROWS, DOT_DTYPE)
     for start in range(0, n, BLOCK_T):  # the full-precision rows after them
         slots = start + tl.arange(0, BLOCK_T)
         inside = slots < n
@@ -121,7 +134,8 @@ def _quantized_attention_kernel(
                         mask=mine[:, None] & in_d[None, :], other=0.0)
             v = tl.load(v_ptr + b * s_vb + kv * s_vg + slots[:, None] * s_vt + vdims[None, :] * s_vd,
                         mask=mine[:, None] & in_dv[None, :], other=0.0)
-            m_i, l_i, acc = _step(q, k, v, mine, m_i, l_i, acc, scaling, softcap, HAS_SOFTCAP, DOT_DTYPE)
+            m_i, l_i, acc = _step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), mine, m_i, l_i, acc, scaling,
+                                  softcap, HAS_SOFTCAP, ROWS, DOT_DTYPE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (b * H + kv * group + rows)[:, None] * DV + vdims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=real[:, None] & in_dv[None, :])

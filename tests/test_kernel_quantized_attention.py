@@ -24,10 +24,11 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 @st.composite
 def quantized_cases(draw):
     """N quantized rows (a multiple of TOKEN_GROUP) then n full-precision ones; a fraction
-    ``hidden`` of the slots not visible, and with ``empty`` KV head 0 of row 0 sees none."""
+    ``hidden`` of the slots not visible, and with ``empty`` KV head 0 of row 0 sees none.
+    D = Dv; 48: three value channel groups of 16 (channel_group), in a padded tile."""
     return dict(B=draw(st.integers(1, 2)), G=draw(st.sampled_from([1, 2, 3])), g=draw(st.sampled_from([1, 3, 8])),
                 bits=draw(st.sampled_from([8, 4, 2])), N=TOKEN_GROUP * draw(st.integers(1, 4)),
-                n=draw(st.integers(1, 40)), D=draw(st.sampled_from([16, 32, 64])),
+                n=draw(st.integers(1, 40)), D=draw(st.sampled_from([16, 32, 48, 64])),
                 hidden=draw(st.sampled_from([0.0, 0.3, 0.9])), empty=draw(st.booleans()),
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
                 logit_scale=draw(st.sampled_from([1.0, 4.0])),
@@ -56,9 +57,11 @@ def make_inputs(B, G, g, bits, N, n, D, hidden, empty, dtype, logit_scale, softc
 
 
 def naive_f64(query, rows, keys, values, visible, *, bits, scaling, softcap, sinks):
-    """float64 out [B, 1, H, Dv]: the rows dequantized in float64 (kvpolicy.quantized.unpack),
-    then one (batch row, query head) at a time a softmax over the visible slots of its KV head
-    and the sink (GPT-OSS), 0 when it sees nothing."""
+    """float64 out [B, 1, H, Dv]: the rows dequantized in float64 (kvpolicy.quantized.unpack)
+    and rounded once to the rows' dtype (the op's rows, as the other kernel tests take the
+    float64 result of the same rounded inputs), then one (batch row, query head) at a time a
+    softmax over the visible slots of its KV head and the sink (GPT-OSS), 0 when it sees
+    nothing."""
     key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = (t.cpu().double() if t.is_floating_point()
                                                                             else t.cpu() for t in rows)
     c = channel_group(values.shape[-1])
@@ -66,7 +69,7 @@ def naive_f64(query, rows, keys, values, visible, *, bits, scaling, softcap, sin
          + key_zero.repeat_interleave(TOKEN_GROUP, 2))
     v = (unpack(value_codes, bits).double() * value_scale.repeat_interleave(c, 3)
          + value_zero.repeat_interleave(c, 3))
-    k, v = torch.cat([k, keys.cpu().double()], 2), torch.cat([v, values.cpu().double()], 2)
+    k, v = (torch.cat([x.to(keys.dtype).double(), y.cpu().double()], 2) for x, y in ((k, keys), (v, values)))
     B, H = query.shape[:2]
     G = keys.shape[1]
     out = torch.zeros(B, 1, H, v.shape[-1], dtype=torch.float64)
@@ -149,6 +152,7 @@ def test_reference_matches_float64_loop(case):
 @example(dict(CAP_AND_SINKS, dtype=torch.float32, bits=2, softcap=0.0))
 @example(MOSTLY_HIDDEN)
 @example(dict(MOSTLY_HIDDEN, dtype=torch.bfloat16, sinks=True, softcap=0.0))
+@example(dict(CAP_AND_SINKS, D=80))  # five value channel groups of 16
 @example(dict(ONE_GROUP, G=1, g=20, N=64, n=40, sinks=True))  # MQA: two programs of 16 query heads
 def test_triton_matches_reference_and_float64_loop(case):
     check("triton", case)
