@@ -12,7 +12,7 @@ visible bool [B, G, N + n] says which of the N + n slots the query sees.
 Grid: one program per (batch row, KV head) and block of BLOCK_H = 16 query heads of its
 group, B * G * ceil(g / 16) programs, as head_attention_triton (the g heads of a group share
 one [16, D] query tile, so every row is read once per group). A program streams the packed
-rows in tiles of BLOCK_T packed rows: each packed tile of keys and values is loaded once (its
+rows in tiles of BLOCK_T packed rows (``launch``): each packed tile of keys and values is loaded once (its
 bytes hold 8 / bits tokens each) and serves the 8 / bits blocks in turn; for block j the
 tile's tokens are j * M + m, codes = (byte >> j * bits) & (2**bits - 1), a row is code *
 scale + zero in fp32, rounded once to the rows' dtype before the dots. A token's key scale
@@ -41,8 +41,17 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .backend import is_interpreted
-from .head_attention_triton import BLOCK_H, block_t
+from .head_attention_triton import BLOCK_H
 from .score_triton import _TL_DTYPES, _logits
+
+
+def launch(block_d: int, block_dv: int) -> tuple[int, int]:
+    """(BLOCK_T, num_warps): 32 packed rows a tile at head size 64 or less, else 16; 8 warps
+    above 128, else 4. Each thread holds a tile's packed K and V bytes (widened to int32)
+    across its 8 / bits blocks, so larger tiles or fewer warps spill registers: ptxas reports
+    spills for 32 rows at 128 (sm_80) and for 4 warps at 256 (sm_90; see docs/kernels.md)."""
+    size = max(block_d, block_dv)
+    return 32 if size <= 64 else 16, 4 if size <= 128 else 8
 
 
 @triton.jit
@@ -51,9 +60,11 @@ def _round(x, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     itself, except bf16 rows under TRITON_INTERPRET=1 (DOT_DTYPE fp32), rounded by hand on
     the bits because the interpreter's fp32 -> bf16 cast truncates."""
     if ROWS == DOT_DTYPE:
-        return x.to(DOT_DTYPE)
-    bits = x.to(tl.uint32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        y = x.to(DOT_DTYPE)
+    else:
+        bits = x.to(tl.uint32, bitcast=True)
+        y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return y
 
 
 @triton.jit
@@ -157,6 +168,7 @@ def quantized_attention_triton(query: Tensor, key_codes: Tensor, key_scale: Tens
     out = torch.empty(B, 1, H, Dv, dtype=query.dtype, device=query.device)
     bf16_interpreted = query.dtype == torch.bfloat16 and is_interpreted(_quantized_attention_kernel)
     block_d, block_dv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    block_t, warps = launch(block_d, block_dv)
     wrap_triton(_quantized_attention_kernel)[(B * G, triton.cdiv(H // G, BLOCK_H))](
         query, key_codes.contiguous(), key_scale.contiguous(), key_zero.contiguous(),
         value_codes.contiguous(), value_scale.contiguous(), value_zero.contiguous(), keys, values,
@@ -165,5 +177,5 @@ def quantized_attention_triton(query: Tensor, key_codes: Tensor, key_scale: Tens
         H, G, M, n, D, Dv, bits, N // key_scale.shape[2], Dv // value_scale.shape[3], scaling, softcap,
         HAS_SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None,
         DOT_DTYPE=tl.float32 if bf16_interpreted else _TL_DTYPES[query.dtype],
-        BLOCK_H=BLOCK_H, BLOCK_T=block_t(block_d, block_dv), BLOCK_D=block_d, BLOCK_DV=block_dv)
+        BLOCK_H=BLOCK_H, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps)
     return out
