@@ -34,7 +34,9 @@ With ``bits`` < 16 (append layers), ``close`` quantizes the first kept prompt ro
 (kvpolicy.quantized.QuantizedRows, ``quantized``); ``keys``/``values`` then hold only the
 slots after them (the policy's recent window, the rest of a token group, the decode
 region) in the model's dtype, while ``pos`` still covers every slot. A decode step
-dequantizes them in front of the buffers (eager: into the cache's shared ``scratch``); a
+dequantizes them in front of the buffers (eager: into the cache's shared ``scratch``), or on
+CUDA reads them in place (kvpolicy_kernels.quantized_attention, which dequantizes as it
+reads) when no probabilities are needed and no cache rotary re-rotates the keys; a
 multi-token step (``open``) or a compaction (``unquantize``) first puts them back in full
 precision. A per-head layer's flat rows are quantized the same way, as one KV head's rows
 (``close_flat``: the prompt rows head after head, so a token group spans two heads only at a
@@ -48,7 +50,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
-from kvpolicy_kernels import head_attention
+from kvpolicy_kernels import head_attention, quantized_attention
 
 from .attention import grouped_attention, visible_slots
 from .policy import Policy
@@ -281,6 +283,13 @@ class KVLayer(CacheLayerMixin):
             return self.quantized.joined(self.keys, self.values)
         return self.scratch.rows(self.quantized, self.keys, self.values)
 
+    def _fused(self, query: Tensor, observe: bool) -> bool:
+        """Whether a decode step attends the quantized rows where they lie (CUDA:
+        kvpolicy_kernels.quantized_attention) rather than over ``_rows``: it returns no
+        probabilities, and takes the keys as stored (no cache rotary)."""
+        return (self.quantized is not None and query.is_cuda and self.rotary is None
+                and not observe and self.scores is None)
+
     # ---- the decode step -------------------------------------------------------------
     def _write(self, key_states: Tensor, value_states: Tensor) -> None:
         """Write one token [B, G, 1, D] into its slot."""
@@ -330,6 +339,11 @@ class KVLayer(CacheLayerMixin):
             out = head_attention(query, keys[:, 0], values[:, 0], self.slot_heads,
                                  visible[:, 0], kv_heads=self.kv_heads, scaling=scaling,
                                  softcap=softcap or 0.0, sinks=sinks)
+            return out, None
+        if self._fused(query, observe):
+            out = quantized_attention(query, self.quantized.tensors(), self.keys, self.values, visible,
+                                      bits=self.quantized.bits, scaling=scaling, softcap=softcap or 0.0,
+                                      sinks=sinks)
             return out, None
         keys, values = self._rows()
         if self.rotary is not None:

@@ -3,8 +3,12 @@ path) behind one torch custom op; ``KVPOLICY_BACKEND`` = auto | triton | torch (
 ``attention`` / ``attention_with_lse``: attention with the model's own softmax (softcap,
 sinks), the latter also returning the log-sum-exp the score ops can reuse;
 ``attention_and_scores``: the output and every key's score from one pass (CPU path);
-``head_attention``: decode attention over flat per-head slots (per-head budgets, #27)."""
+``head_attention``: decode attention over flat per-head slots (per-head budgets, #27);
+``quantized_attention``: decode attention over quantized prompt rows, dequantized as it reads
+them (#28)."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from torch import Tensor
 
@@ -12,10 +16,13 @@ from .attention_ref import attention, attention_and_scores, attention_with_lse
 from .backend import use_triton
 from .head_attention_ref import head_attention_ref
 from .head_attention_triton import _head_attention_kernel
-from .ops import accumulate_scores_op, check_head_attention, compact_layers_op, head_attention_op
+from .ops import (accumulate_scores_op, check_head_attention, check_quantized_attention, compact_layers_op,
+                  head_attention_op, quantized_attention_op)
+from .quantized_attention_ref import quantized_attention_ref
+from .quantized_attention_triton import _quantized_attention_kernel
 
 __all__ = ["accumulate_scores", "accumulate_scores_sparsity", "attention", "attention_and_scores",
-           "attention_with_lse", "compact_layers", "head_attention"]
+           "attention_with_lse", "compact_layers", "head_attention", "quantized_attention"]
 
 
 def accumulate_scores(
@@ -55,6 +62,27 @@ def head_attention(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, v
         return head_attention_ref(query, keys, values, heads, visible, kv_heads=kv_heads,
                                   scaling=scaling, softcap=softcap, sinks=sinks)
     return head_attention_op(query, keys, values, heads, visible, kv_heads, scaling, softcap, sinks)
+
+
+def quantized_attention(query: Tensor, rows: Sequence[Tensor], keys: Tensor, values: Tensor,
+                        visible: Tensor, *, bits: int, scaling: float, softcap: float = 0.0,
+                        sinks: Tensor | None = None) -> Tensor:
+    """out [B, 1, H, Dv] in the query's dtype: decode attention over N quantized rows then n
+    full-precision rows, each KV head with its query group.
+
+    query [B, H, 1, D]; rows: (key_codes uint8 [B, G, M, D], key_scale, key_zero [B, G, N /
+    Tk, D], value_codes uint8 [B, G, M, Dv], value_scale, value_zero [B, G, N, Dv / c]) in
+    ``bits`` (8, 4, 2; M = N * bits / 8), as ``kvpolicy.quantized.QuantizedRows.tensors()``
+    lists them; keys [B, G, n, D], values [B, G, n, Dv]; visible bool [B, G, N + n]
+    (quantized rows first). The model's softmax (softcap > 0: tanh cap; sinks float [H]).
+    See quantized_attention_ref and quantized_attention_triton. Where the reference runs
+    (CPU) it is called directly, as head_attention's."""
+    rows = tuple(rows)
+    if not use_triton(query.device, _quantized_attention_kernel):
+        check_quantized_attention(query, rows, keys, values, visible, bits, sinks)
+        return quantized_attention_ref(query, *rows, keys, values, visible, bits=bits, scaling=scaling,
+                                       softcap=softcap, sinks=sinks)
+    return quantized_attention_op(query, *rows, keys, values, visible, bits, scaling, softcap, sinks)
 
 
 def compact_layers(keys, values, keep, dst_keys, dst_values) -> None:

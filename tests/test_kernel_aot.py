@@ -19,7 +19,7 @@ import pytest
 TARGETS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
 HEAD_ATTENTION_DIMS = (64, 128, 256)
-KERNELS = 3 + len(HEAD_ATTENTION_DIMS)  # row_stats, column_sums, compact, head_attention x dims
+KERNELS = 3 + 2 * len(HEAD_ATTENTION_DIMS)  # row_stats, column_sums, compact, (head, quantized)_attention x dims
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,7 +28,7 @@ def kernel_specs(dtype: str):
     on, launched as the op launches it."""
     import triton.language as tl
 
-    from kvpolicy_kernels import compact_triton, head_attention_triton, score_triton
+    from kvpolicy_kernels import compact_triton, head_attention_triton, quantized_attention_triton, score_triton
 
     tl_dtype = getattr(tl, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype])
     blocks = dict(BLOCK_Q=score_triton.BLOCK_Q, BLOCK_N=score_triton.BLOCK_N, BLOCK_D=64)
@@ -36,7 +36,8 @@ def kernel_specs(dtype: str):
     pointers = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", key_mask_ptr="*i1", query_mask_ptr="*i1",
                     sinks_ptr="*fp32", lse_ptr="*fp32", max_ptr="*fp32", scores_ptr="*fp32",
                     below_ptr="*fp32", table_ptr="*i64", v_ptr=f"*{dtype}", heads_ptr="*i64",
-                    visible_ptr="*i1", out_ptr=f"*{dtype}")
+                    visible_ptr="*i1", out_ptr=f"*{dtype}", kcode_ptr="*u8", vcode_ptr="*u8",
+                    kscale_ptr=f"*{dtype}", kzero_ptr=f"*{dtype}", vscale_ptr=f"*{dtype}", vzero_ptr=f"*{dtype}")
     floats = ("scaling", "softcap", "tau")
     column_warps = score_triton.FP32_COLUMN_SUMS_WARPS if dtype == "fp32" else 4
     specs = [("row_stats", score_triton._row_stats_kernel,
@@ -51,6 +52,12 @@ def kernel_specs(dtype: str):
                       dict(HAS_SOFTCAP=True, HAS_SINKS=True, DOT_DTYPE=tl_dtype,
                            BLOCK_H=head_attention_triton.BLOCK_H, BLOCK_T=block_t,
                            BLOCK_D=head_dim, BLOCK_DV=head_dim), 4))
+    for head_dim in HEAD_ATTENTION_DIMS:  # the quantized decode kernel, bits a runtime argument
+        block_t, warps = quantized_attention_triton.launch(head_dim, head_dim)
+        specs.append((f"quantized_attention_d{head_dim}", quantized_attention_triton._quantized_attention_kernel,
+                      dict(HAS_SOFTCAP=True, HAS_SINKS=True, DOT_DTYPE=tl_dtype,
+                           BLOCK_H=quantized_attention_triton.BLOCK_H, BLOCK_T=block_t,
+                           BLOCK_D=head_dim, BLOCK_DV=head_dim), warps))
     for name, fn, constexprs, warps in specs:
         signature = {arg: "constexpr" if arg in constexprs else pointers.get(arg, "fp32" if arg in floats else "i32")
                      for arg in fn.arg_names}
@@ -107,7 +114,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
         tensor_core = {"sm_80": row["mma"] > 0 and row["wgmma"] == 0, "sm_90a": row["wgmma"] > 0}[row["target"]]
         if row["kernel"] == "compact" or row["dtype"] == "fp32":  # no dot / ieee fp32 dots: FMA
             assert row["mma"] == row["wgmma"] == 0, row
-        elif row["kernel"].startswith("head_attention"):  # 16-row tiles: wgmma needs 64
+        elif row["kernel"].startswith(("head_attention", "quantized_attention")):  # 16-row tiles: wgmma needs 64
             assert row["mma"] > 0 and row["wgmma"] == 0, row
         else:
             assert tensor_core, row

@@ -1,6 +1,8 @@
 """Quantized prompt rows (``bits`` 8/4/2): packing and the error bound against a float64
 reference, the cache's decode region and bytes on random tensors, and generate on the
 embedded SmolLM2 (same first tokens at 8 bits, exact at 16, refusals by name)."""
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,9 +10,11 @@ from hypothesis import strategies as st
 
 import kvpolicy
 from kvpolicy import Budget, PolicyCache, get_policy
+from kvpolicy.layer import EMPTY, KVLayer
 from kvpolicy.quantized import TOKEN_GROUP, QuantizedRows, Scratch, channel_group, pack, unpack, unpack_into
 from kvpolicy.tools.embedded import chat_prompt
 from kvpolicy.vllm.config import make_settings
+from kvpolicy_kernels import quantized_attention
 from test_cache import prefill  # tests/ is on sys.path (conftest)
 
 QUANTIZED = (8, 4, 2)
@@ -121,6 +125,29 @@ def test_decode_region_and_recent_rows_stay_exact(bits):
         keys, values = layer._rows()
         expected = QuantizedRows.quantize(exact.keys[:, :, :n], exact.values[:, :, :n], bits).dequantize()
         assert torch.equal(keys[:, :, :n], expected[0]) and torch.equal(values[:, :, :n], expected[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bits", QUANTIZED)
+def test_fused_decode_step_equals_the_dequantized_one(bits, backend, monkeypatch):
+    """The CUDA decode step (KVLayer._fused, forced here on CPU tensors: quantized_attention's
+    reference, or its kernel interpreted) gives the output of dequantizing the rows and
+    attending them, with quantized slots hidden (empty, as padding), softcap and sinks."""
+    cache, *_ = random_cache(bits)
+    gen = torch.Generator().manual_seed(2)
+    layer = cache.layers[0]
+    layer.update(torch.randn(1, 2, 1, 16, generator=gen), torch.randn(1, 2, 1, 16, generator=gen))
+    layer.pos[:, :, 3:9] = EMPTY
+    query = torch.randn(1, 4, 1, 16, generator=gen)
+    for softcap, sinks in ((None, None), (5.0, torch.randn(4, generator=gen))):
+        want, _ = layer.attend(query, 0.5, None, softcap, sinks)
+        with monkeypatch.context() as patch, mock.patch("kvpolicy.layer.quantized_attention",
+                                                         wraps=quantized_attention) as op:
+            patch.setattr(KVLayer, "_fused", lambda self, query, observe: True)
+            patch.setenv("KVPOLICY_BACKEND", backend)
+            got, probs = layer.attend(query, 0.5, None, softcap, sinks)
+        assert op.call_count == 1 and probs is None
+        torch.testing.assert_close(got, want)
 
 
 def test_nbytes_counts_packed_rows_and_scales():
