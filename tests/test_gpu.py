@@ -1,7 +1,7 @@
 """GPU checks (marker ``gpu``; run by ``.ci/gpu``): the Triton kernels against their
 references at real sizes, per-layer compaction inside the cache, budget 1.0 exact on the
-main families in bf16 and fp32, and compiled decode (CUDA graphs) equal to eager with one
-graph.
+main families in bf16 and fp32, decode over quantized rows through the fused kernel, and
+compiled decode (CUDA graphs) equal to eager with one graph.
 
 On CUDA: real sizes, head dim 64 models. ``KVPOLICY_GPU_DRY_RUN=1``: the same tests on CPU at
 tiny sizes in fp32 with the kernels numpy-interpreted (``TRITON_INTERPRET=1`` set before
@@ -214,6 +214,26 @@ def test_per_layer_compaction():
         assert torch.equal(layer.keys[:, :, :n], full.layers[l].keys.gather(2, index)), l
         assert torch.equal(layer.values[:, :, :n], full.layers[l].values.gather(2, index)), l
         assert torch.equal(layer.pos[:, :, :n], keep) and (layer.pos[:, :, n:] == -1).all(), l
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_quantized_decode_takes_the_fused_kernel(bits):
+    """generate with quantized rows (``bits``): on CUDA the decode steps attend them with
+    the Triton kernel (kvpolicy_kernels.quantized_attention, the layer's ``_fused`` branch;
+    the dry run forces that branch on CPU tensors, interpreted), which gives the reference
+    op's tokens and logits (fp32, 1e-4 x the largest logit)."""
+    from kvpolicy.layer import KVLayer
+
+    model = model_of("llama", torch.float32)
+    inputs = prompt(max(PROMPT, 160))  # 80 kept: a 32-row token group quantized past the window
+    fused = mock.patch.object(KVLayer, "_fused", lambda self, query, observe: self.quantized is not None) \
+        if DRY else mock.patch.object(KVLayer, "_fused", KVLayer._fused)
+    with fused, kvpolicy.apply(model, "snapkv", budget=0.5, bits=bits):
+        out = generate(model, inputs, NEW)
+        with reference():
+            ref = generate(model, inputs, NEW)
+    assert any(layer.quantized is not None for layer in out.past_key_values.layers)
+    assert_same_greedy(ref, out, f"bits={bits}", 1e-4)
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "h2o"])
