@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import kvpolicy
 from kvpolicy import Budget, Memory, PolicyCache, get_policy
-from kvpolicy.memory import BITS_WIDEST_FIRST, MIN_TOKENS, TOKEN_GROUP, held_fraction, resolve, slot_bytes
+from kvpolicy.memory import FALLBACK_BITS, TOKEN_GROUP, WHOLE, held_fraction, resolve, slot_bytes
 from kvpolicy.vllm.config import make_settings
 from test_cache import prefill  # tests/ is on sys.path (conftest)
 
@@ -36,13 +36,15 @@ def memory_cache(fraction: float, N: int, seed: int = 0) -> tuple[PolicyCache, i
 
 @settings(max_examples=60, deadline=None)
 @given(st.floats(0.01, 1.0), st.sampled_from([1, 2, 4]), st.sampled_from([16, 64, 128]))
-def test_rule_picks_the_widest_bits_keeping_the_minimum_tokens(fraction, itemsize, dim):
+def test_rule_keeps_every_token_at_the_widest_bits_else_four(fraction, itemsize, dim):
     b = resolve(Memory(fraction), itemsize, dim, dim, WINDOW, evicts=False)
+    extra = slot_bytes(16, itemsize, dim, dim) - 2 * dim * itemsize  # the position
     tokens = {bits: fraction * 2 * dim * itemsize / slot_bytes(bits, itemsize, dim, dim)
-              for bits in BITS_WIDEST_FIRST}
-    wider = [bits for bits in BITS_WIDEST_FIRST if bits > b.bits]
-    assert all(tokens[bits] < MIN_TOKENS for bits in wider)
-    assert tokens[b.bits] >= MIN_TOKENS or b.bits == 2
+              for bits in (16, 8, 4, 2)}
+    whole = [bits for bits in WHOLE
+             if fraction * 2 * dim * itemsize >= slot_bytes(bits, itemsize, dim, dim) - extra]
+    assert b.bits == (whole[0] if whole else FALLBACK_BITS)
+    assert b.bits != 2  # never chosen for the user
     assert b.value == pytest.approx(min(1.0, tokens[b.bits]))
     assert resolve(Memory(fraction), itemsize, dim, dim, WINDOW, evicts=True).bits == 16
 
@@ -91,9 +93,10 @@ def test_memory_is_refused_where_only_token_budgets_are_served():
 
 # ---- the embedded model -----------------------------------------------------------------
 def test_apply_and_compress_take_memory_budgets(smollm2, long_prompt):
-    """SmolLM2 runs in float32: Memory(0.1) stores 8-bit rows (the rule: 16 bits would keep
-    under MIN_TOKENS of the tokens) and keeps at most a tenth of the full cache's bytes; Memory(1.0) is the full cache at 16 bits; bits= with
-    a Memory budget is refused by name and leaves the model unpatched."""
+    """SmolLM2 runs in float32: Memory(0.1) stores 4-bit rows (the rule: neither 16 nor 8
+    bits keeps every token) and keeps at most a tenth of the full cache's bytes; Memory(1.0)
+    is the full cache at 16 bits; bits= with a Memory budget is refused by name and leaves
+    the model unpatched."""
     model, _ = smollm2
     ids = long_prompt["input_ids"].repeat(1, 4)  # ~1.7k tokens: room beyond the recent rows
     with pytest.raises(ValueError, match=r"bits=4 with budget=Memory\(0.1\)"):
@@ -104,7 +107,7 @@ def test_apply_and_compress_take_memory_budgets(smollm2, long_prompt):
         tenth = kvpolicy.compress(model, ids, "snapkv", kvpolicy.Memory(0.1))
     finally:
         kvpolicy.detach(model)
-    assert tenth.budget.bits == 8 and all(layer.bits == 8 for layer in tenth.layers)
+    assert tenth.budget.bits == 4 and all(layer.bits == 4 for layer in tenth.layers)
     full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full.layers)
     assert 0.05 * full_bytes <= kept_bytes(tenth) <= 0.1 * full_bytes
     with kvpolicy.apply(model, "snapkv", kvpolicy.Memory(1.0)) as handle:
