@@ -4,11 +4,13 @@ them: tokens only (a token budget, rows in the model's dtype), bits only (every 
 in fewer bits: ``F@BITS`` budgets at 1, and transformers' ``QuantizedCache``), and the mix
 (``kvpolicy.Memory``). Runs in the project's venv with the eval extra (matplotlib):
 
-    python docs/bytes_curve.py out.png --title "..." results.json [results.json ...] \
-        [--answers qc.json --samples results.json]
+    python docs/bytes_curve.py out.png --title "..." results.json[=SERIES] [...] \
+        [--policy kvzip] [--answers qc.json --samples results.json]
 
 ``results.json``: ``kvpolicy eval`` runs on the same questions (their summary rows give
-``bytes``, ``bits`` and accuracy, the full cache's accuracy the reference); ``--answers``:
+``bytes``, ``bits`` and accuracy, the full cache's accuracy the reference; rows without
+``bytes``, from runs before the eval recorded them, are left out); ``=SERIES`` puts a
+file's rows in a series of that name; ``--policy`` keeps the rows of one policy; ``--answers``:
 files of docs/quantized_cache_answers.py (keyed by their bytes), scored here with the eval's
 ``score_answer`` against the questions of ``--samples``.
 """
@@ -39,16 +41,19 @@ def main() -> None:
     p.add_argument("--answers", nargs="*", default=[])
     p.add_argument("--samples", help="results.json whose questions the answers files answered")
     p.add_argument("--title", default="")
+    p.add_argument("--policy", help="keep the rows whose policy starts with this name")
     args = p.parse_args()
     points: dict[str, list[tuple[float, float, str]]] = {}
     full = None
-    for path in args.results:
+    for spec in args.results:
+        path, _, series = spec.partition("=")
         with open(path) as f:
             results = json.load(f)
         full = full or results["full"]["accuracy"]
         for row in results["summary"]:
-            if row.get("bytes") is not None:
-                points.setdefault(way(row), []).append((row["bytes"], row["accuracy"], row["policy"]))
+            if row.get("bytes") is None or not str(row["policy"]).startswith(args.policy or ""):
+                continue
+            points.setdefault(series or way(row), []).append((row["bytes"], row["accuracy"], row["policy"]))
     if args.answers:
         with open(args.samples) as f:
             expected = {s["id"]: s["answers"] for s in json.load(f)["samples"]}
