@@ -16,8 +16,8 @@ Memory(1.0) is 16 bits), else ``FALLBACK_BITS`` = 4 (evicting policies: 16 bits)
 On tune, at a tenth of the bytes 4 bits with 0.43 of the tokens kept the full cache's
 accuracy where 8 bits with 0.27 kept 69% (KVzip, query-agnostic); at a twentieth, 4 bits
 with 0.19 kept 62% where 2 bits with 0.26 kept 8%. 2 bits are never chosen for the user
-(``bits=2`` stays available with a token budget). The rows kept then fill the bytes: over L layers of a
-prompt of N tokens, T tokens with ``T * slot(bits) + L * recent * (slot(16) - slot(bits))
+(``bits=2`` stays available with a token budget). The rows kept then fill the bytes: over
+L layers of a prompt of N tokens, T tokens with ``T * slot(bits) + L * recent * (slot(16) - slot(bits))
 <= fraction * N * L * (D + Dv) * E``. Not counted: the decode region (tokens generated
 after the compaction, in the model's dtype) and a few scalars per layer; a policy's floor
 (its protected tokens) wins over the budget, with the planner's warning.
