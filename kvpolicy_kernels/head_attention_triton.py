@@ -26,8 +26,9 @@ Per tile: logits = scaling * q k^T in fp32 (``tl.dot`` in DOT_DTYPE with fp32 ac
 ``input_precision="ieee"`` for fp32), tanh-capped at +-softcap when HAS_SOFTCAP (tanh built
 from exp, see ``score_triton._logits``), then the online softmax: the running row maximum
 m, the row sum l relative to m, and the fp32 accumulator of p @ V, rescaled by exp(m_old -
-m_new). p enters the value dot rounded to the value dtype (as flash attention does: fp16/bf16
-tensor cores) with fp32 accumulation. HAS_SINKS: the sink of head h starts the online
+m_new) (``_probs`` and ``_accumulate``, shared with quantized_attention_triton). p enters the value dot rounded to
+the value dtype (as flash attention does: fp16/bf16 tensor cores; ``_round``, to nearest even
+under the interpreter too, whose fp32 -> bf16 cast truncates) with fp32 accumulation. HAS_SINKS: the sink of head h starts the online
 softmax as a key of logit sinks[h] and value 0 (m = sinks[h], l = 1), so it joins every
 denominator exactly once and adds nothing to the output. A head that sees no slot (and has no
 sink) gets out 0, like the reference. Under TRITON_INTERPRET=1, bf16 tiles are upcast to fp32
@@ -56,6 +57,42 @@ def block_t(block_d: int, block_dv: int) -> int:
     depth of p @ V). Larger tiles spill registers: ptxas reports spills for 64 slots at head
     size 64 in fp32 and 128 in bf16, and for 32 slots at 256 (see docs/kernels.md)."""
     return 32 if max(block_d, block_dv) <= 128 else 16
+
+
+@triton.jit
+def _round(x, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """x fp32 rounded to nearest (even) in the rows' dtype ROWS, held in DOT_DTYPE: ROWS
+    itself, except bf16 rows under TRITON_INTERPRET=1 (DOT_DTYPE fp32), rounded by hand on
+    the bits because the interpreter's fp32 -> bf16 cast truncates."""
+    if ROWS == DOT_DTYPE:
+        y = x.to(DOT_DTYPE)
+    else:
+        bits = x.to(tl.uint32, bitcast=True)
+        y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return y
+
+
+@triton.jit
+def _probs(q, k, mine, m_i, l_i, scaling, softcap, HAS_SOFTCAP: tl.constexpr):
+    """One tile of the online softmax, its logits: q [BLOCK_H, BLOCK_D] and k [BLOCK_T,
+    BLOCK_D] in DOT_DTYPE (finite), mine bool [BLOCK_T] the rows seen -> (p fp32 [BLOCK_H,
+    BLOCK_T] relative to the new maximum, alpha fp32 [BLOCK_H] the old terms' rescale, the new
+    maximum m_i, the new sum l_i). The caller then adds p @ V (``_accumulate``): loading V
+    only after this keeps the registers of large head sizes unspilled."""
+    s = _logits(q, k, scaling, softcap, HAS_SOFTCAP)
+    s = tl.where(mine[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows stay finite
+    alpha = tl.exp(m_i - shift)
+    p = tl.exp(s - shift[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _accumulate(acc, p, alpha, v, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """acc fp32 [BLOCK_H, BLOCK_DV] rescaled by alpha plus p @ v (v [BLOCK_T, BLOCK_DV] in
+    DOT_DTYPE), p rounded to the rows' dtype ROWS for the dot."""
+    return acc * alpha[:, None] + tl.dot(_round(p, ROWS, DOT_DTYPE), v, input_precision="ieee")
 
 
 @triton.jit
@@ -90,18 +127,10 @@ def _head_attention_kernel(
         if tl.max(mine.to(tl.int32), 0) > 0:  # else the tile holds no slot of this head
             k = tl.load(k_ptr + b * s_kb + slots[:, None] * s_kt + dims[None, :] * s_kd,
                         mask=mine[:, None] & (dims < D)[None, :], other=0.0)
-            s = _logits(q, k.to(DOT_DTYPE), scaling, softcap, HAS_SOFTCAP)
-            s = tl.where(mine[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows stay finite
-            alpha = tl.exp(m_i - shift)
-            p = tl.exp(s - shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_i, l_i = _probs(q, k.to(DOT_DTYPE), mine, m_i, l_i, scaling, softcap, HAS_SOFTCAP)
             v = tl.load(v_ptr + b * s_vb + slots[:, None] * s_vt + vdims[None, :] * s_vd,
                         mask=mine[:, None] & (vdims < DV)[None, :], other=0.0)
-            pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            acc = _accumulate(acc, p, alpha, v.to(DOT_DTYPE), v_ptr.dtype.element_ty, DOT_DTYPE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (b * H + kv * group + rows)[:, None] * DV + vdims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=real[:, None] & (vdims < DV)[None, :])

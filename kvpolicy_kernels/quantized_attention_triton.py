@@ -23,12 +23,12 @@ n full-precision rows stream as in head_attention_triton, loads predicated on ``
 So a row of codes crosses memory once and is never written back dequantized: the reads are
 bits / 16 of a bf16 cache's plus the scales.
 
-Per tile the online softmax of head_attention_triton (``_step``): logits in fp32 from
+Per tile the online softmax of head_attention_triton (its ``_probs`` and ``_accumulate``): logits in fp32 from
 ``tl.dot`` in DOT_DTYPE with fp32 accumulation, softcap (tanh from exp), the running maximum
 and sum, p rounded to the rows' dtype for p @ V; sinks start the softmax as a key of value 0;
 a head that sees nothing gets 0. Under TRITON_INTERPRET=1 bf16 tiles are upcast to fp32 for
 the dots (DOT_DTYPE, triton-lang/triton#11584), and the dequantized rows and p are rounded
-to bf16 by hand (``_round``): the interpreter casts fp32 to bf16 by truncation (triton 3.7.1,
+to bf16 by hand (head_attention_triton's ``_round``): the interpreter casts fp32 to bf16 by truncation (triton 3.7.1,
 ``cast_impl``) where the GPU rounds to nearest even, and truncated keys shift every logit
 the same way. Not done: splitting the rows across programs (flash-decoding).
 """
@@ -41,8 +41,8 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .backend import is_interpreted
-from .head_attention_triton import BLOCK_H
-from .score_triton import _TL_DTYPES, _logits
+from .head_attention_triton import BLOCK_H, _accumulate, _probs, _round
+from .score_triton import _TL_DTYPES
 
 
 def launch(block_d: int, block_dv: int) -> tuple[int, int]:
@@ -52,35 +52,6 @@ def launch(block_d: int, block_dv: int) -> tuple[int, int]:
     spills for 32 rows at 128 (sm_80) and for 4 warps at 256 (sm_90; see docs/kernels.md)."""
     size = max(block_d, block_dv)
     return 32 if size <= 64 else 16, 4 if size <= 128 else 8
-
-
-@triton.jit
-def _round(x, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """x fp32 rounded to nearest (even) in the rows' dtype ROWS, held in DOT_DTYPE: ROWS
-    itself, except bf16 rows under TRITON_INTERPRET=1 (DOT_DTYPE fp32), rounded by hand on
-    the bits because the interpreter's fp32 -> bf16 cast truncates."""
-    if ROWS == DOT_DTYPE:
-        y = x.to(DOT_DTYPE)
-    else:
-        bits = x.to(tl.uint32, bitcast=True)
-        y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return y
-
-
-@triton.jit
-def _step(q, k, v, mine, m_i, l_i, acc, scaling, softcap,
-          HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """One tile of the online softmax: q [BLOCK_H, BLOCK_D], k [BLOCK_T, BLOCK_D] and v
-    [BLOCK_T, BLOCK_DV] in DOT_DTYPE (finite), mine bool [BLOCK_T] the rows seen -> (m_i,
-    l_i, acc) updated; p is rounded to the rows' dtype ROWS for p @ V."""
-    s = _logits(q, k, scaling, softcap, HAS_SOFTCAP)
-    s = tl.where(mine[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows stay finite
-    alpha = tl.exp(m_i - shift)
-    p = tl.exp(s - shift[:, None])
-    pv = tl.dot(_round(p, ROWS, DOT_DTYPE), v, input_precision="ieee")
-    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -134,8 +105,9 @@ def _quantized_attention_kernel(
                 v_codes = ((v_bytes >> (j * BITS)) & low).to(tl.float32)
                 v = (v_codes * tl.load(vscale_ptr + v_at, mask=v_ok, other=0.0).to(tl.float32)
                      + tl.load(vzero_ptr + v_at, mask=v_ok, other=0.0).to(tl.float32))
-                m_i, l_i, acc = _step(q, _round(k, ROWS, DOT_DTYPE), _round(v, ROWS, DOT_DTYPE), mine,
-                                      m_i, l_i, acc, scaling, softcap, HAS_SOFTCAP, ROWS, DOT_DTYPE)
+                p, alpha, m_i, l_i = _probs(q, _round(k, ROWS, DOT_DTYPE), mine, m_i, l_i, scaling,
+                                            softcap, HAS_SOFTCAP)
+                acc = _accumulate(acc, p, alpha, _round(v, ROWS, DOT_DTYPE), ROWS, DOT_DTYPE)
     for start in range(0, n, BLOCK_T):  # the full-precision rows after them
         slots = start + tl.arange(0, BLOCK_T)
         inside = slots < n
@@ -145,8 +117,8 @@ def _quantized_attention_kernel(
                         mask=mine[:, None] & in_d[None, :], other=0.0)
             v = tl.load(v_ptr + b * s_vb + kv * s_vg + slots[:, None] * s_vt + vdims[None, :] * s_vd,
                         mask=mine[:, None] & in_dv[None, :], other=0.0)
-            m_i, l_i, acc = _step(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), mine, m_i, l_i, acc, scaling,
-                                  softcap, HAS_SOFTCAP, ROWS, DOT_DTYPE)
+            p, alpha, m_i, l_i = _probs(q, k.to(DOT_DTYPE), mine, m_i, l_i, scaling, softcap, HAS_SOFTCAP)
+            acc = _accumulate(acc, p, alpha, v.to(DOT_DTYPE), ROWS, DOT_DTYPE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (b * H + kv * group + rows)[:, None] * DV + vdims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=real[:, None] & in_dv[None, :])
