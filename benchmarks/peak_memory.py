@@ -50,7 +50,8 @@ def child(policy: str, tokens: int, chunk: int | None, budget: float) -> None:
             model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             kept = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         else:
-            cache = kvpolicy.compress(model, ids, policy, budget=budget, chunk_size=chunk)
+            params = {"tokenizer": tok} if policy == "kvzip" else {}
+            cache = kvpolicy.compress(model, ids, policy, budget=budget, chunk_size=chunk, **params)
             kept = cache.nbytes()
     print(json.dumps({"peak": status_bytes("VmHWM:") - before, "kept": kept,
                       "tokens": ids.shape[1]}))

@@ -24,10 +24,11 @@ def probabilities(logits: Tensor, visible: Tensor, softcap: float | None,
                   sinks: Tensor | None) -> Tensor:
     """softmax over the last dim of fp32 logits [B, G, g, S] where visible (broadcastable
     bool), after ``softcap * tanh(logits / softcap)`` (the cap comes before the mask, as in
-    the model); sinks fp32 [G, g] join the denominator only. Fully masked rows give 0."""
+    the model); sinks fp32 [G, g] join the denominator only. Fully masked rows give 0.
+    Overwrites ``logits`` (every caller's own product)."""
     if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits.masked_fill(~visible, -torch.inf)
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
+    logits = logits.masked_fill_(~visible, -torch.inf)
     if sinks is not None:
         sink = sinks.float()[None, :, :, None].expand(*logits.shape[:-1], 1)
         return torch.softmax(torch.cat([logits, sink], -1), dim=-1)[..., :-1]

@@ -257,7 +257,7 @@ class PolicyCache(Cache):
             self._pass = PassObserver(self.layers, new_valid.shape[1], start, stop,
                                       self.policy.sinks, self._pass_tally)
             for layer in self.layers:
-                layer.open(self._pass.new_pos)
+                layer.open(self._pass.new_pos, transient=True)
             return
         self._observer = PromptObserver(self.policy, self.budget, self.layers, new_valid, vision,
                                         self._query_rotary)
@@ -321,7 +321,12 @@ class PolicyCache(Cache):
             raise ValueError(f"kvpolicy {self.policy.name}: its reconstruction passes repeat the "
                              f"prompt's token ids; run it through model.generate(input_ids) or "
                              f"kvpolicy.compress (not inputs_embeds or a hand-written forward)")
-        self._compact(observed, False, self._new_tokens, quantize=not fresh)
+        if fresh and all(layer.scored for layer in self.layers):
+            for layer in self.layers:  # closed on the slots it holds: no copy of the context
+                layer.close(layer.keys.contiguous(), layer.values.contiguous(), layer.pos.contiguous(),
+                            layer.keys.shape[2], observed.rows_seen.clone(), None, None, False)
+        else:
+            self._compact(observed, False, self._new_tokens, quantize=not fresh)
         if fresh:
             self._unscored = observed
 

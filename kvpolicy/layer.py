@@ -84,7 +84,7 @@ class KVLayer(CacheLayerMixin):
         self.running = "sum" if policy is None else policy.requirements().running
         self.attention_window: int | None = None
         self.window_known = False
-        self.is_open = False
+        self.is_open, self._transient = False, False
         self.pos: Tensor | None = None
         self.next_pos: Tensor | None = None
         self.used: Tensor | None = None
@@ -124,11 +124,12 @@ class KVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     # ---- a multi-token step ----------------------------------------------------------
-    def open(self, new_pos: Tensor) -> None:
+    def open(self, new_pos: Tensor, transient: bool = False) -> None:
         """Start a multi-token step whose tokens have positions new_pos int64 [B, q] (-1 at
-        padding)."""
+        padding); transient: the step's tokens are attended, never stored (a reconstruction
+        pass: the layer keeps only its old slots, so the passes copy no layer's cache)."""
         self.expand()
-        self.is_open, self._new_pos = True, new_pos
+        self.is_open, self._new_pos, self._transient = True, new_pos, transient
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         """key/value_states [B, G, q, D]: the step's new tokens. Returns the K/V attention
@@ -150,6 +151,10 @@ class KVLayer(CacheLayerMixin):
         new_pos = self._new_pos[:, None, :].expand(B, G, q)
         if self.rotary is not None:
             key_states = self.rotary.rotate(key_states, self.given, inverse=True)
+        if self._transient:
+            live = self.occupied()
+            return (torch.cat([self.keys[:, :, :live], key_states], dim=2),
+                    torch.cat([self.values[:, :, :live], value_states], dim=2))
         if self.keys is None:
             self.keys, self.values, self.pos = key_states, value_states, new_pos
         else:

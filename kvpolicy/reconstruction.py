@@ -18,7 +18,13 @@ from .attention import attend, probabilities, prompt_mask
 from .layer import KVLayer
 from .pipeline import Observation, ScoreTally
 
-QUERY_BLOCK = 256  # reconstruction queries whose probabilities are held at once
+BLOCK_ELEMENTS = 2 ** 22  # attention probabilities held at once (16 MiB in fp32)
+
+
+def query_block(heads: int, keys: int) -> int:
+    """Queries per block, so that a block's probabilities over ``keys`` keys in ``heads``
+    query heads hold at most BLOCK_ELEMENTS elements."""
+    return max(1, BLOCK_ELEMENTS // (heads * keys))
 
 
 class PassObserver:
@@ -41,18 +47,71 @@ class PassObserver:
         pass's tokens). Returns the model's attention out [1, q, H, Dv]; scores a planned
         layer's context slots."""
         self.attended.add(layer_idx)
-        visible = prompt_mask(layer.pos[:, 0], self.new_pos, layer.attention_window)
+        C = key.shape[2] - query.shape[2]
+        key_pos = torch.cat([layer.pos[:, 0, :C], self.new_pos], 1)
+        visible = prompt_mask(key_pos, self.new_pos, layer.attention_window)
+        scored = self.scored(layer, C)
+        if layer.scored and self.fuses(layer, sinks):
+            return self.attend_and_observe(layer_idx, layer, scored, query, key, value, visible,
+                                           scaling, softcap)
         out = attend(module, query, key, value, visible, scaling, softcap, sinks)
         if layer.scored:
-            self.observe(layer_idx, layer, query, key, scaling, softcap, sinks)
+            self.observe(layer_idx, scored, query, key, scaling, softcap, sinks)
         return out
 
-    def observe(self, layer_idx: int, layer: KVLayer, query: Tensor, key: Tensor, scaling: float,
-                softcap: float | None, sinks: Tensor | None) -> None:
+    @staticmethod
+    def fuses(layer: KVLayer, sinks: Tensor | None) -> bool:
+        """Whether the layer's attention and scores come from one softmax
+        (``attend_and_observe``): no sliding window, no sink logits."""
+        return layer.attention_window is None and sinks is None
+
+    def scored(self, layer: KVLayer, C: int) -> Tensor:
+        """bool [C]: the context slots this pass scores (a token below ``sinks`` or in
+        [start, stop))."""
+        pos = layer.pos[0, 0, :C]
+        return (pos >= 0) & ((pos < self.sinks) | ((pos >= self.start) & (pos < self.stop)))
+
+    def attend_and_observe(self, layer_idx: int, layer: KVLayer, scored: Tensor, query: Tensor,
+                           key: Tensor, value: Tensor, visible: Tensor, scaling: float,
+                           softcap: float | None) -> Tensor:
+        """The pass's attention and its scores from one fp32 softmax per block of queries (a
+        layer without sliding window or sink logits, whose queries all see every held
+        context slot): a scored slot's probability under the softmax restricted to the
+        scored slots and the pass's own tokens is its attention probability over their sum.
+        query [1, H, q, D], key/value [1, G, C + q, D], scored bool [C], visible bool
+        [1, 1, q, C + q]. Returns out [1, q, H, Dv]."""
         B, H, q, _ = query.shape
         G, C = key.shape[1], key.shape[2] - q
-        pos = layer.pos[0, 0, :C]
-        scored = (pos >= 0) & ((pos < self.sinks) | ((pos >= self.start) & (pos < self.stop)))
+        g = H // G
+        held = layer.pos[0, 0, :C] >= 0
+        subset = None if torch.equal(scored, held) else torch.cat(  # None: every visible key
+            [scored, scored.new_ones(q)]).float()
+        grouped = query.view(B, G, g, q, -1)
+        out = value.new_empty(B, G, g, q, value.shape[-1])
+        best = torch.zeros(B, G, C, device=key.device)
+        step = query_block(H, C + q)
+        for a in range(0, q, step):
+            b = min(a + step, q)
+            S = C + b  # the block's queries see no later pass token
+            rows = grouped[:, :, :, a:b].reshape(B, G, g * (b - a), -1).float()
+            logits = torch.matmul(rows, key[:, :, :S].float().transpose(-1, -2)).mul_(scaling)
+            probs = probabilities(logits.view(B, G, g, b - a, S), visible[:, :, None, a:b, :S],
+                                  softcap, None)  # [B, G, g, b - a, S]
+            out[:, :, :, a:b] = torch.matmul(probs.view(B, G, g * (b - a), S),
+                                             value[:, :, :S].float()).view(B, G, g, b - a, -1)
+            context = probs[..., :C]
+            if subset is not None:
+                context = context / torch.matmul(probs, subset[:S])[..., None]
+            best = torch.maximum(best, context.amax(dim=(2, 3)))
+        self.tally.add_max(layer_idx, Observation(best * scored))
+        return out.view(B, H, q, -1).transpose(1, 2)
+
+    def observe(self, layer_idx: int, scored: Tensor, query: Tensor, key: Tensor, scaling: float,
+                softcap: float | None, sinks: Tensor | None) -> None:
+        """Score the ``scored`` context slots (bool [C]) with the softmax over them and the
+        pass's own tokens, apart from the model's attention."""
+        B, H, q, _ = query.shape
+        G, C = key.shape[1], key.shape[2] - q
         slots = scored.nonzero()[:, 0]
         sub = torch.cat([key[:, :, slots], key[:, :, C:]], 2).float()  # [B, G, s + q, D]
         s = slots.shape[0]
@@ -61,10 +120,11 @@ class PassObserver:
         group_sinks = None if sinks is None else sinks.view(G, H // G)
         best = torch.zeros(B, G, s, device=key.device)
         grouped = query.view(B, G, H // G, q, -1)  # query head g * H/G + j is KV head g's
-        for a in range(0, q, QUERY_BLOCK):
-            block = grouped[:, :, :, a:a + QUERY_BLOCK].float()
+        step = query_block(H, s + q)
+        for a in range(0, q, step):
+            block = grouped[:, :, :, a:a + step].float()
             logits = torch.einsum("bghtd,bgsd->btghs", block, sub) * scaling
-            probs = probabilities(logits, own[a:a + QUERY_BLOCK, None, None, :], softcap,
+            probs = probabilities(logits, own[a:a + step, None, None, :], softcap,
                                   group_sinks)
             best = torch.maximum(best, probs[..., :s].amax(dim=(1, 3)))
         full = best.new_zeros(B, G, C)

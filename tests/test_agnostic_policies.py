@@ -11,9 +11,10 @@ import torch
 from transformers import DynamicCache
 
 import kvpolicy
-from kvpolicy import Budget, Stats, get_policy
+from kvpolicy import Budget, Stats, get_policy, reconstruction
 from kvpolicy.models import CACHE_ARG
 from kvpolicy.testing import check_policy
+from families import build
 from tiny_lm import ids, llama
 
 AGNOSTIC = ["keydiff", "tova", "kvzip", "expected_attention"]
@@ -154,6 +155,7 @@ def kvzip_reference(model, context, tok, chunk: int, sinks: int = 4) -> torch.Te
     encode = lambda text: torch.tensor(tok(text)["input_ids"])
     full = DynamicCache(config=model.config)
     scores = torch.zeros(L, G, n)
+    implementation = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
@@ -174,19 +176,38 @@ def kvzip_reference(model, context, tok, chunk: int, sinks: int = 4) -> torch.Te
                     best = p.view(G, heads, *p.shape[1:]).amax(dim=(1, 2))  # [G, s]
                     scores[l][:, subset] = torch.maximum(scores[l][:, subset], best)
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(implementation)
     scores[..., :sinks] = 0
     return scores
 
 
-def test_kvzip_scores_are_the_reconstruction_rule(tiny):
+@pytest.mark.parametrize("fused", [True, False])  # scores from the attention's softmax or apart
+@pytest.mark.parametrize("chunk", [32, 128])  # three passes; one
+def test_kvzip_scores_are_the_reconstruction_rule(tiny, chunk, fused, monkeypatch):
+    monkeypatch.setattr(reconstruction, "BLOCK_ELEMENTS", 4 * 24 * 160)  # blocks of ~24 queries
+    if not fused:
+        monkeypatch.setattr(reconstruction.PassObserver, "fuses", staticmethod(lambda *_: False))
     context = ids(70, 8)
     policy = get_policy("kvzip", tokenizer=CharTokenizer())
-    stats = compressed_stats(tiny, context, policy, 0.3, chunk_size=32)  # three passes
+    stats = compressed_stats(tiny, context, policy, 0.3, chunk_size=chunk)
     got = stats.attn[:, 0, :, 4:70]
-    want = kvzip_reference(tiny, context, CharTokenizer(), 32)[..., 4:]
+    want = kvzip_reference(tiny, context, CharTokenizer(), chunk)[..., 4:]
     assert want.min() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_kvzip_scores_under_softcapping_are_the_reconstruction_rule():
+    """Gemma2's tanh-capped logits through the fused softmax: its full-attention layer 1,
+    the one layer planned (layers 0 and 2 slide over 16 tokens and keep them)."""
+    model = build("gemma2")
+    for layer in model.model.layers:  # a cap the tiny model's logits reach
+        layer.self_attn.attn_logit_softcapping = 0.02
+    context = ids(70, 8)
+    stats = compressed_stats(model, context, get_policy("kvzip", tokenizer=CharTokenizer()), 0.3,
+                             chunk_size=32)
+    want = kvzip_reference(model, context, CharTokenizer(), 32)[1, :, 4:]
+    assert stats.attn.shape[0] == 1
+    torch.testing.assert_close(stats.attn[0, 0, :, 4:70], want, rtol=1e-4, atol=1e-6)
 
 
 def test_kvzip_allocation_is_the_global_top_k():
