@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 import kvpolicy
 from kvpolicy import Budget, Stats, get_policy, reconstruction
+from kvpolicy import cache as cache_module
 from kvpolicy.models import CACHE_ARG
 from kvpolicy.testing import check_policy
 from families import build
@@ -241,6 +242,35 @@ def test_kvzip_under_generate_keeps_what_compress_keeps(tiny):
     kvpolicy.detach(tiny)
     got = [sorted(int(p) for p in layer.pos[0, 0] if 0 <= p < 60) for layer in res.past_key_values.layers]
     assert got == want and sum(map(len, got)) == round(0.3 * 60 * 3)
+
+
+def test_kvzip_copies_the_context_once(tiny, monkeypatch):
+    """Chunked compress holds the context without copying it: no compaction until the
+    passes have scored it (one in all), and a pass's tokens are attended, never stored
+    (each layer holds only the context while the pass attends)."""
+    compactions, held = [], []
+    real_compact = cache_module.compact_layers_into
+    real_attend = reconstruction.PassObserver.attend
+
+    def compact(*args, **kwargs):
+        compactions.append(1)
+        return real_compact(*args, **kwargs)
+
+    def attend(self, layer_idx, layer, module, query, key, *args):
+        held.append((layer.keys.shape[2], key.shape[2] - query.shape[2]))
+        return real_attend(self, layer_idx, layer, module, query, key, *args)
+
+    monkeypatch.setattr(cache_module, "compact_layers_into", compact)
+    monkeypatch.setattr(reconstruction.PassObserver, "attend", attend)
+    with torch.no_grad():
+        kvpolicy.compress(tiny, ids(8, 3), "snapkv", 0.5)  # attaching probes the model once
+        compactions.clear()
+        cache = kvpolicy.compress(tiny, ids(70, 3), "kvzip", 0.3, chunk_size=16,
+                                  tokenizer=CharTokenizer())
+    assert len(compactions) == 1
+    assert len(held) == 5 * 3 and all(own == context == 70 for own, context in held)
+    kvpolicy.detach(tiny)
+    assert sum(int((layer.pos[0, 0] >= 0).sum()) for layer in cache.layers) == round(0.3 * 70 * 3)
 
 
 def test_expected_attention_refuses_a_rotary_it_cannot_undo():
