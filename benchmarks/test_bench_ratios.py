@@ -39,7 +39,7 @@ ROUNDS = 3
 NEW_TOKENS = 14 if FAST else 34
 SKIPPED = 2  # decode steps not timed (the first: allocation, compiled graph's first replay)
 BUDGET = 0.1
-PREFILL_POLICIES = ["snapkv", "vlcache", "spankv", "pyramidkv", "uniform", "h2o", "prefixkv"]
+PREFILL_POLICIES = ["snapkv", "vlcache", "spankv", "pyramidkv", "uniform", "h2o", "prefixkv", "kvzip"]
 DECODE_POLICY = "snapkv"
 
 
@@ -50,10 +50,10 @@ def raw_prompt(tok, tokens: int) -> torch.Tensor:
 
 
 def generate_times(model, ids: torch.Tensor, policy: str | None, compiled: bool,
-                   new_tokens: int) -> tuple[float, float]:
+                   new_tokens: int, **params) -> tuple[float, float]:
     """(prefill seconds until the first token, decode ms/token after SKIPPED steps) of one
     greedy generate of ``new_tokens`` tokens; policy None: the plain model (compiled: with
-    transformers' own static cache)."""
+    transformers' own static cache); params: the policy's (kvzip: its tokenizer)."""
     stamps = Stamps()
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   stopping_criteria=StoppingCriteriaList([stamps]))
@@ -64,7 +64,7 @@ def generate_times(model, ids: torch.Tensor, policy: str | None, compiled: bool,
                 kwargs.update(cache_implementation="static", compile_config=compile_config(model.device))
             model.generate(ids, **kwargs)
         else:
-            with kvpolicy.apply(model, policy, BUDGET, compile=compiled):
+            with kvpolicy.apply(model, policy, BUDGET, compile=compiled, **params):
                 model.generate(ids, **kwargs)
     t = stamps.times[SKIPPED:]
     return stamps.times[0] - start, 1000 * (t[-1] - t[0]) / (len(t) - 1)
@@ -88,7 +88,9 @@ def prefill_overheads(model, tok, tokens: int, rounds: int, new_tokens: int) -> 
     ids = raw_prompt(tok, tokens)
     generate_times(model, ids[:, :64], None, False, new_tokens)  # warm-up
     configs = {"plain": lambda: generate_times(model, ids, None, False, new_tokens)[0]}
-    configs.update({p: (lambda p=p: generate_times(model, ids, p, False, new_tokens)[0])
+    params = {"kvzip": {"tokenizer": tok}}  # its prefill includes the reconstruction pass
+    configs.update({p: (lambda p=p: generate_times(model, ids, p, False, new_tokens,
+                                                   **params.get(p, {}))[0])
                     for p in PREFILL_POLICIES})
     times = alternate(configs, rounds)
     out = {p: median_ratio(times[p], times["plain"]) - 1 for p in PREFILL_POLICIES}
