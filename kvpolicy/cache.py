@@ -316,15 +316,16 @@ class PolicyCache(Cache):
 
     def _await_reconstruction(self, observed: Observed, fresh: bool) -> None:
         """Keep every slot of a reconstructing policy's forward: a first prompt's waits for
-        its passes (``reconstruction_due``); a later turn is appended, never re-scored."""
+        its passes (``reconstruction_due``), closed where it lies when every layer is planned
+        (else a keep-all compaction trims the sliding layers); a later turn is appended,
+        never re-scored."""
         if fresh and self._call_ids is None:
             raise ValueError(f"kvpolicy {self.policy.name}: its reconstruction passes repeat the "
                              f"prompt's token ids; run it through model.generate(input_ids) or "
                              f"kvpolicy.compress (not inputs_embeds or a hand-written forward)")
         if fresh and all(layer.scored for layer in self.layers):
-            for layer in self.layers:  # closed on the slots it holds: no copy of the context
-                layer.close(layer.keys.contiguous(), layer.values.contiguous(), layer.pos.contiguous(),
-                            layer.keys.shape[2], observed.rows_seen.clone(), None, None, False)
+            for layer in self.layers:  # no copy of the context
+                layer.close_as_held(observed.rows_seen.clone())
         else:
             self._compact(observed, False, self._new_tokens, quantize=not fresh)
         if fresh:

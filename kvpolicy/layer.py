@@ -200,6 +200,12 @@ class KVLayer(CacheLayerMixin):
         for t in self.owned():
             torch._dynamo.mark_static_address(t)
 
+    def close_as_held(self, next_pos: Tensor) -> None:
+        """End the step on the slots the layer holds, in full precision and without a copy
+        (a first prompt awaiting its reconstruction passes)."""
+        self.close(self.keys.contiguous(), self.values.contiguous(), self.pos.contiguous(),
+                   self.keys.shape[2], next_pos, self.scores, None, quantize=False)
+
     def close_flat(self, keys: Tensor, values: Tensor, pos: Tensor, slot_heads: Tensor,
                    kept: int, next_pos: Tensor, quantize: bool = True) -> None:
         """End the step on per-head rows in the flat layout (see the module docstring):
