@@ -34,6 +34,7 @@ def child(policy: str, tokens: int, chunk: int | None, budget: float) -> None:
 
     import kvpolicy
     from kvpolicy.tools.embedded import load_smollm2, needle_prompt
+    from kvpolicy.tools.params import tokenizer_for
 
     model, tok = load_smollm2(threads=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ids = needle_prompt(tok, tokens, 0.5)["input_ids"]
@@ -50,8 +51,8 @@ def child(policy: str, tokens: int, chunk: int | None, budget: float) -> None:
             model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             kept = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         else:
-            params = {"tokenizer": tok} if policy == "kvzip" else {}
-            cache = kvpolicy.compress(model, ids, policy, budget=budget, chunk_size=chunk, **params)
+            cache = kvpolicy.compress(model, ids, policy, budget=budget, chunk_size=chunk,
+                                      **tokenizer_for(policy, tok))
             kept = cache.nbytes()
     print(json.dumps({"peak": status_bytes("VmHWM:") - before, "kept": kept,
                       "tokens": ids.shape[1]}))

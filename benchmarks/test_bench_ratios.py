@@ -32,6 +32,7 @@ from transformers import StoppingCriteriaList
 import kvpolicy
 from kvpolicy.apply import compile_config
 from kvpolicy.tools.embedded import docs_topics, load_smollm2
+from kvpolicy.tools.params import tokenizer_for
 
 FAST = os.environ.get("KVPOLICY_BENCH_FAST") == "1"
 TOKENS = 1000 if FAST else 4000
@@ -88,9 +89,8 @@ def prefill_overheads(model, tok, tokens: int, rounds: int, new_tokens: int) -> 
     ids = raw_prompt(tok, tokens)
     generate_times(model, ids[:, :64], None, False, new_tokens)  # warm-up
     configs = {"plain": lambda: generate_times(model, ids, None, False, new_tokens)[0]}
-    params = {"kvzip": {"tokenizer": tok}}  # its prefill includes the reconstruction pass
     configs.update({p: (lambda p=p: generate_times(model, ids, p, False, new_tokens,
-                                                   **params.get(p, {}))[0])
+                                                   **tokenizer_for(p, tok))[0])
                     for p in PREFILL_POLICIES})
     times = alternate(configs, rounds)
     out = {p: median_ratio(times[p], times["plain"]) - 1 for p in PREFILL_POLICIES}

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from kvpolicy import apply, available_policies, models, policy_class
 
 from .embedded import ANSWER, NEEDLE, load_smollm2, needle_prompt
+from .params import tokenizer_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,11 +39,6 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(measure(model, tok, inputs, args.max_new_tokens, name))
     print(table(rows))
     return 0
-
-
-def tokenizer_for(name: str, tok) -> dict:
-    """The model's tokenizer for a policy that takes one (kvzip builds its repeat prompt)."""
-    return {"tokenizer": tok} if "tokenizer" in policy_class(name).defaults() else {}
 
 
 def built_in() -> list[str]:

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kvpolicy import Plan, apply, models, policy_class
+from kvpolicy import Plan, apply, models
 
 from .embedded import load_smollm2
+from .params import tokenizer_for
 from .eval.tasks import build_samples
 
 
@@ -78,10 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
     model, tok = load_smollm2()
-    if "tokenizer" in policy_class(args.policy).defaults():  # kvzip builds its repeat prompt
-        params.setdefault("tokenizer", tok)
+    params = {**tokenizer_for(args.policy, tok),
+              **{k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}}
     sample = build_samples(tok, args.index + 1, args.context, args.seed, tasks=[args.task])[-1]
     context, rest = sample.split_ids(tok, 0)  # the document and its first question
     ids, answer = context + rest, sample.questions[0].answers[0]

@@ -23,6 +23,7 @@ from kvpolicy.memory import held_fraction
 from kvpolicy.models import CACHE_ARG
 
 from ..embedded import load_smollm2
+from ..params import tokenizer_for
 from .metrics import kl_divergence, prefix_agreement, score_answer, shared_prefix
 from .tasks import Sample
 
@@ -206,8 +207,7 @@ class Runner:
     def run_config(self, policy: str, budget, on_sample=lambda: None, **params) -> list[Run]:
         """All prompts under one policy and budget (errors are recorded, not raised); a
         policy with a ``tokenizer`` parameter (kvzip) gets the model's unless one is given."""
-        if "tokenizer" in kvpolicy.policy_class(policy).defaults():
-            params = {"tokenizer": self.tokenizer, **params}
+        params = {**tokenizer_for(policy, self.tokenizer), **params}
         runs = []
         try:
             if self.mode == "query-aware":
