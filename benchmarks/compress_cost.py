@@ -18,17 +18,22 @@ import statistics
 import time
 
 import torch
+from test_bench_ratios import alternate, median_ratio  # benchmarks/ is on sys.path
 from transformers import DynamicCache
 
 import kvpolicy
 from kvpolicy.tools.embedded import load_smollm2, needle_prompt
+from kvpolicy.tools.params import tokenizer_for
 
 
-def seconds(run) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        run()
-    return time.perf_counter() - start
+def timed(run):
+    """A configuration for ``alternate``: the seconds of one ``run()`` without grad."""
+    def seconds() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            run()
+        return time.perf_counter() - start
+    return seconds
 
 
 def main() -> None:
@@ -41,31 +46,20 @@ def main() -> None:
     a = parser.parse_args()
     model, tok = load_smollm2(threads=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ids = needle_prompt(tok, a.tokens, 0.5)["input_ids"]
-    policies = a.policies.split(",")
-    params = {"kvzip": {"tokenizer": tok}}
-
-    def plain():
-        model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-
-    def compress(policy):
-        return lambda: kvpolicy.compress(model, ids, policy, budget=a.budget, chunk_size=a.chunk or None,
-                                         **params.get(policy, {}))
-
-    runs = {"prefill": plain, **{p: compress(p) for p in policies}}
-    for run in runs.values():  # warm-up: allocator, first-call paths
-        seconds(run)
-    times = {name: [] for name in runs}
-    for _ in range(a.rounds):
-        for name, run in runs.items():
-            times[name].append(seconds(run))
+    runs = {"prefill": timed(lambda: model(ids, past_key_values=DynamicCache(config=model.config),
+                                           use_cache=True, logits_to_keep=1))}
+    for policy in a.policies.split(","):
+        runs[policy] = timed(lambda policy=policy: kvpolicy.compress(
+            model, ids, policy, budget=a.budget, chunk_size=a.chunk or None, **tokenizer_for(policy, tok)))
+    alternate(runs, 1)  # warm-up: allocator, first-call paths
+    times = alternate(runs, a.rounds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, context {ids.shape[1]} tokens, "
           f"budget {a.budget}, chunk_size {a.chunk or None}, {a.rounds} rounds alternated, "
           f"load {os.getloadavg()[0]:.2f}\n")
     print("| run | median s | x plain prefill |")
     print("|---|---:|---:|")
     for name, t in times.items():
-        ratio = statistics.median(x / p for x, p in zip(t, times["prefill"]))
-        print(f"| {name} | {statistics.median(t):.2f} | {ratio:.2f} |")
+        print(f"| {name} | {statistics.median(t):.2f} | {median_ratio(t, times['prefill']):.2f} |")
 
 
 if __name__ == "__main__":
