@@ -50,13 +50,14 @@ class PassObserver:
         C = key.shape[2] - query.shape[2]
         key_pos = torch.cat([layer.pos[:, 0, :C], self.new_pos], 1)
         visible = prompt_mask(key_pos, self.new_pos, layer.attention_window)
+        if not layer.scored:
+            return attend(module, query, key, value, visible, scaling, softcap, sinks)
         scored = self.scored(layer, C)
-        if layer.scored and self.fuses(layer, sinks):
+        if self.fuses(layer, sinks):
             return self.attend_and_observe(layer_idx, layer, scored, query, key, value, visible,
                                            scaling, softcap)
         out = attend(module, query, key, value, visible, scaling, softcap, sinks)
-        if layer.scored:
-            self.observe(layer_idx, scored, query, key, scaling, softcap, sinks)
+        self.observe(layer_idx, scored, query, key, scaling, softcap, sinks)
         return out
 
     @staticmethod
