@@ -11,7 +11,8 @@ def plot_summary(summary: list[dict], full_accuracy: float, path: str, title: st
     """Write a PNG: accuracy (left) and mean KL vs the full cache (right) against budget."""
     fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in sorted({row["policy"] for row in summary}):
-        rows = sorted((r for r in summary if r["policy"] == name), key=lambda r: r["budget"])
+        rows = sorted((r for r in summary if r["policy"] == name and "accuracy" in r),  # not all errors
+                      key=lambda r: r["budget"])
         budgets = [r["budget"] for r in rows]
         style = "--" if name.startswith("kvpress:") else "-"
         acc_ax.plot(budgets, [r["accuracy"] for r in rows], style, marker="o", label=name)

@@ -1,8 +1,8 @@
 """Run policies x budgets over prompts. The full cache runs once per prompt; each
 configuration then answers every prompt and is compared with it.
 
-Modes: ``query-aware`` prefills the whole prompt (document and question) under the policy,
-as ``apply`` + ``generate`` does. ``query-agnostic`` compresses each document alone with
+Modes: ``query-aware`` runs ``model.generate`` on the whole prompt (document and question)
+under ``apply``, as users call it (greedy). ``query-agnostic`` compresses each document alone with
 ``kvpolicy.compress`` and asks each of its questions from a copy of that cache (the
 question is appended, not compressed again: the cache's ``recompress`` is turned off after
 ``compress``, whose chunks are compressed). ``chunk_size`` feeds the compressed part in
@@ -114,23 +114,44 @@ class Runner:
         return self.model(input_ids=ids, use_cache=True, logits_to_keep=1,
                           **{CACHE_ARG: cache}).logits[0, -1].float()
 
-    def _prefill(self, ids: Tensor, cache) -> Tensor:
-        """The last position's logits after feeding ``ids`` (in chunks of ``chunk_size``)."""
-        step = self.chunk_size or ids.shape[1]
-        for start in range(0, ids.shape[1], step):
-            logits = self._step(ids[:, start:start + step], cache)
-        return logits
-
-    def _greedy(self, ids: Tensor, cache, chunked: bool) -> tuple[Generation, object]:
-        """Feed ``ids`` then decode greedily; also returns a copy of the cache after the feed."""
+    def _greedy(self, ids: Tensor, cache) -> tuple[Generation, object]:
+        """Feed ``ids`` (a question after a compressed or full document) then decode
+        greedily; also returns a copy of the cache after the feed."""
         start = time.perf_counter()
-        logits = [self._prefill(ids, cache) if chunked else self._step(ids, cache)]
+        logits = [self._step(ids, cache)]
         after_prefill = copy.deepcopy(cache)
         tokens = [int(logits[0].argmax())]
         while len(tokens) < self.max_new_tokens and tokens[-1] not in self.stop:
             logits.append(self._step(torch.tensor([[tokens[-1]]]), cache))
             tokens.append(int(logits[-1].argmax()))
         return Generation(tokens, torch.stack(logits), time.perf_counter() - start), after_prefill
+
+    @torch.no_grad()
+    def _generate(self, ids: Tensor, cache) -> tuple[Generation, object]:
+        """``model.generate`` (greedy; prefilled in chunks of ``chunk_size`` as
+        ``prefill_chunk_size``) on ``ids`` with ``cache``, the policy's work inside its
+        prefill (reconstruction passes, compaction); also returns a copy of the cache after
+        the prefill's last forward, taken by a forward hook that runs after kvpolicy's own."""
+        prefill_forwards = -(-ids.shape[1] // (self.chunk_size or ids.shape[1]))
+        after_prefill = []
+
+        def keep(module, args, kwargs, output):
+            if len(after_prefill) < prefill_forwards:
+                after_prefill.append(copy.deepcopy(cache) if len(after_prefill) == prefill_forwards - 1 else None)
+
+        hook = self.model.register_forward_hook(keep, with_kwargs=True)
+        start = time.perf_counter()
+        try:
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                      max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      prefill_chunk_size=self.chunk_size,
+                                      eos_token_id=sorted(self.stop), pad_token_id=min(self.stop),
+                                      output_logits=True, return_dict_in_generate=True)
+        finally:
+            hook.remove()
+        tokens = out.sequences[0, ids.shape[1]:].tolist()
+        logits = torch.stack([step[0].float() for step in out.logits])
+        return Generation(tokens, logits, time.perf_counter() - start), after_prefill[-1]
 
     def _teacher_forced(self, cache, first: Tensor, tokens: list[int]) -> Tensor:
         """[T, V] logits predicting each of ``tokens`` given the ones before (``first``: the
@@ -152,7 +173,7 @@ class Runner:
         self._step(prompts[0].context_ids, context)
         seconds = (time.perf_counter() - start) / len(prompts)
         for p in prompts:
-            gen, _ = self._greedy(p.rest_ids, copy.deepcopy(context), False)
+            gen, _ = self._greedy(p.rest_ids, copy.deepcopy(context))
             gen.seconds += seconds
             p.reference, p.reference_answer = gen, self.decode(gen.tokens)
 
@@ -173,10 +194,10 @@ class Runner:
         return run
 
     def run_policy(self, prompt: Prompt, handle) -> Run:
-        """Query-aware: the whole prompt prefilled under ``handle``'s policy."""
+        """Query-aware: ``model.generate`` on the whole prompt under ``handle``'s policy."""
         run = Run(handle.policy.name, handle.budget.value, prompt.id, prompt.sample.task)
         cache = handle.new_cache(self.max_new_tokens)
-        gen, after_prefill = self._greedy(prompt.input_ids, cache, True)
+        gen, after_prefill = self._generate(prompt.input_ids, cache)
         # a deferred plan ran over the prompt and the decode steps it waited for
         planned = prompt.input_ids.shape[1] + min(cache.defer_steps, len(gen.tokens) - 1)
         run.kept = sum(cache.kept) / (len(cache.kept) * planned)
@@ -198,7 +219,7 @@ class Runner:
         held, bits = held_fraction(cache, context.shape[1]), cache.layers[0].bits
         runs = []
         for p in prompts:
-            gen, after_prefill = self._greedy(p.rest_ids, cache.copy(), False)
+            gen, after_prefill = self._greedy(p.rest_ids, cache.copy())
             run = Run(cache.policy.name, budget, p.id, p.sample.task, kept=kept, bytes=held, bits=bits)
             runs.append(self._compare(run, p, gen, after_prefill))
             run.seconds += seconds / len(prompts)
