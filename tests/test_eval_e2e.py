@@ -75,6 +75,18 @@ def test_runner_answers_like_generate(smollm2, policy, params):
     assert 0.15 < run.kept < 0.25 and run.kl >= 0.0 and 0.0 <= run.agreement <= 1.0
 
 
+def test_query_aware_copies_the_cache_after_kvzip_compacts(smollm2):
+    """The copy taken after generate's prefill (teacher forcing starts there when a reply
+    diverges) holds the compacted prompt, not a cache caught inside kvzip's passes (each
+    pass is a forward of its own)."""
+    model, tok = smollm2
+    runner = Runner(model, tok, build_samples(tok, 1, 200, seed=5), max_new_tokens=4)
+    prompt = runner.prompts[0]
+    with kvpolicy.apply(model, "kvzip", budget=0.2, tokenizer=tok) as handle:
+        _, after = runner._generate(prompt.input_ids, handle.new_cache(4))
+    assert after.compacted and sum(after.kept) / len(after.kept) <= 0.25 * prompt.input_ids.shape[1]
+
+
 def test_query_agnostic_compresses_the_document_alone(smollm2):
     """Query-agnostic: the document is compressed without its question (the same kept
     slots whichever question follows), each question from a copy, and the answers are those

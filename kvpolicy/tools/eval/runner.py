@@ -131,15 +131,23 @@ class Runner:
         """``model.generate`` (greedy; prefilled in chunks of ``chunk_size`` as
         ``prefill_chunk_size``) on ``ids`` with ``cache``, the policy's work inside its
         prefill (reconstruction passes, compaction); also returns a copy of the cache after
-        the prefill's last forward, taken by a forward hook that runs after kvpolicy's own."""
+        the prefill's last forward. Forward hooks count generate's own forwards (depth 0),
+        not those run inside them (reconstruction passes run in kvpolicy's hook); the copy
+        is taken after kvpolicy's hook, which was registered first."""
         prefill_forwards = -(-ids.shape[1] // (self.chunk_size or ids.shape[1]))
-        after_prefill = []
+        depth, after_prefill = [0], []
 
-        def keep(module, args, kwargs, output):
-            if len(after_prefill) < prefill_forwards:
-                after_prefill.append(copy.deepcopy(cache) if len(after_prefill) == prefill_forwards - 1 else None)
+        def enter(module, args, kwargs):
+            depth[0] += 1
 
-        hook = self.model.register_forward_hook(keep, with_kwargs=True)
+        def leave(module, args, kwargs, output):
+            depth[0] -= 1
+            if depth[0] == 0 and len(after_prefill) < prefill_forwards:
+                last = len(after_prefill) == prefill_forwards - 1
+                after_prefill.append(copy.deepcopy(cache) if last else None)
+
+        hooks = [self.model.register_forward_pre_hook(enter, with_kwargs=True),
+                 self.model.register_forward_hook(leave, with_kwargs=True)]
         start = time.perf_counter()
         try:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
@@ -148,7 +156,8 @@ class Runner:
                                       eos_token_id=sorted(self.stop), pad_token_id=min(self.stop),
                                       output_logits=True, return_dict_in_generate=True)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         tokens = out.sequences[0, ids.shape[1]:].tolist()
         logits = torch.stack([step[0].float() for step in out.logits])
         return Generation(tokens, logits, time.perf_counter() - start), after_prefill[-1]
