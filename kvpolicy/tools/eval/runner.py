@@ -1,12 +1,13 @@
 """Run policies x budgets over prompts. The full cache runs once per prompt; each
 configuration then answers every prompt and is compared with it.
 
-Modes: ``query-aware`` runs ``model.generate`` on the whole prompt (document and question)
-under ``apply``, as users call it (greedy). ``query-agnostic`` compresses each document alone with
-``kvpolicy.compress`` and asks each of its questions from a copy of that cache (the
-question is appended, not compressed again: the cache's ``recompress`` is turned off after
-``compress``, whose chunks are compressed). ``chunk_size`` feeds the compressed part in
-chunks, compressing after each one.
+Modes: ``query-aware`` runs ``model.generate`` on the whole prompt (document and
+question) under ``apply``, as users call it (greedy). ``query-agnostic`` compresses each
+document alone with ``kvpolicy.compress`` and asks each of its questions with
+``model.generate`` from a copy of that cache (the question is appended, not compressed
+again: the cache's ``recompress`` is turned off after ``compress``, whose chunks are
+compressed). ``chunk_size`` feeds the compressed part in chunks, compressing after each
+one.
 """
 from __future__ import annotations
 
@@ -115,8 +116,8 @@ class Runner:
                           **{CACHE_ARG: cache}).logits[0, -1].float()
 
     def _greedy(self, ids: Tensor, cache) -> tuple[Generation, object]:
-        """Feed ``ids`` (a question after a compressed or full document) then decode
-        greedily; also returns a copy of the cache after the feed."""
+        """The full cache's reply: feed ``ids`` (a question after the document in a
+        DynamicCache) then decode greedily; also returns a copy of the cache after the feed."""
         start = time.perf_counter()
         logits = [self._step(ids, cache)]
         after_prefill = copy.deepcopy(cache)
@@ -127,14 +128,15 @@ class Runner:
         return Generation(tokens, torch.stack(logits), time.perf_counter() - start), after_prefill
 
     @torch.no_grad()
-    def _generate(self, ids: Tensor, cache) -> tuple[Generation, object]:
-        """``model.generate`` (greedy; prefilled in chunks of ``chunk_size`` as
-        ``prefill_chunk_size``) on ``ids`` with ``cache``, the policy's work inside its
-        prefill (reconstruction passes, compaction); also returns a copy of the cache after
+    def _generate(self, ids: Tensor, cache, chunk: int | None = None) -> tuple[Generation, object]:
+        """``model.generate`` (greedy; prefilled in chunks of ``chunk`` tokens as
+        ``prefill_chunk_size``) on ``ids`` with ``cache`` (a fresh one: the policy's work
+        runs inside the prefill, reconstruction passes and compaction; or a compressed
+        document's copy, continued by the question); also returns a copy of the cache after
         the prefill's last forward. Forward hooks count generate's own forwards (depth 0),
         not those run inside them (reconstruction passes run in kvpolicy's hook); the copy
         is taken after kvpolicy's hook, which was registered first."""
-        prefill_forwards = -(-ids.shape[1] // (self.chunk_size or ids.shape[1]))
+        prefill_forwards = 1 if chunk is None else -(-ids.shape[1] // chunk)
         depth, after_prefill = [0], []
 
         def enter(module, args, kwargs):
@@ -152,7 +154,7 @@ class Runner:
         try:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                                       max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      prefill_chunk_size=self.chunk_size,
+                                      prefill_chunk_size=chunk,
                                       eos_token_id=sorted(self.stop), pad_token_id=min(self.stop),
                                       output_logits=True, return_dict_in_generate=True)
         finally:
@@ -206,7 +208,7 @@ class Runner:
         """Query-aware: ``model.generate`` on the whole prompt under ``handle``'s policy."""
         run = Run(handle.policy.name, handle.budget.value, prompt.id, prompt.sample.task)
         cache = handle.new_cache(self.max_new_tokens)
-        gen, after_prefill = self._generate(prompt.input_ids, cache)
+        gen, after_prefill = self._generate(prompt.input_ids, cache, self.chunk_size)
         # a deferred plan ran over the prompt and the decode steps it waited for
         planned = prompt.input_ids.shape[1] + min(cache.defer_steps, len(gen.tokens) - 1)
         run.kept = sum(cache.kept) / (len(cache.kept) * planned)
@@ -228,7 +230,7 @@ class Runner:
         held, bits = held_fraction(cache, context.shape[1]), cache.layers[0].bits
         runs = []
         for p in prompts:
-            gen, after_prefill = self._greedy(p.rest_ids, cache.copy())
+            gen, after_prefill = self._generate(p.input_ids, cache.copy())  # generate feeds the question
             run = Run(cache.policy.name, budget, p.id, p.sample.task, kept=kept, bytes=held, bits=bits)
             runs.append(self._compare(run, p, gen, after_prefill))
             run.seconds += seconds / len(prompts)
