@@ -152,7 +152,7 @@ class Runner:
                  self.model.register_forward_hook(leave, with_kwargs=True)]
         start = time.perf_counter()
         try:
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **{CACHE_ARG: cache},
                                       max_new_tokens=self.max_new_tokens, do_sample=False,
                                       prefill_chunk_size=chunk,
                                       eos_token_id=sorted(self.stop), pad_token_id=min(self.stop),
