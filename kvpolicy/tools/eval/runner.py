@@ -137,16 +137,17 @@ class Runner:
         not those run inside them (reconstruction passes run in kvpolicy's hook); the copy
         is taken after kvpolicy's hook, which was registered first."""
         prefill_forwards = 1 if chunk is None else -(-ids.shape[1] // chunk)
-        depth, after_prefill = [0], []
+        depth, ended, after_prefill = [0], [0], []
 
         def enter(module, args, kwargs):
             depth[0] += 1
 
         def leave(module, args, kwargs, output):
             depth[0] -= 1
-            if depth[0] == 0 and len(after_prefill) < prefill_forwards:
-                last = len(after_prefill) == prefill_forwards - 1
-                after_prefill.append(copy.deepcopy(cache) if last else None)
+            if depth[0] == 0:
+                ended[0] += 1
+                if ended[0] == prefill_forwards:
+                    after_prefill.append(copy.deepcopy(cache))
 
         hooks = [self.model.register_forward_pre_hook(enter, with_kwargs=True),
                  self.model.register_forward_hook(leave, with_kwargs=True)]
@@ -162,7 +163,7 @@ class Runner:
                 hook.remove()
         tokens = out.sequences[0, ids.shape[1]:].tolist()
         logits = torch.stack([step[0].float() for step in out.logits])
-        return Generation(tokens, logits, time.perf_counter() - start), after_prefill[-1]
+        return Generation(tokens, logits, time.perf_counter() - start), after_prefill[0]
 
     def _teacher_forced(self, cache, first: Tensor, tokens: list[int]) -> Tensor:
         """[T, V] logits predicting each of ``tokens`` given the ones before (``first``: the
