@@ -10,13 +10,18 @@ begins, and how many begin at or after ``--after``:
 """
 import argparse
 import json
+import re
 
 from kvpolicy.tools.embedded import load_smollm2
+from kvpolicy.tools.eval.metrics import answer_pattern
 
 
 def answer_start(tokenizer, reply: str, answers: list[str]) -> int:
-    """Index of the reply token in which the earliest expected answer begins."""
-    first = min(p for p in (reply.lower().find(a.lower()) for a in answers) if p >= 0)
+    """Index of the reply token in which the earliest expected answer begins, found as the
+    eval scores it (``answer_pattern``; the reply's case folded, its spacing kept so that
+    offsets stay the reply's)."""
+    found = (re.search(answer_pattern(a), reply.lower()) for a in answers)
+    first = min(m.start() for m in found if m is not None)
     ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
     return next(i for i in range(len(ids)) if len(tokenizer.decode(ids[:i + 1])) > first)
 

@@ -11,16 +11,18 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.lower()).strip()
 
 
+def answer_pattern(answer: str) -> str:
+    """The regex an expected string is looked for with, in normalized text: numbers as
+    whole numbers (``1234`` does not match inside ``912345``), words as whole words."""
+    a = re.escape(normalize(answer))
+    return rf"(?<!\d){a}(?!\d)" if answer.isdigit() else rf"\b{a}\b"
+
+
 def score_answer(generated: str, answers: list[str]) -> float:
-    """Fraction of the expected strings found (case-insensitive) in the generated text;
-    numbers must appear as whole numbers (``1234`` does not match inside ``912345``)."""
+    """Fraction of the expected strings found (case-insensitive, ``answer_pattern``) in
+    the generated text."""
     text = normalize(generated)
-    found = 0
-    for answer in answers:
-        a = re.escape(normalize(answer))
-        pattern = rf"(?<!\d){a}(?!\d)" if answer.isdigit() else rf"\b{a}\b"
-        found += re.search(pattern, text) is not None
-    return found / len(answers)
+    return sum(re.search(answer_pattern(a), text) is not None for a in answers) / len(answers)
 
 
 def shared_prefix(tokens: list[int], reference: list[int]) -> int:
