@@ -222,9 +222,11 @@ class PolicyCache(Cache):
         self._unscored = self._pass_tally = None
         self._expand()
         pos = next(layer for layer in self.layers if layer.scored).pos[:, 0]  # [1, C]
+        counted = self.policy.requirements().queries != "none"
         observed = Observed(tally, torch.zeros_like(pos, dtype=torch.bool), None,
                             unscored.new_pos, self.layers[0].next_pos.clone(), False,
-                            unscored.heads_per_group)
+                            unscored.heads_per_group,
+                            prompt_tally=unscored.tally if counted else None)
         self._compact(observed, True, self._new_tokens)
 
     # ---- a forward -----------------------------------------------------------------
@@ -318,7 +320,8 @@ class PolicyCache(Cache):
         """Keep every slot of a reconstructing policy's forward: a first prompt's waits for
         its passes (``reconstruction_due``), closed where it lies when every layer is planned
         (else a keep-all compaction trims the sliding layers); a later turn is appended,
-        never re-scored."""
+        never re-scored. Of a chunked prompt, the last chunk's observation is kept (its
+        queries see every slot)."""
         if fresh and self._call_ids is None:
             raise ValueError(f"kvpolicy {self.policy.name}: its reconstruction passes repeat the "
                              f"prompt's token ids; run it through model.generate(input_ids) or "

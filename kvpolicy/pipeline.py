@@ -111,7 +111,8 @@ def plan_row(policy: Policy, budget: Budget, attn: Tensor, *, queries: Tensor, v
              new_tokens: int = 0, seen: int | None = None, keys: Tensor | None = None,
              query_mean: Tensor | None = None, query_cov: Tensor | None = None,
              value_norms: Tensor | None = None, future_rotary: Tensor | None = None,
-             reconstructed: bool = False, head_valid: Tensor | None = None) -> Plan:
+             reconstructed: bool = False, head_valid: Tensor | None = None,
+             prompt_attn: Tensor | None = None) -> Plan:
     """The policy's plan for one batch row: attn float32 [L, 1, G, N] (each planned layer's
     tally, aligned on the row's N keys), queries / valid / vision bool [1, N], below float32
     [L, 1, G] | None, new_tokens: decode steps still planned, seen: tokens the budget is a
@@ -120,7 +121,8 @@ def plan_row(policy: Policy, budget: Budget, attn: Tensor, *, queries: Tensor, v
     query_mean [L, 1, H, D], query_cov [L, 1, H, D, D], value_norms [L, 1, G, N],
     future_rotary [1, 2, F, D] (``query_stats`` / ``future_positions``; see Stats);
     reconstructed: attn is the max of the policy's reconstruction passes; head_valid bool
-    [L, 1, G, N] | None: which KV heads hold each key, when they differ. An input the
+    [L, 1, G, N] | None: which KV heads hold each key, when they differ; prompt_attn fp32
+    [L, 1, G, N] | None: a reconstructing policy's counted prompt queries' attention. An input the
     policy's requirements ask for and the engine did not give is refused by name."""
     needs = policy.requirements()
     inputs = (("the cached keys (needs_keys)", needs.needs_keys, keys is not None),
@@ -133,5 +135,5 @@ def plan_row(policy: Policy, budget: Budget, attn: Tensor, *, queries: Tensor, v
         raise ValueError(f"kvpolicy {policy.name} needs {', '.join(missing)}, which this engine "
                          f"did not provide; use it through kvpolicy.apply or kvpolicy.compress")
     stats = Stats(attn, queries, valid, heads_per_group, vision, below, new_tokens, seen, keys,
-                  query_mean, query_cov, value_norms, future_rotary, head_valid)
+                  query_mean, query_cov, value_norms, future_rotary, head_valid, prompt_attn)
     return policy.plan(stats, budget)

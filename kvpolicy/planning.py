@@ -88,6 +88,9 @@ def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: O
         keys = torch.stack([left_pad(layers[l].keys.transpose(-1, -2), width).transpose(-1, -2)
                             for l in scored]) * valid[None, :, None, :, None]
     stats = query_statistics(observed, scored, valid, width) if observed.moments else {}
+    if observed.prompt_tally is not None:  # aligned on the slots as ``scores`` are
+        stats["prompt_attn"] = torch.stack([left_pad(slots_wide(observed.prompt_tally.layer(l),
+                                                                layers[l]), width) for l in scored])
     rows = []
     for b in range(valid.shape[0]):
         one = slice(b, b + 1)
@@ -123,6 +126,11 @@ def query_statistics(observed: Observed, scored: list[int], valid: Tensor,
     if observed.future_rotary is not None:
         out["future_rotary"] = observed.future_rotary
     return out
+
+
+def slots_wide(attn: Tensor, layer: KVLayer) -> Tensor:
+    """attn fp32 [B, G, S] over a layer's first S slots, zero-padded to all of them."""
+    return torch.nn.functional.pad(attn, (0, layer.keys.shape[2] - attn.shape[-1]))
 
 
 def left_pad(x: Tensor, width: int) -> Tensor:

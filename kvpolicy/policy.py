@@ -102,6 +102,9 @@ class Stats:
     head_valid: bool [L, B, G, N] or None: which KV heads hold each token, when they differ
         (a continued cache planned per head, whose heads kept different tokens); None:
         every head holds every valid token.
+    prompt_attn: float32 [L, B, G, N] or None (reconstruct, with queries other than
+        "none"): the attention the first prompt's counted queries gave each key, summed over
+        them and the query heads of its KV group (what ``attn`` holds for other policies).
     For ``Requirements.reconstruct`` policies ``attn`` holds the max, over the
     reconstruction queries and the query heads of the KV group, of the probability each
     key received (not a sum).
@@ -121,6 +124,7 @@ class Stats:
     value_norms: Tensor | None = None
     future_rotary: Tensor | None = None
     head_valid: Tensor | None = None
+    prompt_attn: Tensor | None = None
 
     @property
     def num_layers(self) -> int:

@@ -40,6 +40,9 @@ class Observed:
     sum of outer products fp32 [B, H, D, D]) of the forward's pre-RoPE queries after the
     policy's sinks; value_norms, per scored layer fp32 [B, G, S_l]. future_rotary fp32
     [B, 2, F, D]: cos, sin at each row's F positions after it (future_positions = F).
+    prompt_tally: only in a reconstructing policy's plan (``tally`` then holds its passes'
+    max): what its counted queries of the first prompt observed, per scored layer fp32
+    [B, G, S_l] summed as ``tally`` is for other policies; None when it counts none.
     """
 
     tally: ScoreTally
@@ -52,6 +55,7 @@ class Observed:
     moments: list | None = None
     value_norms: list | None = None
     future_rotary: Tensor | None = None
+    prompt_tally: ScoreTally | None = None
 
 
 class PromptObserver:

@@ -437,3 +437,33 @@ def test_compress_then_ask(tiny, name):
     kvpolicy.detach(tiny)
     assert 0 < sum(kept) <= round(0.3 * (90 + NEW) * 3)  # fixed-size policies hold new tokens too
     assert out.shape == (1, 90 + 12 + NEW)
+
+
+def prompt_window_reference(model, context, window: int) -> torch.Tensor:
+    """The attention the last ``window`` tokens of ``context`` give every key in the
+    unpatched eager model, summed over them and each KV group's query heads: fp32 [L, G, n]."""
+    G = model.config.num_key_value_heads
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(context, output_attentions=True)
+    finally:
+        model.set_attn_implementation(implementation)
+    return torch.stack([P[0, :, -window:].sum(1).unflatten(0, (G, -1)).sum(1)
+                        for P in out.attentions])
+
+
+@pytest.mark.parametrize("chunk_size, counted", [(None, 10), (16, 6)])  # whole; 5 chunks, the last of 6
+def test_kvzip_question_counts_the_prompts_last_tokens(tiny, chunk_size, counted):
+    """question=Q: the first prompt's last Q queries (of its last chunk) are observed as a
+    window policy's are, beside the passes' max; a key scores the larger of the two."""
+    context = ids(70, 8)
+    policy = get_policy("kvzip", tokenizer=CharTokenizer(), question=10)
+    stats = compressed_stats(tiny, context, policy, 0.3, chunk_size=chunk_size)
+    want = prompt_window_reference(tiny, context, counted)
+    torch.testing.assert_close(stats.prompt_attn[:, 0], want, rtol=1e-4, atol=1e-6)
+    assert torch.equal(policy.score(stats), torch.maximum(stats.attn, stats.prompt_attn))
+    plain = compressed_stats(tiny, context, get_policy("kvzip", tokenizer=CharTokenizer()), 0.3,
+                             chunk_size=chunk_size)
+    assert plain.prompt_attn is None and torch.equal(plain.attn, stats.attn)

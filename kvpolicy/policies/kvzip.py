@@ -7,8 +7,9 @@ from torch import Tensor
 
 from ..allocation import take_cheapest
 from ..heads import global_heads
-from ..policy import Policy, Stats, check_int
+from ..policy import Policy, QuerySet, Stats, check_int
 from ..registry import register_policy
+from ..selection import edge_tokens
 
 REPEAT = "\n\nRepeat the previous context exactly."
 REPEAT_PART = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -19,18 +20,36 @@ PLACEHOLDER = "@@kvzip@@"
 @register_policy("kvzip")
 class KVzip(Policy):
     # the rule: its card, registry/cards/kvzip.toml (also its __doc__)
-    queries = "none"  # the prompt's forward counts nothing: the reconstruction passes score
     reconstruct = True
     window = 0
     protects = "the first `sinks` tokens"
 
-    def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, layerwise: bool = False):
+    def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, layerwise: bool = False,
+                 question: int = 0):
         if not isinstance(layerwise, bool):
             raise TypeError(f"layerwise must be a bool, got {layerwise!r}")
         self.tokenizer = tokenizer
         self.sinks = check_int("sinks", sinks, 0)
         self.chunk = check_int("chunk", chunk, 1)
         self.layerwise = layerwise
+        self.question = check_int("question", question, 0)
+
+    @property
+    def queries(self) -> QuerySet:
+        """The prompt's forward counts its last ``question`` tokens (none by default: the
+        reconstruction passes score)."""
+        return "window" if self.question else "none"
+
+    def query_mask(self, valid: Tensor, vision: Tensor | None) -> Tensor:
+        return edge_tokens(valid, 0, self.question)
+
+    def score(self, stats: Stats) -> Tensor:
+        """float [L, B, G, N]: the passes' max, or with ``question`` the larger of it and
+        the attention the prompt's last ``question`` tokens gave the key (summed over them
+        and the group's query heads)."""
+        if stats.prompt_attn is None:
+            return stats.attn
+        return torch.maximum(stats.attn, stats.prompt_attn)
 
     def reconstruction(self, context: Tensor, chunk: int | None) -> list[tuple[int, int, Tensor]]:
         """The passes repeating context ids int64 [1, n], ``chunk`` (None: ``self.chunk``)
@@ -74,11 +93,12 @@ class KVzip(Policy):
         k-th highest score (protected tokens first), best first."""
         if self.layerwise:
             return super().allocate(stats, total, floor)
+        scores = self.score(stats)
         if self.per_head:
-            return global_heads(stats.attn, total, floor, self.protected(stats), stats.valid,
+            return global_heads(scores, total, floor, self.protected(stats), stats.valid,
                                 stats.head_valid)
         big = 1e30
-        key = stats.attn.double().masked_fill(self.protected(stats)[None, :, None, :], big)
+        key = scores.double().masked_fill(self.protected(stats)[None, :, None, :], big)
         key = key.masked_fill(~stats.valid[None, :, None, :], -big)
         ranked = key.sort(-1, descending=True).values.mean(dim=(1, 2))  # [L, N]
         return take_cheapest(-ranked.cpu(), total, floor, self.room(stats))
