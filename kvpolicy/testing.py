@@ -33,11 +33,13 @@ __all__ = ["budgets", "check_equivariant", "check_head_plan", "check_monotone", 
 
 @st.composite
 def stats(draw, max_layers: int = 6, max_tokens: int = 64, with_vision: bool | None = None,
-          max_new_tokens: int = 16, with_keys: bool = False, with_query_stats: bool = False) -> Stats:
+          max_new_tokens: int = 16, with_keys: bool = False, with_query_stats: bool = False,
+          with_prompt_attn: bool = False) -> Stats:
     """Stats of a random left-padded batch: L 1-6, B 1-3, G 1-4, heads per group 1-3,
     N 1-max_tokens; scores random, all equal, or peaked; optional vision spans; with_keys:
     random keys [L, B, G, N, D] (D 2-8 even, 0 at padding) for policies that need them;
-    with_query_stats: also a query mean and covariance, value norms and a future rotary."""
+    with_query_stats: also a query mean and covariance, value norms and a future rotary;
+    with_prompt_attn: a reconstructing policy's counted prompt queries' attention (0-4)."""
     L, B = draw(st.integers(1, max_layers)), draw(st.integers(1, 3))
     G, g = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     N = draw(st.integers(1, max_tokens))
@@ -68,6 +70,8 @@ def stats(draw, max_layers: int = 6, max_tokens: int = 64, with_vision: bool | N
         s.value_norms = torch.rand(L, B, G, N, generator=gen) * valid[None, :, None]
         angles = torch.rand(B, 3, D, generator=gen) * 6.3
         s.future_rotary = torch.stack([angles.cos(), angles.sin()], 1)
+    if with_prompt_attn:
+        s.prompt_attn = 4 * torch.rand(L, B, G, N, generator=gen) ** 4 * valid[None, :, None, :]
     return s
 
 
@@ -178,16 +182,17 @@ def check_policy(policy: str | Callable[[], Policy], *, examples: int = 60,
     random scores are not permutation-equivariant)."""
     make = (lambda: get_policy(policy)) if isinstance(policy, str) else policy
     needs = make().requirements()
-    keys, query_stats = needs.needs_keys, needs.query_stats
+    inputs = dict(with_keys=needs.needs_keys, with_query_stats=needs.query_stats,
+                  with_prompt_attn=needs.reconstruct and needs.queries != "none")
     prop = settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
     @prop
-    @given(s=stats(with_keys=keys, with_query_stats=query_stats), budget=budgets())
+    @given(s=stats(**inputs), budget=budgets())
     def plans(s, budget):
         check_plan(make(), s, budget)
 
     @prop
-    @given(s=stats(with_keys=keys, with_query_stats=query_stats), data=st.data())
+    @given(s=stats(**inputs), data=st.data())
     def allocation_monotone(s, data):
         p = make()
         L, floor = s.num_layers, p.floor(s)
@@ -196,7 +201,7 @@ def check_policy(policy: str | Callable[[], Policy], *, examples: int = 60,
         check_monotone(p, s, t1, data.draw(st.integers(t1, top)))
 
     @prop
-    @given(s=stats(with_vision=False, with_keys=keys, with_query_stats=query_stats), data=st.data())
+    @given(s=stats(with_vision=False, **inputs), data=st.data())
     def scores_equivariant(s, data):
         assume(bool(s.valid.all()))
         N = s.valid.shape[-1]

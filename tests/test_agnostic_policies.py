@@ -415,6 +415,11 @@ def test_invariants(name):
     check_policy(lambda: get_policy(name, **PARAMS.get(name, {})), examples=40, equivariant=False)
 
 
+def test_invariants_with_the_question_counted():
+    check_policy(lambda: get_policy("kvzip", question=8, **PARAMS["kvzip"]), examples=40,
+                 equivariant=False)
+
+
 @pytest.mark.parametrize("name", AGNOSTIC)
 def test_budget_one_is_token_identical(tiny, name):
     prompt = ids(60, 2)
