@@ -28,7 +28,7 @@ from .budget import Budget
 from .compaction import compact_layers_into
 from .layer import KVLayer
 from .pipeline import Observation, ScoreTally
-from .planning import at_slots, plan_forward
+from .planning import at_slots, plan_forward, slots_wide
 from .policy import Plan, Policy
 from .prefill import Observed, PromptObserver
 from .quantized import Scratch, check_bits
@@ -368,9 +368,9 @@ class PolicyCache(Cache):
         for l, layer in enumerate(self.layers):
             if not layer.scored:
                 continue
-            attn, S = observed.tally.layer(l), layer.keys.shape[2]
-            if attn is not None and attn.shape[-1] < S:  # a deferred tally before the slots grew
-                attn = torch.nn.functional.pad(attn, (0, S - attn.shape[-1]))
+            attn = observed.tally.layer(l)
+            if attn is not None and attn.shape[-1] < layer.keys.shape[2]:
+                attn = slots_wide(attn, layer)  # a deferred tally before the slots grew
             if layer.scores is not None and (attn is None or layer.running == "sum"):
                 attn = layer.scores if attn is None else attn + layer.scores
             out[l] = attn

@@ -16,6 +16,7 @@ from kvpolicy import cache as cache_module
 from kvpolicy.models import CACHE_ARG
 from kvpolicy.testing import check_policy
 from families import build
+from test_defer import eager_attention
 from tiny_lm import ids, llama
 
 AGNOSTIC = ["keydiff", "tova", "kvzip", "expected_attention"]
@@ -75,24 +76,14 @@ def test_keydiff_scores_are_permutation_equivariant():
     torch.testing.assert_close(policy.score(permuted), policy.score(s)[..., perm])
 
 
-def eager_attentions(model, prompt):
-    """Per layer the unpatched model's attention probabilities [B, H, N, N] (eager)."""
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return model(prompt, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation("sdpa")
-
-
 def test_tova_score_is_the_last_rows_head_mean(tiny):
     """kvpress TOVAPress: the last prompt query's attention, mean over all query heads,
     copied to every KV head."""
     prompt = ids(50, 3)
     policy = get_policy("tova")
     got = policy.score(compressed_stats(tiny, prompt, policy, 0.5))  # [L, 1, G, N]
-    for l, attn in enumerate(eager_attentions(tiny, prompt)):
-        want = attn[0, :, -1, :].mean(0)
+    for l, attn in enumerate(eager_attention(tiny, prompt)):
+        want = attn[:, -1, :].mean(0)
         for g in range(got.shape[2]):
             torch.testing.assert_close(got[l, 0, g], want, rtol=1e-4, atol=1e-6)
 
@@ -448,15 +439,8 @@ def prompt_window_reference(model, context, window: int) -> torch.Tensor:
     """The attention the last ``window`` tokens of ``context`` give every key in the
     unpatched eager model, summed over them and each KV group's query heads: fp32 [L, G, n]."""
     G = model.config.num_key_value_heads
-    implementation = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(context, output_attentions=True)
-    finally:
-        model.set_attn_implementation(implementation)
-    return torch.stack([P[0, :, -window:].sum(1).unflatten(0, (G, -1)).sum(1)
-                        for P in out.attentions])
+    return torch.stack([P[:, -window:].sum(1).unflatten(0, (G, -1)).sum(1)
+                        for P in eager_attention(model, context)])
 
 
 @pytest.mark.parametrize("chunk_size, counted", [(None, 10), (16, 6)])  # whole; 5 chunks, the last of 6
