@@ -183,6 +183,7 @@ def validated(model: nn.Module, policy: str | Policy, budget: float | int | Memo
     if not isinstance(per_head, bool):
         raise TypeError(f"per_head must be a bool, got {per_head!r}")
     pol = get_policy(policy, **params)
+    per_head = per_head or pol.per_head  # a policy may plan per head by its own rule
     b, bits = storage(model, pol, budget, bits, per_head)
     b.check_holds(pol.min_tokens(), pol.name)
     bits = check_bits(bits, pol)

@@ -13,13 +13,15 @@ from transformers import DynamicCache
 import kvpolicy
 from kvpolicy import Budget, Stats, get_policy, reconstruction
 from kvpolicy import cache as cache_module
+from kvpolicy.heads import global_heads, with_per_head
 from kvpolicy.models import CACHE_ARG
 from kvpolicy.testing import check_policy
 from families import build
 from test_defer import eager_attention
 from tiny_lm import ids, llama
 
-AGNOSTIC = ["keydiff", "tova", "kvzip", "expected_attention"]
+AGNOSTIC = ["keydiff", "tova", "kvzip", "kvzip_floor", "expected_attention"]
+NOT_MONOTONE = {"kvzip_floor"}  # its per-head floor grows with the total
 NEW = 6
 
 
@@ -32,7 +34,7 @@ class CharTokenizer:
         return {"input_ids": [3 + ord(c) % 890 for c in text]}
 
 
-PARAMS = {"kvzip": {"tokenizer": CharTokenizer()}}
+PARAMS = {"kvzip": {"tokenizer": CharTokenizer()}, "kvzip_floor": {"tokenizer": CharTokenizer()}}
 
 
 @pytest.fixture(scope="module")
@@ -202,23 +204,47 @@ def test_kvzip_scores_under_softcapping_are_the_reconstruction_rule():
     torch.testing.assert_close(stats.attn[0, 0, :, 4:70], want, rtol=1e-4, atol=1e-6)
 
 
-def test_kvzip_allocation_is_the_global_top_k():
-    """Brute force: among all layer counts within [floor, N] summing to the total, the
-    chosen one keeps the largest sum of per-rank head-mean scores (protected first)."""
+@pytest.mark.parametrize("min_share", [0.0, 0.5])
+def test_kvzip_allocation_is_the_global_top_k(min_share):
+    """Brute force: among all layer counts within [lo, N] summing to the total, the
+    chosen one keeps the largest sum of per-rank head-mean scores (protected first); lo is
+    the floor, or with ``min_share`` that share of an equal split if larger."""
     import itertools
 
     s = random_stats(L=3, B=1, G=2, N=7)
     s.attn = s.attn ** torch.tensor([1.0, 3.0, 0.3])[:, None, None, None]  # layers differ
-    policy = get_policy("kvzip", sinks=1)
+    policy = get_policy("kvzip", sinks=1, min_share=min_share)
     floor, N = policy.floor(s), s.num_tokens
     key = s.attn.masked_fill(policy.protected(s)[None, :, None], 1e9)
     ranked = key.sort(-1, descending=True).values.mean(dim=(1, 2)).double()  # [L, N]
     for total in range(floor * 3, N * 3 + 1):
-        best = max((c for c in itertools.product(range(floor, N + 1), repeat=3) if sum(c) == total),
+        lo = max(floor, int(min_share * total / 3))
+        best = max((c for c in itertools.product(range(lo, N + 1), repeat=3) if sum(c) == total),
                    key=lambda c: sum(float(ranked[l, :k].sum()) for l, k in enumerate(c)))
         got = policy.allocate(s, total, floor)
         assert sum(float(ranked[l, :k].sum()) for l, k in enumerate(got.tolist())) == \
             pytest.approx(sum(float(ranked[l, :k].sum()) for l, k in enumerate(best)))
+
+
+@pytest.mark.parametrize("min_share", [0.5, 1.0])
+def test_kvzip_floor_gives_every_head_its_share_then_the_global_top_k(min_share):
+    """kvzip_floor: every KV head of every layer keeps at least ``min_share`` of an equal
+    split, the entries sum to total x G, and the rest is KVzip's head-level selection with
+    that floor (kvpolicy.heads.global_heads); at 1.0 every head keeps the equal split."""
+    s = random_stats(L=3, B=1, G=2, N=30)
+    s.attn = s.attn ** torch.tensor([1.0, 6.0, 0.2])[:, None, None, None]  # layers differ
+    policy = get_policy("kvzip_floor", tokenizer=CharTokenizer(), min_share=min_share)
+    paper = with_per_head(get_policy("kvzip", tokenizer=CharTokenizer()))
+    floor, starved = policy.floor(s), 0
+    for total in range(floor * 3, 30 * 3 + 1, 7):
+        share = max(floor, int(min_share * total / 3))
+        got = policy.allocate(s, total, floor)  # [L, B, G]
+        assert got.shape == (3, 1, 2) and int(got.sum()) == total * 2
+        assert (got >= share).all()
+        want = global_heads(policy.score(s), total, share, policy.protected(s), s.valid)
+        assert torch.equal(got, want)
+        starved += int((paper.allocate(s, total, floor) < share).any())
+    assert starved  # without the floor some head keeps less than its share
 
 
 def test_kvzip_under_generate_keeps_what_compress_keeps(tiny):
@@ -403,7 +429,8 @@ def test_keys_reach_the_policy_as_the_model_caches_them(tiny):
 # ---- invariants, exactness, flows -----------------------------------------------------------
 @pytest.mark.parametrize("name", AGNOSTIC)
 def test_invariants(name):
-    check_policy(lambda: get_policy(name, **PARAMS.get(name, {})), examples=40, equivariant=False)
+    check_policy(lambda: get_policy(name, **PARAMS.get(name, {})), examples=40,
+                 monotone=name not in NOT_MONOTONE, equivariant=False)
 
 
 def test_invariants_with_the_question_counted():
@@ -427,7 +454,7 @@ def test_compress_then_ask(tiny, name):
     with torch.no_grad():
         cache = kvpolicy.compress(tiny, document, name, 0.3, chunk_size=32, max_new_tokens=NEW,
                                   **PARAMS.get(name, {}))
-        kept = [int((layer.pos[0, 0] >= 0).sum()) for layer in cache.layers]
+        kept = cache.kept  # per layer (a per-head plan: the mean over its heads)
         out = tiny.generate(torch.cat([document, question], -1), max_new_tokens=NEW,
                             do_sample=False, **{CACHE_ARG: cache.copy()})
     kvpolicy.detach(tiny)

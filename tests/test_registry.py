@@ -73,7 +73,7 @@ def test_budget_totals():
     assert Budget(64).total(1000, 30) == 64 * 30
 
 
-@pytest.mark.parametrize("name", ["expected_attention", "h2o", "keydiff", "kvzip",
+@pytest.mark.parametrize("name", ["expected_attention", "h2o", "keydiff", "kvzip", "kvzip_floor",
                                   "prefixkv", "pyramidkv", "snapkv", "spankv",
                                   "streamingllm", "tova", "uniform", "vlcache"])
 def test_builtin_cards_match_the_code(name):

@@ -2,7 +2,7 @@
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .keydiff import KeyDiff
-from .kvzip import KVzip
+from .kvzip import KVzip, KVzipFloor
 from .prefixkv import PrefixKV, calibrate
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
@@ -12,5 +12,5 @@ from .tova import TOVA
 from .uniform import Uniform
 from .vlcache import VLCache
 
-__all__ = ["ExpectedAttention", "H2O", "KVzip", "KeyDiff", "PrefixKV", "PyramidKV", "SnapKV",
-           "SpanKV", "StreamingLLM", "TOVA", "Uniform", "VLCache", "calibrate"]
+__all__ = ["ExpectedAttention", "H2O", "KVzip", "KVzipFloor", "KeyDiff", "PrefixKV", "PyramidKV",
+           "SnapKV", "SpanKV", "StreamingLLM", "TOVA", "Uniform", "VLCache", "calibrate"]

@@ -25,7 +25,7 @@ class KVzip(Policy):
     protects = "the first `sinks` tokens"
 
     def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, layerwise: bool = False,
-                 question: int = 0):
+                 question: int = 0, min_share: float = 0.0):
         if not isinstance(layerwise, bool):
             raise TypeError(f"layerwise must be a bool, got {layerwise!r}")
         self.tokenizer = tokenizer
@@ -33,6 +33,9 @@ class KVzip(Policy):
         self.chunk = check_int("chunk", chunk, 1)
         self.layerwise = layerwise
         self.question = check_int("question", question, 0)
+        if not 0.0 <= float(min_share) <= 1.0:
+            raise ValueError(f"min_share must be in [0, 1], got {min_share!r}")
+        self.min_share = float(min_share)
 
     @property
     def queries(self) -> QuerySet:
@@ -90,9 +93,12 @@ class KVzip(Policy):
         entries over every layer and KV head (int64 [L, B, G], kvpolicy.heads.global_heads).
         Otherwise a global top-``total`` across layers with a layer's KV heads taking the
         same count: layer l's k-th token is worth the mean over its heads of each head's
-        k-th highest score (protected tokens first), best first."""
+        k-th highest score (protected tokens first), best first. With ``min_share`` every
+        layer (per head: every KV head) first takes its top ``min_share`` of an equal split
+        (ours; the allocation is then no longer monotone in the total)."""
         if self.layerwise:
             return super().allocate(stats, total, floor)
+        floor = min(self.room(stats), max(floor, int(self.min_share * total / stats.num_layers)))
         scores = self.score(stats)
         if self.per_head:
             return global_heads(scores, total, floor, self.protected(stats), stats.valid,
@@ -102,3 +108,13 @@ class KVzip(Policy):
         key = key.masked_fill(~stats.valid[None, :, None, :], -big)
         ranked = key.sort(-1, descending=True).values.mean(dim=(1, 2))  # [L, N]
         return take_cheapest(-ranked.cpu(), total, floor, self.room(stats))
+
+
+@register_policy("kvzip_floor")
+class KVzipFloor(KVzip):
+    # the rule: its card, registry/cards/kvzip_floor.toml (also its __doc__)
+    per_head = True
+
+    def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, question: int = 0,
+                 min_share: float = 0.5):
+        super().__init__(tokenizer, sinks, chunk, False, question, min_share)
