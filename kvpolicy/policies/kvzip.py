@@ -116,5 +116,5 @@ class KVzipFloor(KVzip):
     per_head = True
 
     def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, question: int = 0,
-                 min_share: float = 0.5):
+                 min_share: float = 0.75):
         super().__init__(tokenizer, sinks, chunk, False, question, min_share)

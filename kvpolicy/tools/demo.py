@@ -95,7 +95,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         k = r["kept"]
-        kept = f"{min(k)}/{sum(k) / len(k):.0f}/{max(k)}"
+        kept = f"{min(k):.0f}/{sum(k) / len(k):.0f}/{max(k):.0f}"  # per head: means over heads
         answer = r["answer"].replace("\n", " ")[-24:]  # the end: the model restates the question first
         lines.append(f"{r['name']:<20}{answer:<26}{'yes' if r['correct'] else 'no':<4}"
                      f"{r['kv_bytes'] / 2**20:>8.2f}{kept:>26}{r['prefill_s']:>11.2f}{r['decode_ms']:>15.1f}")
