@@ -357,6 +357,13 @@ def check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def check_share(name: str, value: object) -> float:
+    """``value`` as a policy's fraction parameter in [0, 1], or a clear error."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return value
+
+
 class FixedSizePolicy(Policy):
     """Base for policies that evict while decoding: each layer holds a fixed number of
     slots, round(budget * (N + max_new_tokens)) on average, and a new token overwrites the

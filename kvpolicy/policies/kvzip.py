@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..allocation import take_cheapest
 from ..heads import global_heads
-from ..policy import Policy, QuerySet, Stats, check_int
+from ..policy import Policy, QuerySet, Stats, check_int, check_share
 from ..registry import register_policy
 from ..selection import edge_tokens
 
@@ -33,9 +33,7 @@ class KVzip(Policy):
         self.chunk = check_int("chunk", chunk, 1)
         self.layerwise = layerwise
         self.question = check_int("question", question, 0)
-        if not 0.0 <= float(min_share) <= 1.0:
-            raise ValueError(f"min_share must be in [0, 1], got {min_share!r}")
-        self.min_share = float(min_share)
+        self.min_share = check_share("min_share", min_share)
 
     @property
     def queries(self) -> QuerySet:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..policy import Policy, Stats, check_int
+from ..policy import Policy, Stats, check_int, check_share
 from ..registry import register_policy
 from ..selection import edge_tokens, max_pool_keys, select_keep
 
@@ -21,8 +21,7 @@ class SpanKV(Policy):
         for name, v in (("span", span), ("kernel", kernel)):
             if check_int(name, v, 1) % 2 == 0:
                 raise ValueError(f"{name} must be an odd positive int, got {v}")
-        if not 0.0 <= shared <= 1.0:
-            raise ValueError(f"shared must be in [0, 1], got {shared}")
+        check_share("shared", shared)
         check_int("observe", observe, 1)
         self.observe, self.window, self.span, self.kernel = observe, window, span, kernel
         self.shared, self.sinks = shared, sinks

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..allocation import apportion
-from ..policy import Policy, Stats
+from ..policy import Policy, Stats, check_share
 from ..registry import register_policy
 from ..selection import post_vision
 
@@ -21,10 +21,8 @@ class VLCache(Policy):
     def __init__(self, tau: float = 0.01, uniform_mix: float = 0.0, shared_heads: bool = True):
         if not 0.0 < tau < 1.0:
             raise ValueError(f"tau must be in (0, 1), got {tau}")
-        if not 0.0 <= uniform_mix <= 1.0:
-            raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix}")
         self.tau = tau
-        self.uniform_mix = uniform_mix
+        self.uniform_mix = check_share("uniform_mix", uniform_mix)
         self.shared_heads = shared_heads
 
     def score(self, stats: Stats) -> Tensor:
