@@ -3,8 +3,10 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvpolicy.tools.eval.metrics import kl_divergence, prefix_agreement, score_answer
+from kvpolicy.tools.eval.metrics import kl_divergence, of_full, prefix_agreement, score_answer
 from kvpolicy.tools.eval.report import format_table, kvpress_runs, summarize
 from kvpolicy.tools.eval.runner import Prompt
 from kvpolicy.tools.eval.tasks import Question, Sample
@@ -62,6 +64,52 @@ def test_summarize_and_table():
     assert "full cache" in table and "h2o" in table and "failed" in table
     head = table.splitlines()[0].split()
     assert head[:5] == ["policy", "budget", "bytes", "kept", "bits"]
+
+
+def test_of_full_on_two_questions_is_the_exact_bootstrap():
+    """Full cache right on both, the policy on the first: resampling two questions gives
+    1.0 (first twice, p=1/4), 0.5 (both, p=1/2) or 0.0 (second twice, p=1/4), so the 95%
+    interval spans [0, 1] around the ratio 0.5."""
+    assert of_full([1.0, 0.0], [1.0, 1.0]) == (0.5, 0.0, 1.0)
+    assert of_full([1.0, 0.0, 1.0], [1.0, 0.0, 1.0]) == (1.0, 1.0, 1.0)
+    assert of_full([1.0, 0.0], [0.0, 0.0]) is None  # the full cache answers nothing
+    with pytest.raises(ValueError, match="2 policy scores against 3"):
+        of_full([1.0, 0.0], [1.0, 1.0, 0.0])
+
+
+scores = st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_of_full_invariants(data):
+    """The ratio is sum(policy) / sum(full); the interval is ordered, non-negative, and the
+    same on a rerun; a question the policy answers better never lowers the ratio."""
+    full = data.draw(scores)
+    policy = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=len(full), max_size=len(full)))
+    got = of_full(policy, full, resamples=200)
+    if sum(full) == 0:
+        assert got is None
+        return
+    ratio, low, high = got
+    assert ratio == pytest.approx(sum(policy) / sum(full))
+    assert 0.0 <= low <= high
+    assert of_full(policy, full, resamples=200) == got
+    i = data.draw(st.integers(0, len(full) - 1))
+    better = policy[:i] + [1.0] + policy[i + 1:]
+    assert of_full(better, full, resamples=200)[0] >= ratio
+
+
+def test_summary_rows_carry_the_share_of_the_full_cache():
+    full_runs = [_run("full", 1.0, t, 1.0, kl=0.0) for t in ("needle", "key_value")]
+    full_runs[0]["sample"], full_runs[1]["sample"] = "a", "b"
+    runs = [_run("h2o", 0.1, "needle", 1.0), _run("h2o", 0.1, "key_value", 0.0)]
+    runs[0]["sample"], runs[1]["sample"] = "a", "b"
+    row, = summarize(runs, full_runs)
+    assert row["of_full"] == 0.5 and row["of_full_ci95"] == [0.0, 1.0]
+    assert "of_full" not in summarize(runs)[0]
+    full, = summarize(full_runs)
+    assert "0.50 [0.00, 1.00]" in format_table([row], full)
 
 
 def test_kvpress_answers_are_scored(tmp_path):

@@ -180,7 +180,7 @@ def write_results(out: str, meta: dict, runner: Runner, full_runs: list[dict], r
                   complete: bool) -> tuple[dict, list[dict]]:
     """Write results.json (also after each configuration); returns (full row, summary)."""
     full, = summarize(full_runs)
-    summary = summarize(runs)
+    summary = summarize(runs, full_runs)
     samples = [dict(id=p.id, task=p.sample.task, source=p.sample.source, answers=p.answers,
                     depth=p.sample.questions[p.question].depth, context_ids=p.context_ids[0].tolist(),
                     rest_ids=p.rest_ids[0].tolist(), reference=p.reference_answer)

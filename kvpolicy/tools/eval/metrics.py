@@ -1,6 +1,8 @@
-"""Quality metrics: answer accuracy, agreement with the full cache, KL divergence."""
+"""Quality metrics: answer accuracy, agreement with the full cache, KL divergence, and
+accuracy as a fraction of the full cache's with a bootstrap interval."""
 from __future__ import annotations
 
+import random
 import re
 
 import torch
@@ -45,3 +47,29 @@ def kl_divergence(ref_logits: Tensor, logits: Tensor) -> Tensor:
     p_log = torch.log_softmax(ref_logits.double(), dim=-1)
     q_log = torch.log_softmax(logits.double(), dim=-1)
     return (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0.0)
+
+
+def of_full(scores: list[float], full: list[float], level: float = 0.95, resamples: int = 2000,
+            seed: int = 0) -> tuple[float, float, float] | None:
+    """(ratio, low, high): a policy's accuracy as a fraction of the full cache's,
+    ``sum(scores) / sum(full)`` over the same questions (``scores[i]`` and ``full[i]`` the
+    same question's), with a paired percentile-bootstrap interval at ``level``: questions
+    resampled with replacement ``resamples`` times (a ``random.Random(seed)``, so a rerun
+    prints the same interval), resamples where the full cache answers nothing left out.
+    None when the full cache answers none of the questions."""
+    if len(scores) != len(full):
+        raise ValueError(f"{len(scores)} policy scores against {len(full)} full-cache scores")
+    if sum(full) == 0:
+        return None
+    rng, n = random.Random(seed), len(full)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        denominator = sum(full[i] for i in picks)
+        if denominator:
+            ratios.append(sum(scores[i] for i in picks) / denominator)
+    ratios.sort()
+    tail = (1 - level) / 2
+    low = ratios[int(tail * (len(ratios) - 1))]
+    high = ratios[int(round((1 - tail) * (len(ratios) - 1)))]
+    return sum(scores) / sum(full), low, high
