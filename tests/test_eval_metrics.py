@@ -77,7 +77,7 @@ def test_of_full_on_two_questions_is_the_exact_bootstrap():
         of_full([1.0, 0.0], [1.0, 1.0, 0.0])
 
 
-scores = st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=1, max_size=30)
+score = st.sampled_from([0.0, 0.5, 1.0])
 
 
 @settings(max_examples=60, deadline=None)
@@ -85,8 +85,8 @@ scores = st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=1, max_size=30)
 def test_of_full_invariants(data):
     """The ratio is sum(policy) / sum(full); the interval is ordered, non-negative, and the
     same on a rerun; a question the policy answers better never lowers the ratio."""
-    full = data.draw(scores)
-    policy = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=len(full), max_size=len(full)))
+    full = data.draw(st.lists(score, min_size=1, max_size=30))
+    policy = data.draw(st.lists(score, min_size=len(full), max_size=len(full)))
     got = of_full(policy, full, resamples=200)
     if sum(full) == 0:
         assert got is None

@@ -31,7 +31,7 @@ def summarize(runs: list[dict], full_runs: list[dict] | None = None) -> list[dic
                 by_task[r["task"]].append(r["score"])
             row["by_task"] = {t: mean(s) for t, s in sorted(by_task.items())}
             paired = [(r["score"], full_score[r["sample"]]) for r in ok if r["sample"] in full_score]
-            if full_runs is not None and paired:
+            if paired:
                 ratio = of_full(*map(list, zip(*paired)))
                 row["of_full"] = None if ratio is None else ratio[0]
                 row["of_full_ci95"] = None if ratio is None else list(ratio[1:])
