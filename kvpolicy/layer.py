@@ -32,7 +32,7 @@ the plan's ``Stats.head_valid`` follow per head.
 
 With ``bits`` < 16 (append layers), ``close`` quantizes the first kept prompt rows
 (kvpolicy.quantized.QuantizedRows, ``quantized``); ``keys``/``values`` then hold only the
-slots after them (the policy's recent window, the rest of a token group, the decode
+slots after them (the policy's recent window, the rest of a packed byte, the decode
 region) in the model's dtype, while ``pos`` still covers every slot. A decode step
 dequantizes them in front of the buffers (eager: into the cache's shared ``scratch``), or on
 CUDA reads them in place (kvpolicy_kernels.quantized_attention, which dequantizes as it
@@ -175,10 +175,12 @@ class KVLayer(CacheLayerMixin):
 
     def _quantized(self, keys: Tensor, values: Tensor, kept: int, quantize: bool) -> QuantizedRows | None:
         """The first of ``kept`` rows of keys/values [B, G, C, D] in ``bits`` (all but the
-        policy's window, whole token groups), or None (16 bits, too few rows, or not
+        policy's window, whole packed bytes), or None (16 bits, too few rows, or not
         ``quantize``)."""
-        rows = quantizable_rows(kept, getattr(self.policy, "window", 0)) if quantize else 0
-        if self.bits == 16 or not rows:
+        if self.bits == 16 or not quantize:
+            return None
+        rows = quantizable_rows(kept, getattr(self.policy, "window", 0), self.bits)
+        if not rows:
             return None
         return QuantizedRows.quantize(keys[:, :, :rows], values[:, :, :rows], self.bits)
 

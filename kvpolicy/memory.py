@@ -7,8 +7,10 @@ A kept slot of one KV head costs, as ``PolicyCache.nbytes`` counts it: its K and
 Dv elements) at ``bits`` / 8 bytes each, the scales and zeros of kvpolicy.quantized (2E
 bytes per 32 key elements, per ``channel_group(Dv)`` value elements), its position (int64,
 8 bytes), an evicting layer's running score (float32, 4 bytes), and a per-head slot's KV
-head tag (``per_head``: int16, 2 bytes). The last ``window`` + 31 kept rows of a layer (at
-most) stay in the model's dtype.
+head tag (``per_head``: int16, 2 bytes). The last ``window`` + 8 / bits - 1 kept rows of a
+layer (at most: the window and the rest of a packed byte) stay in the model's dtype, and a
+layer's last key group, which may hold fewer than 32 rows, costs up to one group's scales
+and zeros (2E bytes per key channel) beyond its rows' share.
 
 Rule (chosen on the tune split of ``kvpolicy eval``, docs/quality.md): the widest of 16
 and 8 bits whose K/V for every token fit in the bytes (the slots' bookkeeping aside, so
@@ -17,8 +19,8 @@ On tune, at a tenth of the bytes 4 bits with 0.43 of the tokens kept the full ca
 accuracy where 8 bits with 0.27 kept 69% (KVzip, query-agnostic); at a twentieth, 4 bits
 with 0.19 kept 62% where 2 bits with 0.26 kept 8%. 2 bits are never chosen for the user
 (``bits=2`` stays available with a token budget). The rows kept then fill the bytes: over
-L layers of a prompt of N tokens, T tokens with ``T * slot(bits) + L * recent * (slot(16) - slot(bits))
-<= fraction * N * L * (D + Dv) * E``. Not counted: the decode region (tokens generated
+L layers of a prompt of N tokens, T tokens with ``T * slot(bits) + L * (recent * (slot(16) -
+slot(bits)) + 2 * E * D) <= fraction * N * L * (D + Dv) * E``. Not counted: the decode region (tokens generated
 after the compaction, in the model's dtype) and a few scalars per layer; a policy's floor
 (its protected tokens) wins over the budget, with the planner's warning.
 """
@@ -79,10 +81,16 @@ class MemoryBudget(Budget):
     slot_full: float = 1.0  # bytes of a slot in the model's dtype, as kvpolicy stores it
     entry: float = 1.0  # bytes of a slot of the full cache (its K and V only)
     recent: int = 0  # rows per layer that may stay in the model's dtype
+    group: float = 0.0  # bytes of one key group's scales and zeros (a layer's last group may be partial)
+
+    @property
+    def reserve(self) -> float:
+        """Bytes per layer and KV head set aside beyond ``slot`` per kept token: the rows
+        that may stay in the model's dtype and a partial last key group."""
+        return self.recent * (self.slot_full - self.slot) + self.group
 
     def total(self, num_tokens: int, num_layers: int) -> int:
-        room = self.memory.fraction * num_tokens * num_layers * self.entry
-        room -= num_layers * self.recent * (self.slot_full - self.slot)
+        room = self.memory.fraction * num_tokens * num_layers * self.entry - num_layers * self.reserve
         return max(0, min(int(room // self.slot), num_tokens * num_layers))
 
     def __str__(self) -> str:
@@ -106,8 +114,9 @@ def resolve(memory: Memory, itemsize: int, head_dim: int, value_dim: int, window
     bits = 16 if evicts else (whole[0] if whole else FALLBACK_BITS)
     slot = cost(bits)
     tokens = min(1.0, memory.fraction * entry / slot)
-    recent = 0 if bits == 16 else window + TOKEN_GROUP - 1
-    return MemoryBudget(tokens, memory, bits, slot, slot_full, entry, recent)
+    recent = 0 if bits == 16 else window + 8 // bits - 1
+    group = 0.0 if bits == 16 else 2 * itemsize * head_dim
+    return MemoryBudget(tokens, memory, bits, slot, slot_full, entry, recent, group)
 
 
 def storage(model: nn.Module, policy: Policy, budget, bits: int | None,

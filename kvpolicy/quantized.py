@@ -1,11 +1,12 @@
 """Quantized prompt rows (``bits`` 8, 4 or 2), group-wise and asymmetric as in KIVI.
 
-Keys are quantized per channel: groups of ``TOKEN_GROUP`` tokens, one scale and zero per
-(group of tokens, channel). Values per token: groups of up to ``CHANNEL_GROUP`` channels,
-one scale and zero per (token, group of channels). A code is ``round((x - zero) / scale)``
-in [0, 2**bits - 1]; codes are packed along the token axis into uint8: the N rows are
-split into 8 // bits consecutive blocks of M = N * bits / 8 rows and packed row m holds
-row m of block j in bits [j*bits, (j+1)*bits). Scales and zeros are in the rows' dtype.
+Keys are quantized per channel: groups of ``TOKEN_GROUP`` tokens (the last group holds the
+rest of the N rows), one scale and zero per (group of tokens, channel). Values per token:
+groups of up to ``CHANNEL_GROUP`` channels, one scale and zero per (token, group of
+channels). A code is ``round((x - zero) / scale)`` in [0, 2**bits - 1]; codes are packed
+along the token axis into uint8 (N a multiple of 8 // bits): the N rows are split into
+8 // bits consecutive blocks of M = N * bits / 8 rows and packed row m holds row m of
+block j in bits [j*bits, (j+1)*bits). Scales and zeros are in the rows' dtype.
 
 Decoding: compiled (and ``unquantize``), ``dequantize`` is one batched op per tensor and
 ``joined`` concatenates the full-precision rows after it, which inductor fuses into one
@@ -19,10 +20,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from kvpolicy_kernels.quantized_attention_ref import TOKEN_GROUP  # keys: tokens per (group, channel) scale
+
 BITS = (16, 8, 4, 2)  # 16: the model's dtype, not quantized
-TOKEN_GROUP = 32  # keys: tokens per (group, channel) scale; quantized rows are a multiple of it
 CHANNEL_GROUP = 32  # values: at most this many channels per (token, group) scale
 
 
@@ -40,10 +43,20 @@ def check_bits(bits, policy) -> int:
     return int(bits)
 
 
-def quantizable_rows(kept: int, recent: int) -> int:
-    """Rows of ``kept`` prompt rows that are quantized: all but the last ``recent`` (kept in
-    full precision), rounded down to a multiple of TOKEN_GROUP."""
-    return max(0, kept - recent) // TOKEN_GROUP * TOKEN_GROUP
+def quantizable_rows(kept: int, recent: int, bits: int) -> int:
+    """Rows of ``kept`` prompt rows that are quantized at ``bits``: all but the last
+    ``recent`` (kept in full precision), rounded down to whole packed bytes (a multiple of
+    8 // bits)."""
+    per = 8 // bits
+    return max(0, kept - recent) // per * per
+
+
+def _key_groups(rows: Tensor) -> Tensor:
+    """rows [B, G, N, D] -> [B, G, ceil(N / TOKEN_GROUP), TOKEN_GROUP, D]: the last group
+    padded (with zeros)."""
+    N = rows.shape[2]
+    pad = -N % TOKEN_GROUP
+    return F.pad(rows, (0, 0, 0, pad)).unflatten(2, (-1, TOKEN_GROUP))
 
 
 def channel_group(dim: int) -> int:
@@ -114,8 +127,8 @@ class QuantizedRows:
     """One layer's quantized prompt rows: N rows of keys [B, G, N, D] and values
     [B, G, N, Dv] in ``bits``.
 
-    keys: packed uint8 [B, G, N * bits // 8, D], key_scale / key_zero [B, G, N /
-    TOKEN_GROUP, D]; values: packed uint8 [B, G, N * bits // 8, Dv], value_scale /
+    keys: packed uint8 [B, G, N * bits // 8, D], key_scale / key_zero [B, G, ceil(N /
+    TOKEN_GROUP), D]; values: packed uint8 [B, G, N * bits // 8, Dv], value_scale /
     value_zero [B, G, N, Dv / channel_group(Dv)]; scales and zeros in the rows' dtype.
     """
 
@@ -129,21 +142,25 @@ class QuantizedRows:
 
     @classmethod
     def quantize(cls, keys: Tensor, values: Tensor, bits: int) -> QuantizedRows:
-        """keys [B, G, N, D], values [B, G, N, Dv] (N a multiple of TOKEN_GROUP) -> rows."""
-        k = keys.float().unflatten(2, (-1, TOKEN_GROUP))  # [B, G, N / T, T, D]
-        k_codes, k_scale, k_zero = _quantize(k, bits, 3, keys.dtype)
+        """keys [B, G, N, D], values [B, G, N, Dv] (N a multiple of 8 // bits) -> rows. The
+        last key group is padded with copies of its last row, which leave its minimum and
+        maximum as they are; their codes are dropped."""
+        N = keys.shape[2]
+        k = keys.float()
+        k = torch.cat([k, k[:, :, -1:].expand(-1, -1, -N % TOKEN_GROUP, -1)], 2).unflatten(2, (-1, TOKEN_GROUP))
+        k_codes, k_scale, k_zero = _quantize(k, bits, 3, keys.dtype)  # [B, G, ceil(N / T), T, D]
         v = values.float().unflatten(3, (-1, channel_group(values.shape[-1])))  # [B, G, N, Dv / c, c]
         v_codes, v_scale, v_zero = _quantize(v, bits, 4, values.dtype)
-        return cls(bits, pack(k_codes.flatten(2, 3), bits), k_scale.squeeze(3), k_zero.squeeze(3),
+        return cls(bits, pack(k_codes.flatten(2, 3)[:, :, :N], bits), k_scale.squeeze(3), k_zero.squeeze(3),
                    pack(v_codes.flatten(3, 4), bits), v_scale.squeeze(4), v_zero.squeeze(4))
 
     def dequantize(self) -> tuple[Tensor, Tensor]:
         """(keys [B, G, N, D], values [B, G, N, Dv]) in the scales' dtype."""
-        k = unpack(self.keys, self.bits).unflatten(2, (-1, TOKEN_GROUP))  # [B, G, N / T, T, D]
+        k = _key_groups(unpack(self.keys, self.bits))  # [B, G, ceil(N / T), T, D]
         keys = torch.addcmul(self.key_zero[:, :, :, None], k, self.key_scale[:, :, :, None])
         v = unpack(self.values, self.bits).unflatten(3, (self.value_scale.shape[-1], -1))  # [B, G, N, Dv / c, c]
         values = v * self.value_scale[..., None] + self.value_zero[..., None]  # as dequantize_into rounds
-        return keys.flatten(2, 3), values.flatten(3, 4)
+        return keys.flatten(2, 3)[:, :, :self.rows], values.flatten(3, 4)
 
     def dequantize_into(self, keys: Tensor, values: Tensor, codes: Tensor) -> None:
         """dequantize() written into keys [B, G, N, D] and values [B, G, N, Dv] (views in
@@ -151,8 +168,15 @@ class QuantizedRows:
         tensor's codes are converted into it first, then scaled there in the scales' dtype:
         a mixed-dtype ``addcmul`` casts in a temporary, and one whose scale broadcasts along
         the innermost axis (values) runs ~3x slower on CPU than ``mul_`` then ``add_``."""
-        k = self._codes_into(self.keys, keys, codes).unflatten(2, (-1, TOKEN_GROUP))  # [B, G, N / T, T, D]
-        torch.addcmul(self.key_zero[:, :, :, None], k, self.key_scale[:, :, :, None], out=k)
+        k = self._codes_into(self.keys, keys, codes)
+        whole = k.shape[2] // TOKEN_GROUP * TOKEN_GROUP  # rows in whole groups, then the last group's rest
+        if whole:
+            k_whole = k[:, :, :whole].unflatten(2, (-1, TOKEN_GROUP))  # [B, G, N // T, T, D]
+            g = whole // TOKEN_GROUP
+            torch.addcmul(self.key_zero[:, :, :g, None], k_whole, self.key_scale[:, :, :g, None], out=k_whole)
+        if whole < k.shape[2]:
+            rest = k[:, :, whole:]  # [B, G, N % T, D]
+            torch.addcmul(self.key_zero[:, :, -1:], rest, self.key_scale[:, :, -1:], out=rest)
         v = self._codes_into(self.values, values, codes).unflatten(3, (self.value_scale.shape[-1], -1))
         v.mul_(self.value_scale[..., None]).add_(self.value_zero[..., None])  # [B, G, N, Dv / c, c]
 
@@ -171,7 +195,7 @@ class QuantizedRows:
     @property
     def rows(self) -> int:
         """N: the prompt rows held."""
-        return self.key_scale.shape[2] * TOKEN_GROUP
+        return self.keys.shape[2] * 8 // self.bits
 
     def tensors(self) -> list[Tensor]:
         """Every tensor held (its memory)."""

@@ -18,7 +18,7 @@ from .compact_ref import compact_layers_ref
 from .compact_triton import _compact_kernel, compact_layers_triton
 from .head_attention_ref import head_attention_ref
 from .head_attention_triton import _head_attention_kernel, head_attention_triton
-from .quantized_attention_ref import quantized_attention_ref
+from .quantized_attention_ref import TOKEN_GROUP, quantized_attention_ref
 from .quantized_attention_triton import _quantized_attention_kernel, quantized_attention_triton
 from .score_ref import accumulate_scores_ref
 from .score_triton import _column_sums_kernel, accumulate_scores_triton
@@ -105,9 +105,9 @@ def check_quantized_attention(query: Tensor, rows, keys: Tensor, values: Tensor,
     if key_codes.dtype != torch.uint8 or value_codes.dtype != torch.uint8:
         raise ValueError(f"key_codes and value_codes must be uint8, got {key_codes.dtype}, {value_codes.dtype}")
     groups = key_scale.shape[2] if key_scale.dim() == 4 else 0
-    if (tuple(key_codes.shape) != (B, G, M, D) or key_scale.shape != key_zero.shape or not groups
-            or N % groups or tuple(key_scale.shape) != (B, G, groups, D)):
-        raise ValueError(f"key_codes [B, G, M, D] and key_scale, key_zero [B, G, N / Tk, D] "
+    if (tuple(key_codes.shape) != (B, G, M, D) or key_scale.shape != key_zero.shape
+            or tuple(key_scale.shape) != (B, G, -(-N // TOKEN_GROUP), D) or not N):
+        raise ValueError(f"key_codes [B, G, M, D] and key_scale, key_zero [B, G, ceil(N / {TOKEN_GROUP}), D] "
                          f"({bits} bits: N = {N}) disagree with keys {list(keys.shape)}: "
                          f"{list(key_codes.shape)}, {list(key_scale.shape)}, {list(key_zero.shape)}")
     channels = value_scale.shape[3] if value_scale.dim() == 4 else 0

@@ -5,8 +5,9 @@ the model's softmax, as kvpolicy's decode does (kvpolicy.quantized, kvpolicy.att
 Storage (kvpolicy.quantized.QuantizedRows, restated here: kvpolicy_kernels does not import
 kvpolicy): N rows of codes in [0, 2**bits) packed along the token axis into uint8, the N rows
 split into 8 // bits consecutive blocks of M = N * bits / 8 rows, packed row m holding row m
-of block j in bits [j*bits, (j+1)*bits). Keys: one scale and zero per (group of N / key
-groups tokens, channel); values: one per (token, group of Dv / value groups channels). A row
+of block j in bits [j*bits, (j+1)*bits). Keys: one scale and zero per (group of TOKEN_GROUP
+tokens, channel), the last group holding the rest (N need not be a multiple of
+TOKEN_GROUP); values: one per (token, group of Dv / value groups channels). A row
 is code * scale + zero computed in fp32 and rounded once to the scales' dtype, as the kernel
 computes it (kvpolicy's CPU decode rounds value rows twice, after the product and after the
 sum: up to one rounding apart in bf16/fp16)."""
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention_ref import attention
+
+TOKEN_GROUP = 32  # keys: tokens per (group, channel) scale; the last group may be partial
 
 
 def unpack(codes: Tensor, bits: int) -> Tensor:
@@ -29,14 +32,16 @@ def unpack(codes: Tensor, bits: int) -> Tensor:
 def dequantize(key_codes: Tensor, key_scale: Tensor, key_zero: Tensor, value_codes: Tensor,
                value_scale: Tensor, value_zero: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """(keys [B, G, N, D], values [B, G, N, Dv]) in the scales' dtype (code * scale + zero in
-    fp32, rounded once): key_codes uint8 [B, G, M, D], key_scale / key_zero [B, G, N / Tk, D];
-    value_codes uint8 [B, G, M, Dv], value_scale / value_zero [B, G, N, Dv / c]."""
+    fp32, rounded once): key_codes uint8 [B, G, M, D], key_scale / key_zero [B, G, ceil(N /
+    TOKEN_GROUP), D]; value_codes uint8 [B, G, M, Dv], value_scale / value_zero [B, G, N, Dv / c]."""
     math = torch.promote_types(key_scale.dtype, torch.float32)
-    k = unpack(key_codes, bits).unflatten(2, (key_scale.shape[2], -1))  # [B, G, N / Tk, Tk, D]
+    codes = unpack(key_codes, bits)  # [B, G, N, D]
+    N, groups = codes.shape[2], key_scale.shape[2]
+    k = F.pad(codes, (0, 0, 0, groups * TOKEN_GROUP - N)).unflatten(2, (groups, TOKEN_GROUP))
     keys = torch.addcmul(key_zero[:, :, :, None].to(math), k.to(math), key_scale[:, :, :, None].to(math))
     v = unpack(value_codes, bits).unflatten(3, (value_scale.shape[3], -1))  # [B, G, N, Dv / c, c]
     values = torch.addcmul(value_zero[..., None].to(math), v.to(math), value_scale[..., None].to(math))
-    return keys.flatten(2, 3).to(key_scale.dtype), values.flatten(3, 4).to(value_scale.dtype)
+    return keys.flatten(2, 3)[:, :, :N].to(key_scale.dtype), values.flatten(3, 4).to(value_scale.dtype)
 
 
 def quantized_attention_ref(query: Tensor, key_codes: Tensor, key_scale: Tensor, key_zero: Tensor,

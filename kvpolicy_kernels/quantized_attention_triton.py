@@ -4,8 +4,8 @@
 Layout (kvpolicy.quantized, restated in quantized_attention_ref): a layer keeps its first N
 prompt rows as uint8 codes packed along the token axis, key_codes [B, G, M, D] and
 value_codes [B, G, M, Dv], M = N * bits / 8: packed row m holds token j * M + m (block j) in
-bits [j*bits, (j+1)*bits), j < 8 / bits. Key scales and zeros [B, G, N / Tk, D] (Tk tokens a
-group, per channel), value scales and zeros [B, G, N, Dv / c] (per token, c channels a group).
+bits [j*bits, (j+1)*bits), j < 8 / bits. Key scales and zeros [B, G, ceil(N / Tk), D] (Tk =
+TOKEN_GROUP tokens a group, per channel, the last group holding the rest), value scales and zeros [B, G, N, Dv / c] (per token, c channels a group).
 After them come n rows in the model's dtype, keys [B, G, n, D] and values [B, G, n, Dv], and
 visible bool [B, G, N + n] says which of the N + n slots the query sees.
 
@@ -42,6 +42,7 @@ from torch.library import wrap_triton
 
 from .backend import is_interpreted
 from .head_attention_triton import BLOCK_H, _accumulate, _probs, _round
+from .quantized_attention_ref import TOKEN_GROUP
 from .score_triton import _TL_DTYPES
 
 
@@ -59,7 +60,7 @@ def _quantized_attention_kernel(
     q_ptr, kcode_ptr, kscale_ptr, kzero_ptr, vcode_ptr, vscale_ptr, vzero_ptr, k_ptr, v_ptr,
     visible_ptr, sinks_ptr, out_ptr,
     s_qb, s_qh, s_qd, s_kb, s_kg, s_kt, s_kd, s_vb, s_vg, s_vt, s_vd,
-    H, G, M, n, D, DV, BITS, TOKEN_GROUP, CHANNEL_GROUP, scaling, softcap,
+    H, G, M, n, D, DV, BITS, TOKEN_GROUP, KEY_GROUPS, CHANNEL_GROUP, scaling, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -95,7 +96,7 @@ def _quantized_attention_kernel(
             t = j * M + packed  # the tokens of block j
             mine = inside & (tl.load(seen + t, mask=inside, other=0) != 0)
             if tl.max(mine.to(tl.int32), 0) > 0:  # else no token of the tile is seen
-                k_at = (bg * (N // TOKEN_GROUP) + t // TOKEN_GROUP)[:, None] * D + dims[None, :]
+                k_at = (bg * KEY_GROUPS + t // TOKEN_GROUP)[:, None] * D + dims[None, :]
                 k_ok = mine[:, None] & in_d[None, :]
                 k_codes = ((k_bytes >> (j * BITS)) & low).to(tl.float32)
                 k = (k_codes * tl.load(kscale_ptr + k_at, mask=k_ok, other=0.0).to(tl.float32)
@@ -146,7 +147,7 @@ def quantized_attention_triton(query: Tensor, key_codes: Tensor, key_scale: Tens
         value_codes.contiguous(), value_scale.contiguous(), value_zero.contiguous(), keys, values,
         visible.contiguous(), sinks.float().contiguous() if sinks is not None else None, out,
         query.stride(0), query.stride(1), query.stride(3), *keys.stride(), *values.stride(),
-        H, G, M, n, D, Dv, bits, N // key_scale.shape[2], Dv // value_scale.shape[3], scaling, softcap,
+        H, G, M, n, D, Dv, bits, TOKEN_GROUP, key_scale.shape[2], Dv // value_scale.shape[3], scaling, softcap,
         HAS_SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None,
         DOT_DTYPE=tl.float32 if bf16_interpreted else _TL_DTYPES[query.dtype],
         BLOCK_H=BLOCK_H, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps)

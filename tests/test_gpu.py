@@ -225,7 +225,7 @@ def test_quantized_decode_takes_the_fused_kernel(bits):
     from kvpolicy.layer import KVLayer
 
     model = model_of("llama", torch.float32)
-    inputs = prompt(max(PROMPT, 160))  # 80 kept: a 32-row token group quantized past the window
+    inputs = prompt(max(PROMPT, 160))  # 80 kept: 48 rows quantized past the window (key groups of 32 and 16)
     fused = mock.patch.object(KVLayer, "_fused", lambda self, query, observe: self.quantized is not None) \
         if DRY else mock.patch.object(KVLayer, "_fused", KVLayer._fused)
     with fused, kvpolicy.apply(model, "snapkv", budget=0.5, bits=bits):

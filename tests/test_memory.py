@@ -59,7 +59,7 @@ def test_bytes_kept_within_the_fraction(fraction, N, seed):
     b = cache.budget
     used = kept_bytes(cache)
     assert used <= fraction * full
-    slack = B * G * L * (b.slot + b.recent * (b.slot_full - b.slot))
+    slack = B * G * L * (b.slot + b.reserve)
     assert used >= fraction * full - slack or sum(cache.kept) == N * L  # or every token kept
     assert held_fraction(cache, N) == pytest.approx(used / full)
 
