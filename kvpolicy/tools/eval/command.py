@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "at most the fraction F of the full cache's bytes (kvpolicy.Memory: bits and "
                         "tokens chosen by its rule) (default: 0.05,0.1,0.2,0.5)")
     p.add_argument("--samples", type=int, default=8,
-                   help="documents in all, two questions each; the tasks take turns (default: 8)")
+                   help="documents per seed, two questions each; the tasks take turns (default: 8)")
     p.add_argument("--tasks", default="all",
                    help="'all' or a comma list of the split's tasks: needle, key_value, word_fact "
                         "(-v1 splits: needle, multi_needle, key_value, doc_sentence)")
@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="document tokens per prompt, up to 8000: the prompt adds ~100 (default: 1024)")
     p.add_argument("--max-new-tokens", type=int, default=24,
                    help="answer length cap: replies often restate the question first (default: 24)")
-    p.add_argument("--seed", type=int, default=0, help="sample seed (default: 0)")
+    p.add_argument("--seed", type=parse_seeds, default=[0],
+                   help="sample seed, or a comma list of seeds whose draws are pooled into one "
+                        "report (--samples documents each), e.g. 0,1 (default: 0)")
     p.add_argument("--split", choices=sorted(SPLIT_SEEDS), default="tune",
                    help="disjoint sample streams with disjoint wordings: tune policies on one, report "
                         "the other; -v1: the earlier one-question tasks (default: tune)")
@@ -70,6 +72,17 @@ def parse_list(text: str, allowed: list[str], what: str) -> list[str]:
     if unknown:
         raise SystemExit(f"kvpolicy eval: unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")
     return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seed: one seed or a comma list of distinct seeds."""
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a seed or a comma list of seeds, e.g. 0,1") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: write distinct seeds, e.g. 0,1")
+    return seeds
 
 
 def parse_budgets(text: str) -> list[tuple[str, float, object, dict]]:
@@ -129,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model)
-    samples = build_samples(tokenizer, args.samples, args.context, args.seed, args.split, tasks)
+    samples = [s for seed in args.seed
+               for s in build_samples(tokenizer, args.samples, args.context, seed, args.split, tasks)]
     runner = Runner(model, tokenizer, samples, args.max_new_tokens, args.answer_prefix, args.mode,
                     args.chunk_size)
 
@@ -145,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
                   "kl_first": 0.0, "kept": 1.0, "bytes": 1.0, "bits": 16,
                   "seconds": p.reference.seconds} for p in runner.prompts]
     meta = {"model": args.model, "context": args.context, "samples": args.samples, "tasks": tasks,
-            "split": args.split, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+            "split": args.split,
+            "seed": args.seed[0] if len(args.seed) == 1 else args.seed, "max_new_tokens": args.max_new_tokens,
             "mode": args.mode, "chunk_size": args.chunk_size, "answer_prefix": args.answer_prefix,
             "questions": len(runner.prompts),
             "policies": [label for label, _, _ in policies], "budgets": args.budgets.split(","),
