@@ -51,12 +51,10 @@ def quantizable_rows(kept: int, recent: int, bits: int) -> int:
     return max(0, kept - recent) // per * per
 
 
-def _key_groups(rows: Tensor) -> Tensor:
+def _key_groups(rows: Tensor, mode: str = "constant") -> Tensor:
     """rows [B, G, N, D] -> [B, G, ceil(N / TOKEN_GROUP), TOKEN_GROUP, D]: the last group
-    padded (with zeros)."""
-    N = rows.shape[2]
-    pad = -N % TOKEN_GROUP
-    return F.pad(rows, (0, 0, 0, pad)).unflatten(2, (-1, TOKEN_GROUP))
+    padded by F.pad's ``mode`` (constant: zeros; replicate: copies of the last row)."""
+    return F.pad(rows, (0, 0, 0, -rows.shape[2] % TOKEN_GROUP), mode=mode).unflatten(2, (-1, TOKEN_GROUP))
 
 
 def channel_group(dim: int) -> int:
@@ -146,9 +144,8 @@ class QuantizedRows:
         last key group is padded with copies of its last row, which leave its minimum and
         maximum as they are; their codes are dropped."""
         N = keys.shape[2]
-        k = keys.float()
-        k = torch.cat([k, k[:, :, -1:].expand(-1, -1, -N % TOKEN_GROUP, -1)], 2).unflatten(2, (-1, TOKEN_GROUP))
-        k_codes, k_scale, k_zero = _quantize(k, bits, 3, keys.dtype)  # [B, G, ceil(N / T), T, D]
+        k = _key_groups(keys.float(), "replicate")  # [B, G, ceil(N / T), T, D]
+        k_codes, k_scale, k_zero = _quantize(k, bits, 3, keys.dtype)
         v = values.float().unflatten(3, (-1, channel_group(values.shape[-1])))  # [B, G, N, Dv / c, c]
         v_codes, v_scale, v_zero = _quantize(v, bits, 4, values.dtype)
         return cls(bits, pack(k_codes.flatten(2, 3)[:, :, :N], bits), k_scale.squeeze(3), k_zero.squeeze(3),
