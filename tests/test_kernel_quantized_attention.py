@@ -25,8 +25,8 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 @st.composite
 def quantized_cases(draw):
     """N quantized rows (a multiple of 4, so of 8 // bits; the last key group often partial)
-    then n full-precision ones; a fraction
-    ``hidden`` of the slots not visible, and with ``empty`` KV head 0 of row 0 sees none.
+    then n full-precision ones; a fraction ``hidden`` of the slots not visible, and with
+    ``empty`` KV head 0 of row 0 sees none.
     D = Dv; 48: three value channel groups of 16 (channel_group), in a padded tile."""
     return dict(B=draw(st.integers(1, 2)), G=draw(st.sampled_from([1, 2, 3])), g=draw(st.sampled_from([1, 3, 8])),
                 bits=draw(st.sampled_from([8, 4, 2])), N=4 * draw(st.integers(1, 40)),

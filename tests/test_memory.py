@@ -68,8 +68,9 @@ def test_bytes_kept_within_the_fraction(fraction, N, seed):
 @given(st.floats(0.1, 0.95), st.floats(0.01, 0.3), st.integers(32, 48).map(lambda g: g * TOKEN_GROUP))
 def test_more_memory_keeps_more_tokens_and_bytes(fraction, more, N):
     """Monotone: within a bit width the tokens grow with the fraction; the bytes grow up to
-    the rows kept in the model's dtype (the remainder of a token group and the window, per
-    layer: more rows can quantize one more group and hold fewer bytes)."""
+    the rows kept in the model's dtype and a partial key group's scales, per layer (more
+    rows can quantize one more row and hold fewer bytes); the slack allows a token group
+    and the window at full price."""
     low, _ = memory_cache(fraction, N)
     high, _ = memory_cache(min(1.0, fraction + more), N)
     if low.budget.bits == high.budget.bits:
