@@ -172,23 +172,24 @@ def check_prompt_budget(model: nn.Module, policy: Policy, budget: Budget, ids: t
 
 
 def validated(model: nn.Module, policy: str | Policy, budget: float | int | Memory, params: dict,
-              bits: int | None = None, per_head: bool = False
+              bits: int | None = None, per_head: bool | None = None
               ) -> tuple[Policy, Budget, CacheRotary | None, int]:
     """The policy, the budget, the rotary and the bits of a call of ``apply`` or
     ``compress``, each refused by name (a model kvpolicy cannot hold exactly, an unknown
     policy or parameter, a budget that cannot hold the policy's protected tokens, ``bits``
     not 16/8/4/2, below 16 for an evicting policy or given with a Memory budget,
     ``per_head`` for a policy it has no meaning for) before the model is touched.
-    per_head: the policy's per-head copy (kvpolicy.heads)."""
-    if not isinstance(per_head, bool):
-        raise TypeError(f"per_head must be a bool, got {per_head!r}")
+    per_head: None keeps the policy's own choice (``Policy.per_head``); True / False its
+    per-head / per-layer copy (kvpolicy.heads)."""
+    if per_head is not None and not isinstance(per_head, bool):
+        raise TypeError(f"per_head must be a bool or None, got {per_head!r}")
     pol = get_policy(policy, **params)
-    per_head = per_head or pol.per_head  # a policy may plan per head by its own rule
+    per_head = pol.per_head if per_head is None else per_head  # kvzip plans per head by its own rule
     b, bits = storage(model, pol, budget, bits, per_head)
     b.check_holds(pol.min_tokens(), pol.name)
     bits = check_bits(bits, pol)
-    if per_head:
-        pol = with_per_head(pol)
+    if per_head or pol.per_head:
+        pol = with_per_head(pol, per_head)
     models.check_supported(model)
     if pol.requirements().reconstruct:
         if models.vision_token_ids(model):
@@ -227,7 +228,7 @@ def compile_config(device: torch.device) -> CompileConfig:
 
 def apply(model: nn.Module, policy: str | Policy, budget: float | int | Memory = 0.1, *,
           compile: bool = False, recompress: bool = True, bits: int | None = None,
-          per_head: bool = False, **params) -> PolicyHandle:
+          per_head: bool | None = None, **params) -> PolicyHandle:
     """Patch ``model`` so that ``model.generate`` keeps ``budget`` of the prompt's KV cache
     under ``policy`` (a registered name with its ``params``, or a Policy instance).
 
@@ -240,8 +241,10 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int | Memory =
     bits: 16 (the default with a token budget) keeps the kept prompt rows in the model's
     dtype; 8, 4 or 2 stores them quantized (kvpolicy.quantized; policies that append while
     decoding); not with a Memory budget, which chooses them.
-    per_head: each layer's budget split across its KV heads by their scores (AdaKV's rule;
-    kvzip selects across every layer and head), each head storing only its own rows.
+    per_head: True splits each layer's budget across its KV heads by their scores (AdaKV's
+    rule; kvzip selects across every layer and head), each head storing only its own rows;
+    False keeps one count per layer; None (default) is the policy's own choice: per head
+    for kvzip and kvzip_floor (the paper's selection), per layer for the others.
     Everything is validated before the model is touched; errors leave it unpatched.
     """
     for name, flag in (("compile", compile), ("recompress", recompress)):
@@ -269,7 +272,7 @@ def apply(model: nn.Module, policy: str | Policy, budget: float | int | Memory =
 def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy,
              budget: float | int | Memory = 0.1, *, attention_mask: torch.Tensor | None = None,
              chunk_size: int | None = None, max_new_tokens: int = 0, recompress: bool = True,
-             bits: int | None = None, per_head: bool = False, **params) -> PolicyCache:
+             bits: int | None = None, per_head: bool | None = None, **params) -> PolicyCache:
     """Prefill ``input_ids`` [B, N] and compress its cache under ``policy`` at ``budget``,
     without generating: the query-agnostic case (a document whose questions come later).
 

@@ -88,12 +88,17 @@ def global_heads(scores: Tensor, total: int, floor: int, protected: Tensor, vali
     return (rank < take[None, :, None, None]).sum(-1)
 
 
-def with_per_head(policy):
-    """A copy of ``policy`` (a kvpolicy.Policy) planning per KV head, or a ValueError naming
-    why it cannot: its budget must be split by token scores and its rows appended while
-    decoding, with the shared per-head selection."""
+def with_per_head(policy, on: bool = True):
+    """A copy of ``policy`` (a kvpolicy.Policy) planning per KV head (``on``), or a ValueError
+    naming why it cannot: its budget must be split by token scores and its rows appended
+    while decoding, with the shared per-head selection. ``on=False``: a copy planning one
+    count per layer (for a policy planning per head by its own rule, e.g. kvzip)."""
     from .policy import Policy
 
+    if not on:
+        out = copy.copy(policy)
+        out.per_head = False
+        return out
     name = policy.name
     why = None
     if policy.requirements().decode != "append":

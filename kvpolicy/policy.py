@@ -208,7 +208,7 @@ class Policy:
     reconstruct: ClassVar[bool] = False
     query_stats: ClassVar[bool] = False
     future_positions: int = 0
-    per_head: bool = False  # plans a count per KV head (set by kvpolicy.heads.with_per_head)
+    per_head: bool = False  # plans a count per KV head (kvzip's own rule; apply's per_head sets it on a copy)
 
     def requirements(self) -> Requirements:
         """What this policy needs from an engine (see Requirements); a policy whose needs

@@ -205,15 +205,16 @@ def test_kvzip_scores_under_softcapping_are_the_reconstruction_rule():
 
 
 @pytest.mark.parametrize("min_share", [0.0, 0.5])
-def test_kvzip_allocation_is_the_global_top_k(min_share):
-    """Brute force: among all layer counts within [lo, N] summing to the total, the
-    chosen one keeps the largest sum of per-rank head-mean scores (protected first); lo is
-    the floor, or with ``min_share`` that share of an equal split if larger."""
+def test_kvzip_per_layer_allocation_is_the_global_top_k(min_share):
+    """kvzip with per_head=False. Brute force: among all layer counts within [lo, N]
+    summing to the total, the chosen one keeps the largest sum of per-rank head-mean scores
+    (protected first); lo is the floor, or with ``min_share`` that share of an equal split
+    if larger."""
     import itertools
 
     s = random_stats(L=3, B=1, G=2, N=7)
     s.attn = s.attn ** torch.tensor([1.0, 3.0, 0.3])[:, None, None, None]  # layers differ
-    policy = get_policy("kvzip", sinks=1, min_share=min_share)
+    policy = with_per_head(get_policy("kvzip", sinks=1, min_share=min_share), False)
     floor, N = policy.floor(s), s.num_tokens
     key = s.attn.masked_fill(policy.protected(s)[None, :, None], 1e9)
     ranked = key.sort(-1, descending=True).values.mean(dim=(1, 2)).double()  # [L, N]
@@ -234,7 +235,7 @@ def test_kvzip_floor_gives_every_head_its_share_then_the_global_top_k(min_share)
     s = random_stats(L=3, B=1, G=2, N=30)
     s.attn = s.attn ** torch.tensor([1.0, 6.0, 0.2])[:, None, None, None]  # layers differ
     policy = get_policy("kvzip_floor", tokenizer=CharTokenizer(), min_share=min_share)
-    paper = with_per_head(get_policy("kvzip", tokenizer=CharTokenizer()))
+    paper = get_policy("kvzip", tokenizer=CharTokenizer())  # the paper's head-level selection
     floor, starved = policy.floor(s), 0
     for total in range(floor * 3, 30 * 3 + 1, 7):
         share = max(floor, int(min_share * total / 3))
@@ -247,18 +248,49 @@ def test_kvzip_floor_gives_every_head_its_share_then_the_global_top_k(min_share)
     assert starved  # without the floor some head keeps less than its share
 
 
-def test_kvzip_under_generate_keeps_what_compress_keeps(tiny):
-    """The passes run after generate's prefill too, before the first decode step."""
+def kept_entries(layer, n: int) -> list[tuple[int, int]]:
+    """Sorted (KV head, position) of the context tokens (positions < n) a closed layer of
+    batch row 0 holds, in the flat per-head layout or one row shared by the heads."""
+    pos = layer.pos[0, 0]
+    heads = layer.slot_heads[0].tolist() if layer.flat else None
+    return sorted((h, int(p)) for i, p in enumerate(pos) if 0 <= p < n
+                  for h in ([heads[i]] if heads is not None else range(layer.kv_heads)))
+
+
+@pytest.mark.parametrize("name", ["kvzip", "kvzip_floor"])
+def test_kvzip_plans_per_head_unless_told_otherwise(tiny, name):
+    """The paper's head-level selection by default (per_head=None), one count per layer
+    with per_head=False or kvzip(layerwise=True); the plan and the layout follow."""
+    context, tok = ids(40, 3), CharTokenizer()
+    cases = [({}, None, True), ({}, True, True), ({}, False, False)]
+    if name == "kvzip":
+        cases += [({"layerwise": True}, None, False), ({"layerwise": True}, True, True)]
+    with torch.no_grad():
+        for params, per_head, want in cases:
+            cache = kvpolicy.compress(tiny, context, name, 0.3, tokenizer=tok, per_head=per_head,
+                                      **params)
+            assert cache.policy.per_head is want, (params, per_head)
+            assert (cache.plan.counts is not None) is want
+            assert all(layer.flat is want for layer in cache.layers)
+    kvpolicy.detach(tiny)
+
+
+@pytest.mark.parametrize("per_head", [None, False])
+def test_kvzip_under_generate_keeps_what_compress_keeps(tiny, per_head):
+    """The passes run after generate's prefill too, before the first decode step, with
+    the paper's head-level selection (the default) and per layer."""
     context, tok = ids(60, 9), CharTokenizer()
     with torch.no_grad():
-        cache = kvpolicy.compress(tiny, context, "kvzip", 0.3, tokenizer=tok)
-        want = [sorted(int(p) for p in layer.pos[0, 0] if p >= 0) for layer in cache.layers]
-        with kvpolicy.apply(tiny, "kvzip", 0.3, tokenizer=tok):
+        cache = kvpolicy.compress(tiny, context, "kvzip", 0.3, tokenizer=tok, per_head=per_head)
+        want = [kept_entries(layer, 60) for layer in cache.layers]
+        with kvpolicy.apply(tiny, "kvzip", 0.3, tokenizer=tok, per_head=per_head):
             res = tiny.generate(context, max_new_tokens=NEW, do_sample=False,
                                 return_dict_in_generate=True)
     kvpolicy.detach(tiny)
-    got = [sorted(int(p) for p in layer.pos[0, 0] if 0 <= p < 60) for layer in res.past_key_values.layers]
-    assert got == want and sum(map(len, got)) == round(0.3 * 60 * 3)
+    layers = res.past_key_values.layers
+    assert all(layer.flat == (per_head is None) for layer in layers)
+    got = [kept_entries(layer, 60) for layer in layers]
+    assert got == want and sum(map(len, got)) == round(0.3 * 60 * 3) * layers[0].kv_heads
 
 
 def test_kvzip_copies_the_context_once(tiny, monkeypatch):
@@ -287,7 +319,8 @@ def test_kvzip_copies_the_context_once(tiny, monkeypatch):
     assert len(compactions) == 1
     assert len(held) == 5 * 3 and all(own == context == 70 for own, context in held)
     kvpolicy.detach(tiny)
-    assert sum(int((layer.pos[0, 0] >= 0).sum()) for layer in cache.layers) == round(0.3 * 70 * 3)
+    kept = sum(len(kept_entries(layer, 70)) for layer in cache.layers)
+    assert kept == round(0.3 * 70 * 3) * cache.layers[0].kv_heads
 
 
 def test_expected_attention_refuses_a_rotary_it_cannot_undo():

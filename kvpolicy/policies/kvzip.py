@@ -32,6 +32,7 @@ class KVzip(Policy):
         self.sinks = check_int("sinks", sinks, 0)
         self.chunk = check_int("chunk", chunk, 1)
         self.layerwise = layerwise
+        self.per_head = not layerwise  # the paper's head-level selection, unless equal layers
         self.question = check_int("question", question, 0)
         self.min_share = check_share("min_share", min_share)
 
@@ -87,11 +88,12 @@ class KVzip(Policy):
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
     def allocate(self, stats: Stats, total: int, floor: int) -> Tensor:
-        """Layerwise: equal. Per head (``per_head``): the paper's global top-``total`` x G
-        entries over every layer and KV head (int64 [L, B, G], kvpolicy.heads.global_heads).
-        Otherwise a global top-``total`` across layers with a layer's KV heads taking the
-        same count: layer l's k-th token is worth the mean over its heads of each head's
-        k-th highest score (protected tokens first), best first. With ``min_share`` every
+        """Layerwise: equal. Per head (``per_head``, the default without ``layerwise``): the
+        paper's global top-``total`` x G entries over every layer and KV head (int64 [L, B,
+        G], kvpolicy.heads.global_heads). Per layer (``per_head=False``): a global
+        top-``total`` across layers with a layer's KV heads taking the same count: layer l's
+        k-th token is worth the mean over its heads of each head's k-th highest score
+        (protected tokens first), best first (int64 [L]). With ``min_share`` every
         layer (per head: every KV head) first takes its top ``min_share`` of an equal split
         (ours; the allocation is then no longer monotone in the total)."""
         if self.layerwise:
@@ -111,7 +113,6 @@ class KVzip(Policy):
 @register_policy("kvzip_floor")
 class KVzipFloor(KVzip):
     # the rule: its card, registry/cards/kvzip_floor.toml (also its __doc__)
-    per_head = True
 
     def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, question: int = 0,
                  min_share: float = 0.75):
