@@ -68,14 +68,14 @@ def test_bytes_kept_within_the_fraction(fraction, N, seed):
 @given(st.floats(0.1, 0.95), st.floats(0.01, 0.3), st.integers(32, 48).map(lambda g: g * TOKEN_GROUP))
 def test_more_memory_keeps_more_tokens_and_bytes(fraction, more, N):
     """Monotone: within a bit width the tokens grow with the fraction; the bytes grow up to
-    the rows kept in the model's dtype and a partial key group's scales, per layer (more
-    rows can quantize one more row and hold fewer bytes); the slack allows a token group
-    and the window at full price."""
+    what the larger fraction's fill leaves unspent, a slot and a key group's scales per
+    layer and KV head (test_bytes_kept_within_the_fraction): more rows can quantize one
+    more row and hold fewer bytes, never fewer than that."""
     low, _ = memory_cache(fraction, N)
     high, _ = memory_cache(min(1.0, fraction + more), N)
     if low.budget.bits == high.budget.bits:
         assert sum(low.kept) <= sum(high.kept)
-    slack = B * G * L * (TOKEN_GROUP + WINDOW) * high.budget.slot_full
+    slack = B * G * L * (high.budget.slot + high.budget.reserve)
     assert kept_bytes(low) <= kept_bytes(high) + slack
 
 
