@@ -88,29 +88,29 @@ def global_heads(scores: Tensor, total: int, floor: int, protected: Tensor, vali
     return (rank < take[None, :, None, None]).sum(-1)
 
 
-def with_per_head(policy, on: bool = True):
-    """A copy of ``policy`` (a kvpolicy.Policy) planning per KV head (``on``), or a ValueError
-    naming why it cannot: its budget must be split by token scores and its rows appended
-    while decoding, with the shared per-head selection. ``on=False``: a copy planning one
-    count per layer (for a policy planning per head by its own rule, e.g. kvzip)."""
+def per_head_refusal(policy) -> str | None:
+    """Why ``policy`` (a kvpolicy.Policy) cannot plan per KV head, or None: its budget must
+    be split by token scores and its rows appended while decoding, with the shared per-head
+    selection."""
     from .policy import Policy
 
-    if not on:
-        out = copy.copy(policy)
-        out.per_head = False
-        return out
-    name = policy.name
-    why = None
     if policy.requirements().decode != "append":
-        why = "evicts while decoding into one fixed-size buffer per layer"
-    elif type(policy).evict is not Policy.evict or type(policy).plan is not Policy.plan:
-        why = "selects its tokens with its own rule (not one score per token and head)"
-    elif policy.requirements().defer:
-        why = f"defers its compaction (defer={policy.requirements().defer}); pass defer=0"
-    if why:
-        raise ValueError(f"per_head=True: {name} {why}; per-head budgets need a policy that "
-                         f"scores tokens and appends (e.g. snapkv, pyramidkv, kvzip, "
+        return "evicts while decoding into one fixed-size buffer per layer"
+    if type(policy).evict is not Policy.evict or type(policy).plan is not Policy.plan:
+        return "selects its tokens with its own rule (not one score per token and head)"
+    if policy.requirements().defer:
+        return f"defers its compaction (defer={policy.requirements().defer}); pass defer=0"
+    return None
+
+
+def with_per_head(policy, on: bool = True):
+    """A copy of ``policy`` (a kvpolicy.Policy) planning per KV head (``on``), or a ValueError
+    naming why it cannot (per_head_refusal); ``on=False``: a copy planning one count per
+    layer, which every policy can (for one planning per head by its own rule, e.g. kvzip)."""
+    if on and (why := per_head_refusal(policy)):
+        raise ValueError(f"per_head=True: {policy.name} {why}; per-head budgets need a policy "
+                         f"that scores tokens and appends (e.g. snapkv, pyramidkv, kvzip, "
                          f"expected_attention, keydiff)")
     out = copy.copy(policy)
-    out.per_head = True
+    out.per_head = on
     return out

@@ -70,7 +70,7 @@ def test_more_memory_keeps_more_tokens_and_bytes(fraction, more, N):
     """Monotone: within a bit width the tokens grow with the fraction; the bytes grow up to
     what the larger fraction's fill leaves unspent, a slot and a key group's scales per
     layer and KV head (test_bytes_kept_within_the_fraction): more rows can quantize one
-    more row and hold fewer bytes, never fewer than that."""
+    more row and so hold fewer bytes, but never by more than that."""
     low, _ = memory_cache(fraction, N)
     high, _ = memory_cache(min(1.0, fraction + more), N)
     if low.budget.bits == high.budget.bits:
