@@ -31,22 +31,29 @@ def head_valid_or(valid: Tensor, head_valid: Tensor | None, shape: torch.Size) -
     return ok.expand(shape)
 
 
+def by_layer(protected: Tensor) -> Tensor:
+    """bool [L or 1, B, 1, N]: protected [B, N] (every layer) or [L, B, N] (per layer),
+    against [L, B, G, N] entries."""
+    return (protected if protected.dim() == 3 else protected[None])[:, :, None, :]
+
+
 def split_heads(scores: Tensor, n: Tensor, protected: Tensor, valid: Tensor,
                 head_valid: Tensor | None = None, safeguard: float = SAFEGUARD) -> Tensor:
     """int64 [L, B, G]: each layer's n_l x G entries split across its KV heads.
 
     scores float [L, B, G, N] (higher = keep); n int64 [L] the layer's tokens per head;
-    protected bool [B, N] (kept in every head); valid bool [B, N]; head_valid bool [L, B,
-    G, N] | None (a head lacking a token cannot keep it). Each head first takes its
+    protected bool [B, N] or [L, B, N] (kept in every head); valid bool [B, N]; head_valid
+    bool [L, B, G, N] | None (a head lacking a token cannot keep it). Each head first takes its
     protected tokens and its top int(n_l x safeguard) scores, then the layer's best
     remaining entries over all its heads until n_l x G (or all its entries) are taken.
     """
     L, B, G, N = scores.shape
     ok = head_valid_or(valid, head_valid, scores.shape)
     key = scores.double().masked_fill(~ok, -torch.inf)
-    own = ranked(key, protected[None, :, None, :].expand_as(key).long())
+    protected = by_layer(protected)
+    own = ranked(key, protected.expand_as(key).long())
     safe = own < (n.double() * safeguard).long().view(L, 1, 1, 1)
-    tier = (2 * (protected[None, :, None, :] & ok) + (safe & ok)).long() - 3 * (~ok).long()
+    tier = (2 * (protected & ok) + (safe & ok)).long() - 3 * (~ok).long()
     rank = ranked(key.flatten(2), tier.flatten(2)).view(L, B, G, N)
     take = torch.minimum(n.view(L, 1) * G, ok.sum((2, 3)))  # [L, B]
     return (rank < take[:, :, None, None]).sum(-1)
@@ -76,12 +83,14 @@ def global_heads(scores: Tensor, total: int, floor: int, protected: Tensor, vali
                  head_valid: Tensor | None = None) -> Tensor:
     """int64 [L, B, G]: ``total`` x G entries chosen over every layer and KV head at once
     (KVzip's head-level selection): protected tokens first in every head, then each head's
-    top ``floor`` (the layer floor), then the best remaining entries anywhere."""
+    top ``floor`` (the layer floor), then the best remaining entries anywhere. protected
+    bool [B, N] or [L, B, N]; valid, head_valid as for ``split_heads``."""
     L, B, G, N = scores.shape
     ok = head_valid_or(valid, head_valid, scores.shape)
     key = scores.double().masked_fill(~ok, -torch.inf)
-    own = ranked(key, protected[None, :, None, :].expand_as(key).long())
-    tier = (2 * (protected[None, :, None, :] & ok) + ((own < floor) & ok)).long() - 3 * (~ok).long()
+    protected = by_layer(protected)
+    own = ranked(key, protected.expand_as(key).long())
+    tier = (2 * (protected & ok) + ((own < floor) & ok)).long() - 3 * (~ok).long()
     flat = lambda x: x.permute(1, 0, 2, 3).reshape(B, L * G * N)  # noqa: E731
     rank = ranked(flat(key), flat(tier)).view(B, L, G, N).permute(1, 0, 2, 3)
     take = torch.minimum(torch.tensor(total * G), ok.sum((0, 2, 3)))  # [B]

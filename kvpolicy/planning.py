@@ -75,8 +75,11 @@ def row_plans(policy: Policy, budget: Budget, layers: list[KVLayer], observed: O
     attn = torch.stack([left_pad(scores[l], width) for l in scored])
     held = torch.stack([left_pad(layers[l].pos >= 0, width) for l in scored])  # [L, B, G, W]
     valid = held.any(2).any(0)
-    # a per-head cache's heads hold different tokens once planned
-    head_valid = held if policy.requirements().per_head and not bool(held.all(2).eq(held.any(2)).all()) else None
+    # a per-head cache's heads hold different tokens once planned, a continued cache's
+    # layers different counts (the narrower ones left-padded)
+    by_layer = held.any(2)  # [L, B, W]
+    same = bool(held.all(2).eq(by_layer).all()) and bool(by_layer.eq(by_layer.any(0)).all())
+    head_valid = None if same else held
     queries = left_pad(observed.queries, width)
     vision = None if observed.vision is None else left_pad(observed.vision, width)
     tally = observed.tally

@@ -1,6 +1,7 @@
 """The policy abstraction: score tokens, allocate the budget across layers, evict per layer."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass
@@ -100,8 +101,9 @@ class Stats:
     future_rotary: float32 [B, 2, F, D] (future_positions = F): cos and sin of the model's
         rotary at each row's F positions after its prompt (rotate-half convention).
     head_valid: bool [L, B, G, N] or None: which KV heads hold each token, when they differ
-        (a continued cache planned per head, whose heads kept different tokens); None:
-        every head holds every valid token.
+        (a continued cache planned per head, whose heads kept different tokens, or whose
+        layers kept different counts: ``of_layer``); None: every head of every layer holds
+        every valid token.
     prompt_attn: float32 [L, B, G, N] or None (reconstruct, with queries other than
         "none"): the attention the first prompt's counted queries gave each key, summed over
         them and the query heads of its KV group (what ``attn`` holds for other policies).
@@ -139,6 +141,14 @@ class Stats:
     def budget_tokens(self) -> int:
         """The token count a fractional budget applies to."""
         return self.num_tokens if self.num_seen is None else self.num_seen
+
+    def of_layer(self, l: int) -> Stats:
+        """These stats with ``valid`` [B, N] the slots layer l holds (with ``head_valid``:
+        any of its KV heads; a continued cache's layers hold different counts, the
+        narrower ones left-padded)."""
+        if self.head_valid is None:
+            return self
+        return dataclasses.replace(self, valid=self.head_valid[l].any(1))
 
     def causal_entries(self) -> Tensor:
         """float32 [B]: per query head, the (counted query, visible real key) pairs."""
@@ -230,18 +240,22 @@ class Policy:
     def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
         """Per layer int64 [B, G, min(n_l, N)]: protected tokens, then the top scores (n
         int64 [L, B, G] per KV head: per layer [B, G, max count], see heads.select_heads)."""
-        protected = self.protected(stats)
+        layers = [stats.of_layer(l) for l in range(len(n))]
         if n.dim() == 3:
             hv = stats.head_valid
-            return [select_heads(scores[l], n[l], protected, stats.valid,
-                                 None if hv is None else hv[l]) for l in range(len(n))]
-        return [select_keep(scores[l], min(int(n[l]), stats.num_tokens), protected, stats.valid)
-                for l in range(len(n))]
+            return [select_heads(scores[l], n[l], self.protected(s), s.valid,
+                                 None if hv is None else hv[l]) for l, s in enumerate(layers)]
+        return [select_keep(scores[l], min(int(n[l]), s.num_tokens), self.protected(s), s.valid)
+                for l, s in enumerate(layers)]
 
     # ---- what the steps need ---------------------------------------------------------
     def protected(self, stats: Stats) -> Tensor:
         """bool [B, N_pad]: the first ``sinks`` and last ``window`` real tokens."""
         return edge_tokens(stats.valid, self.sinks, self.window)
+
+    def protected_by_layer(self, stats: Stats) -> Tensor:
+        """bool [L, B, N_pad]: ``protected`` among the slots each layer holds."""
+        return torch.stack([self.protected(stats.of_layer(l)) for l in range(stats.num_layers)])
 
     def query_mask(self, valid: Tensor, vision: Tensor | None) -> Tensor:
         """bool [B, N_pad]: the prompt positions the score op counts as queries."""
@@ -306,7 +320,7 @@ class Policy:
         n = self.allocate(stats, total, floor)
         scores = self.score(stats)
         if self.per_head and n.dim() == 1:
-            n = split_heads(scores, n, self.protected(stats), stats.valid, stats.head_valid)
+            n = split_heads(scores, n, self.protected_by_layer(stats), stats.valid, stats.head_valid)
         keep = self.evict(scores, n, stats)
         if n.dim() == 1:
             return Plan(keep, self.capacity(n, stats))

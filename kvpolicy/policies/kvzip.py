@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..allocation import take_cheapest
-from ..heads import global_heads
+from ..heads import global_heads, head_valid_or
 from ..policy import Policy, QuerySet, Stats, check_int, check_share
 from ..registry import register_policy
 from ..selection import edge_tokens
@@ -101,11 +101,12 @@ class KVzip(Policy):
         floor = min(self.room(stats), max(floor, int(self.min_share * total / stats.num_layers)))
         scores = self.score(stats)
         if self.per_head:
-            return global_heads(scores, total, floor, self.protected(stats), stats.valid,
-                                stats.head_valid)
+            return global_heads(scores, total, floor, self.protected_by_layer(stats),
+                                stats.valid, stats.head_valid)
         big = 1e30
-        key = scores.double().masked_fill(self.protected(stats)[None, :, None, :], big)
-        key = key.masked_fill(~stats.valid[None, :, None, :], -big)
+        protected = self.protected_by_layer(stats)[:, :, None, :]
+        held = head_valid_or(stats.valid, stats.head_valid, scores.shape)
+        key = scores.double().masked_fill(protected, big).masked_fill(~held, -big)
         ranked = key.sort(-1, descending=True).values.mean(dim=(1, 2))  # [L, N]
         return take_cheapest(-ranked.cpu(), total, floor, self.room(stats))
 
