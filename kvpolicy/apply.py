@@ -282,8 +282,9 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy,
     ``kvpolicy.detach(model)`` removes them).
     chunk_size: prefill this many tokens at a time, compressing after each chunk, so the
     K/V held stays near ``budget x tokens seen + chunk_size`` per layer. A reconstructing
-    policy (kvzip) holds the whole context until its passes, which repeat ``chunk_size``
-    context tokens each (their attention's memory follows it), then compresses once.
+    policy (kvzip) scores each chunk with one reconstruction pass once it is read (the
+    pass sees the chunk and what earlier chunks kept), then compresses; without
+    ``chunk_size`` it holds the whole context until its passes (the paper's rule).
     max_new_tokens: decode steps to size buffers (and fixed-size policies) for.
     budget, bits: as for ``apply`` (with ``chunk_size`` each chunk's
     compaction puts the rows back in full precision and quantizes them again).
@@ -298,6 +299,11 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy,
         raise ValueError(f"compress needs input_ids as a non-empty int tensor [batch, length], "
                          f"got {shape}")
     pol, b, rotary, bits = validated(model, policy, budget, params, bits, per_head)
+    needs = pol.requirements()
+    if chunk_size is not None and needs.reconstruct and needs.queries != "none":
+        raise ValueError(f"kvpolicy {pol.name}: counting the prompt's last tokens (question=...) "
+                         f"needs the whole prompt in one piece; compress without chunk_size, or "
+                         f"with question=0")
     check_prompt_budget(model, pol, b, input_ids, attention_mask)
     hooks: CacheHooks = attach(model)
     cache = PolicyCache(hooks.windows, pol, b, max_new_tokens, 1, recompress, rotary, chunk_size,

@@ -56,8 +56,10 @@ class PolicyCache(Cache):
     torch.compile shapes); recompress: whether a new turn (a call continuing a finished
     call) is compressed again so that each layer keeps ``budget`` of everything seen (else
     it is appended). The chunks of one call's prompt are always compressed. rotary: a
-    kvpolicy.rotary.CacheRotary for policies with positions="cache". chunk_size: context
-    tokens per reconstruction pass (``Requirements.reconstruct``; None: the policy's own).
+    kvpolicy.rotary.CacheRotary for policies with positions="cache". chunk_size: the
+    prompt chunk a reconstructing policy (``Requirements.reconstruct``) scores and compacts
+    at a time, one pass per chunk (None: the whole first prompt, in passes of the policy's
+    own length).
     query_rotary: the model's rotary (kvpolicy.rotary.CacheRotary) for policies that ask for
     query statistics or future positions (``Requirements.query_stats``, ``future_positions``).
     bits: 16 keeps the prompt rows in the model's dtype; 8, 4 or 2 quantizes them at each
@@ -95,6 +97,7 @@ class PolicyCache(Cache):
         self._pass_span: tuple[int, int] | None = None
         self._held: list[tuple] = []
         self._pass_tally: ScoreTally | None = None
+        self._pass_scores: list[Tensor | None] | None = None  # per layer, by position (chunks)
 
     # ---- what the cache tells ----------------------------------------------------------
     @property
@@ -197,19 +200,22 @@ class PolicyCache(Cache):
 
     @property
     def reconstruction_due(self) -> bool:
-        """Whether the first prompt is complete and waits for its reconstruction passes."""
+        """Whether a prompt waits for its reconstruction passes: the whole first prompt, or
+        with ``chunk_size`` its last chunk."""
         return (self._unscored is not None and self._pass_tally is None
-                and int(self.layers[0].seen) >= self._call_ids.shape[1])
+                and (self._chunk_size is not None
+                     or int(self.layers[0].seen) >= self._call_ids.shape[1]))
 
-    @property
-    def reconstruction_chunk(self) -> int | None:
-        """Context tokens per reconstruction pass (None: the policy's own)."""
-        return self._chunk_size
-
-    def reconstruction_context(self) -> Tensor:
-        """ids [1, n] of the context the reconstruction passes repeat."""
+    def reconstruction_passes(self) -> tuple[int, list[tuple[int, int, Tensor]]]:
+        """(n, passes): the tokens seen, after which the passes are placed, and the
+        policy's passes (start, stop, ids [1, q]) over the context positions due: the
+        whole first prompt, or with ``chunk_size`` the chunk just read."""
         self._pass_tally = ScoreTally(len(self.layers))
-        return self._call_ids
+        n = int(self.layers[0].seen)
+        passes = self.policy.reconstruction(self._call_ids[:, :n], self._chunk_size)
+        new_pos = self._unscored.new_pos
+        first = 0 if self._chunk_size is None else int(new_pos[new_pos >= 0].min())
+        return n, [p for p in passes if p[1] > first]
 
     def begin_pass(self, start: int, stop: int) -> None:
         """The next forward is a reconstruction pass scoring context positions [start, stop)
@@ -217,17 +223,44 @@ class PolicyCache(Cache):
         self._pass_span = (start, stop)
 
     def end_reconstruction(self) -> None:
-        """Plan the first prompt with the passes' max scores and compact it."""
+        """Plan the first prompt (with ``chunk_size``: every slot held) with the passes'
+        max scores and compact it."""
         unscored, tally = self._unscored, self._pass_tally
         self._unscored = self._pass_tally = None
         self._expand()
         pos = next(layer for layer in self.layers if layer.scored).pos[:, 0]  # [1, C]
+        if self._chunk_size is not None:
+            self._remember_scores(tally)
         counted = self.policy.requirements().queries != "none"
         observed = Observed(tally, torch.zeros_like(pos, dtype=torch.bool), None,
-                            unscored.new_pos, self.layers[0].next_pos.clone(), False,
-                            unscored.heads_per_group,
+                            unscored.new_pos, self.layers[0].next_pos.clone(),
+                            unscored.continued, unscored.heads_per_group,
                             prompt_tally=unscored.tally if counted else None)
         self._compact(observed, True, self._new_tokens)
+
+    def _remember_scores(self, tally: ScoreTally) -> None:
+        """A chunk's passes scored its slots (and the sinks): keep each slot's score by
+        position (fp32 [B, G, n] per scored layer over the first prompt's n positions),
+        the max of every pass that scored it, and give every held slot (of an earlier
+        chunk: none of this chunk's passes scored it) its score in ``tally``."""
+        n = self._call_ids.shape[1]
+        if self._pass_scores is None:
+            self._pass_scores = [None] * len(self.layers)
+        for l, layer in enumerate(self.layers):
+            if not layer.scored or tally.layer(l) is None:
+                continue
+            B, G, S = layer.pos.shape
+            if self._pass_scores[l] is None:
+                self._pass_scores[l] = torch.zeros(B, G, n, device=layer.pos.device)
+            table, pos = self._pass_scores[l], layer.pos
+            b, g, s = (pos >= 0).nonzero(as_tuple=True)
+            at = pos[b, g, s]
+            merged = torch.zeros(B, G, S, device=pos.device)
+            merged[b, g, s] = torch.maximum(table[b, g, at], tally.layer(l)[b, g, s])
+            table[b, g, at] = merged[b, g, s]
+            tally.set(l, Observation(merged))
+        if int(self.layers[0].seen) >= n:
+            self._pass_scores = None
 
     # ---- a forward -----------------------------------------------------------------
     def begin_forward(self, owner: str, windows: list[int | None], new_valid: Tensor,
@@ -255,6 +288,7 @@ class PolicyCache(Cache):
         self.settle()  # a deferred compaction runs before the next forward opens
         if self._pass_span is not None:
             (start, stop), self._pass_span = self._pass_span, None
+            self._expand()  # the rows the pass attends are the ones it gives back: no copy
             self._held = [layer.held() for layer in self.layers]
             self._pass = PassObserver(self.layers, new_valid.shape[1], start, stop,
                                       self.policy.sinks, self._pass_tally)
@@ -320,8 +354,8 @@ class PolicyCache(Cache):
         """Keep every slot of a reconstructing policy's forward: a first prompt's waits for
         its passes (``reconstruction_due``), closed where it lies when every layer is planned
         (else a keep-all compaction trims the sliding layers); a later turn is appended,
-        never re-scored. Of a chunked prompt, the last chunk's observation is kept (its
-        queries see every slot)."""
+        never re-scored. Of a chunked prompt without ``chunk_size``, the last
+        chunk's observation is kept (its queries see every slot)."""
         if fresh and self._call_ids is None:
             raise ValueError(f"kvpolicy {self.policy.name}: its reconstruction passes repeat the "
                              f"prompt's token ids; run it through model.generate(input_ids) or "

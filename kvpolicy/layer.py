@@ -204,9 +204,12 @@ class KVLayer(CacheLayerMixin):
 
     def close_as_held(self, next_pos: Tensor) -> None:
         """End the step on the slots the layer holds, in full precision and without a copy
-        (a first prompt awaiting its reconstruction passes)."""
+        (a first prompt awaiting its reconstruction passes); per-head rows stay unflattened
+        (``is_split``)."""
+        split = self._split
         self.close(self.keys.contiguous(), self.values.contiguous(), self.pos.contiguous(),
                    self.keys.shape[2], next_pos, self.scores, None, quantize=False)
+        self._split = split
 
     def close_flat(self, keys: Tensor, values: Tensor, pos: Tensor, slot_heads: Tensor,
                    kept: int, next_pos: Tensor, quantize: bool = True) -> None:
@@ -229,14 +232,14 @@ class KVLayer(CacheLayerMixin):
     def held(self) -> tuple:
         """The closed layer's state, for ``rewind`` (references, no copies)."""
         return (self.keys, self.values, self.quantized, self.pos, self.scores, self.seen,
-                self.slot_heads, self.used)
+                self.slot_heads, self.used, self._split)
 
     def rewind(self, held: tuple) -> None:
         """End a multi-token step without keeping its tokens: back to ``held`` (a
         reconstruction pass attends the context and leaves it as it was)."""
         (self.keys, self.values, self.quantized, self.pos, self.scores, self.seen,
-         self.slot_heads, self.used) = held
-        self.is_open, self._split = False, False
+         self.slot_heads, self.used, self._split) = held
+        self.is_open = False
 
     # ---- per-head rows -----------------------------------------------------------------
     @property
@@ -270,8 +273,9 @@ class KVLayer(CacheLayerMixin):
 
     @property
     def is_split(self) -> bool:
-        """Whether the open layer's KV heads hold different slots (per-head rows unflattened
-        by ``expand``): its masks and plan then follow each head's ``pos``."""
+        """Whether the layer's KV heads hold different slots (per-head rows unflattened by
+        ``expand``, open or held for reconstruction passes): its masks and plan then follow
+        each head's ``pos``."""
         return self._split
 
     # ---- quantized prompt rows ---------------------------------------------------------

@@ -18,7 +18,7 @@ from .attention import attend, probabilities, prompt_mask
 from .layer import KVLayer
 from .pipeline import Observation, ScoreTally
 
-BLOCK_ELEMENTS = 2 ** 22  # attention probabilities held at once (16 MiB in fp32)
+BLOCK_ELEMENTS = 2 ** 21  # attention probabilities held at once (8 MiB in fp32)
 
 
 def query_block(heads: int, keys: int) -> int:
@@ -48,17 +48,27 @@ class PassObserver:
         layer's context slots."""
         self.attended.add(layer_idx)
         C = key.shape[2] - query.shape[2]
-        key_pos = torch.cat([layer.pos[:, 0, :C], self.new_pos], 1)
-        visible = prompt_mask(key_pos, self.new_pos, layer.attention_window)
-        if not layer.scored:
-            return attend(module, query, key, value, visible, scaling, softcap, sinks)
-        scored = self.scored(layer, C)
-        if self.fuses(layer, sinks):
-            return self.attend_and_observe(layer_idx, layer, scored, query, key, value, visible,
-                                           scaling, softcap)
+        visible = self.mask(layer, C)
+        if layer.scored and self.fuses(layer, sinks):
+            return self.attend_and_observe(layer_idx, layer, self.scored(layer, C), query, key,
+                                           value, visible, scaling, softcap)
+        if visible.shape[1] > 1:  # one mask per query head, as ``attend`` takes them
+            visible = visible.repeat_interleave(query.shape[1] // visible.shape[1], 1)
         out = attend(module, query, key, value, visible, scaling, softcap, sinks)
+        if not layer.scored:
+            return out
+        scored = self.scored(layer, C)
         self.observe(layer_idx, scored, query, key, scaling, softcap, sinks)
         return out
+
+    def mask(self, layer: KVLayer, C: int) -> Tensor:
+        """bool [1, G', q, C + q]: what the pass's tokens see (every held context slot in
+        the window, causal among themselves); G' = 1, or G for a per-head layer whose heads
+        hold different slots (an earlier chunk's per-head compaction)."""
+        pos = layer.pos[:, :, :C] if layer.is_split else layer.pos[:, :1, :C]  # [1, G', C]
+        key_pos = torch.cat([pos, self.new_pos[:, None].expand(-1, pos.shape[1], -1)], 2)
+        return torch.stack([prompt_mask(k, self.new_pos, layer.attention_window)[:, 0]
+                            for k in key_pos.unbind(1)], 1)
 
     @staticmethod
     def fuses(layer: KVLayer, sinks: Tensor | None) -> bool:
@@ -67,9 +77,9 @@ class PassObserver:
         return layer.attention_window is None and sinks is None
 
     def scored(self, layer: KVLayer, C: int) -> Tensor:
-        """bool [C]: the context slots this pass scores (a token below ``sinks`` or in
-        [start, stop))."""
-        pos = layer.pos[0, 0, :C]
+        """bool [G', C]: the context slots this pass scores (a token below ``sinks`` or in
+        [start, stop)); G' as in ``mask``."""
+        pos = layer.pos[0, :, :C] if layer.is_split else layer.pos[0, :1, :C]
         return (pos >= 0) & ((pos < self.sinks) | ((pos >= self.start) & (pos < self.stop)))
 
     def attend_and_observe(self, layer_idx: int, layer: KVLayer, scored: Tensor, query: Tensor,
@@ -79,14 +89,14 @@ class PassObserver:
         layer without sliding window or sink logits, whose queries all see every held
         context slot): a scored slot's probability under the softmax restricted to the
         scored slots and the pass's own tokens is its attention probability over their sum.
-        query [1, H, q, D], key/value [1, G, C + q, D], scored bool [C], visible bool
-        [1, 1, q, C + q]. Returns out [1, q, H, Dv]."""
+        query [1, H, q, D], key/value [1, G, C + q, D], scored bool [G', C], visible bool
+        [1, G', q, C + q] (``mask``). Returns out [1, q, H, Dv]."""
         B, H, q, _ = query.shape
         G, C = key.shape[1], key.shape[2] - q
         g = H // G
-        held = layer.pos[0, 0, :C] >= 0
+        held = (layer.pos[0, :, :C] if layer.is_split else layer.pos[0, :1, :C]) >= 0
         subset = None if torch.equal(scored, held) else torch.cat(  # None: every visible key
-            [scored, scored.new_ones(q)]).float()
+            [scored, scored.new_ones(scored.shape[0], q)], 1).float()[None, :, None, :, None]
         grouped = query.view(B, G, g, q, -1)
         out = value.new_empty(B, G, g, q, value.shape[-1])
         best = torch.zeros(B, G, C, device=key.device)
@@ -102,15 +112,31 @@ class PassObserver:
                                              value[:, :, :S].float()).view(B, G, g, b - a, -1)
             context = probs[..., :C]
             if subset is not None:
-                context = context / torch.matmul(probs, subset[:S])[..., None]
+                context = context / torch.matmul(probs, subset[..., :S, :])
             best = torch.maximum(best, context.amax(dim=(2, 3)))
         self.tally.add_max(layer_idx, Observation(best * scored))
         return out.view(B, H, q, -1).transpose(1, 2)
 
     def observe(self, layer_idx: int, scored: Tensor, query: Tensor, key: Tensor, scaling: float,
                 softcap: float | None, sinks: Tensor | None) -> None:
-        """Score the ``scored`` context slots (bool [C]) with the softmax over them and the
-        pass's own tokens, apart from the model's attention."""
+        """Score the ``scored`` context slots (bool [G', C], as ``scored`` gives them) with
+        the softmax over them and the pass's own tokens, apart from the model's attention:
+        per KV head where the heads hold different slots."""
+        if scored.shape[0] == 1:
+            full = self.restricted(scored[0], query, key, scaling, softcap, sinks)
+        else:
+            g = query.shape[1] // key.shape[1]
+            full = torch.cat([self.restricted(
+                scored[h], query[:, h * g:(h + 1) * g], key[:, h:h + 1], scaling, softcap,
+                None if sinks is None else sinks[h * g:(h + 1) * g]) for h in range(key.shape[1])], 1)
+        self.tally.add_max(layer_idx, Observation(full))
+
+    @staticmethod
+    def restricted(scored: Tensor, query: Tensor, key: Tensor, scaling: float,
+                   softcap: float | None, sinks: Tensor | None) -> Tensor:
+        """fp32 [B, G, C]: the max over the queries [B, H, q, D] and each KV head's query
+        group of the probability of the ``scored`` slots (bool [C]) of key [B, G, C + q, D]
+        under the softmax over them and the pass's own tokens (0 elsewhere)."""
         B, H, q, _ = query.shape
         G, C = key.shape[1], key.shape[2] - q
         slots = scored.nonzero()[:, 0]
@@ -130,16 +156,16 @@ class PassObserver:
             best = torch.maximum(best, probs[..., :s].amax(dim=(1, 3)))
         full = best.new_zeros(B, G, C)
         full[:, :, slots] = best
-        self.tally.add_max(layer_idx, Observation(full))
+        return full
 
 
 def reconstruct(model: nn.Module, cache) -> None:
     """Run the policy's reconstruction passes of the context ``cache`` holds (a PolicyCache
-    whose first prompt is complete and uncompressed), then let it plan and compact."""
-    context = cache.reconstruction_context()
-    n = context.shape[1]
+    whose first prompt, or with ``chunk_size`` its last chunk, is held uncompressed), then
+    let it plan and compact."""
+    n, passes = cache.reconstruction_passes()
     with torch.no_grad():
-        for start, stop, ids in cache.policy.reconstruction(context, cache.reconstruction_chunk):
+        for start, stop, ids in passes:
             cache.begin_pass(start, stop)
             positions = torch.arange(n, n + ids.shape[1], device=ids.device)[None]
             model(input_ids=ids.to(model.device), position_ids=positions.to(model.device),

@@ -182,8 +182,8 @@ def test_kvzip_scores_are_the_reconstruction_rule(tiny, chunk, fused, monkeypatc
     if not fused:
         monkeypatch.setattr(reconstruction.PassObserver, "fuses", staticmethod(lambda *_: False))
     context = ids(70, 8)
-    policy = get_policy("kvzip", tokenizer=CharTokenizer())
-    stats = compressed_stats(tiny, context, policy, 0.3, chunk_size=chunk)
+    policy = get_policy("kvzip", tokenizer=CharTokenizer(), chunk=chunk)
+    stats = compressed_stats(tiny, context, policy, 0.3)
     got = stats.attn[:, 0, :, 4:70]
     want = kvzip_reference(tiny, context, CharTokenizer(), chunk)[..., 4:]
     assert want.min() > 0
@@ -197,8 +197,8 @@ def test_kvzip_scores_under_softcapping_are_the_reconstruction_rule():
     for layer in model.model.layers:  # a cap the tiny model's logits reach
         layer.self_attn.attn_logit_softcapping = 0.02
     context = ids(70, 8)
-    stats = compressed_stats(model, context, get_policy("kvzip", tokenizer=CharTokenizer()), 0.3,
-                             chunk_size=32)
+    stats = compressed_stats(model, context, get_policy("kvzip", tokenizer=CharTokenizer(), chunk=32),
+                             0.3)
     want = kvzip_reference(model, context, CharTokenizer(), 32)[1, :, 4:]
     assert stats.attn.shape[0] == 1
     torch.testing.assert_close(stats.attn[0, 0, :, 4:70], want, rtol=1e-4, atol=1e-6)
@@ -294,9 +294,10 @@ def test_kvzip_under_generate_keeps_what_compress_keeps(tiny, per_head):
 
 
 def test_kvzip_copies_the_context_once(tiny, monkeypatch):
-    """Chunked compress holds the context without copying it: no compaction until the
-    passes have scored it (one in all), and a pass's tokens are attended, never stored
-    (each layer holds only the context while the pass attends)."""
+    """Without chunk_size compress holds the context without copying it: no compaction
+    until the passes (of kvzip's ``chunk`` tokens) have scored it, one in all, and a pass's
+    tokens are attended, never stored (each layer holds only the context while the pass
+    attends)."""
     compactions, held = [], []
     real_compact = cache_module.compact_layers_into
     real_attend = reconstruction.PassObserver.attend
@@ -314,13 +315,59 @@ def test_kvzip_copies_the_context_once(tiny, monkeypatch):
     with torch.no_grad():
         kvpolicy.compress(tiny, ids(8, 3), "snapkv", 0.5)  # attaching probes the model once
         compactions.clear()
-        cache = kvpolicy.compress(tiny, ids(70, 3), "kvzip", 0.3, chunk_size=16,
+        cache = kvpolicy.compress(tiny, ids(70, 3), "kvzip", 0.3, chunk=16,
                                   tokenizer=CharTokenizer())
     assert len(compactions) == 1
     assert len(held) == 5 * 3 and all(own == context == 70 for own, context in held)
     kvpolicy.detach(tiny)
     kept = sum(len(kept_entries(layer, 70)) for layer in cache.layers)
     assert kept == round(0.3 * 70 * 3) * cache.layers[0].kv_heads
+
+
+@pytest.mark.parametrize("per_head", [None, False])
+def test_kvzip_with_chunk_size_scores_and_compacts_each_chunk(tiny, per_head, monkeypatch):
+    """compress(chunk_size=C): one pass per chunk once it is read, attending what earlier
+    chunks kept (budget x the tokens seen before it, in every layer and head) and the
+    chunk, then a compaction planned on a score for every entry held (earlier chunks'
+    entries keep the one their own pass gave them). A chunk_size past the context is the
+    whole-context rule."""
+    context, tok, L = ids(70, 4), CharTokenizer(), tiny.config.num_hidden_layers
+    G, passes = tiny.config.num_key_value_heads, []
+    real_attend = reconstruction.PassObserver.attend
+
+    def attend(self, layer_idx, layer, module, query, key, *args):
+        pos = layer.pos[0, :, :key.shape[2] - query.shape[2]]
+        passes.append((self.start, int(((pos >= 0) & (pos < self.start)).sum()) * (G // pos.shape[0]),
+                       int(((pos >= self.start) & (pos < self.stop)).sum()) * (G // pos.shape[0]),
+                       layer.is_split))
+        return real_attend(self, layer_idx, layer, module, query, key, *args)
+
+    monkeypatch.setattr(reconstruction.PassObserver, "attend", attend)
+    policy = with_per_head(get_policy("kvzip", tokenizer=tok), per_head is None)
+    spy = Spy(policy)
+    with torch.no_grad():
+        cache = kvpolicy.compress(tiny, context, policy, 0.3, chunk_size=16)
+        chunked = list(passes)  # the chunked compress's passes
+        whole = kvpolicy.compress(tiny, context, get_policy("kvzip", tokenizer=tok), 0.3,
+                                  per_head=per_head is None)
+        longer = kvpolicy.compress(tiny, context, get_policy("kvzip", tokenizer=tok), 0.3,
+                                   per_head=per_head is None, chunk_size=100)
+    kvpolicy.detach(tiny)
+    starts = sorted({a for a, *_ in chunked})
+    assert starts == [0, 16, 32, 48, 64] and len(chunked) == 5 * L
+    for a in starts:
+        earlier = sum(e for a2, e, _, _ in chunked if a2 == a)
+        chunk = sum(c for a2, _, c, _ in chunked if a2 == a)
+        assert earlier == round(0.3 * a * L) * G  # what the chunks before kept, in all
+        assert chunk == (min(a + 16, 70) - a) * L * G
+        assert all(split == (per_head is None and a > 0) for a2, _, _, split in chunked if a2 == a)
+    assert len({id(stats) for stats in spy.seen}) == 5  # one plan a chunk
+    kept = sum(len(kept_entries(layer, 70)) for layer in cache.layers)
+    assert kept == round(0.3 * 70 * L) * G
+    assert [kept_entries(a, 70) for a in longer.layers] == [kept_entries(b, 70) for b in whole.layers]
+    final = spy.seen[-1]  # every entry held scored, by its own chunk's pass
+    held = final.head_valid if final.head_valid is not None else final.valid[None, :, None]
+    assert bool((final.attn[held.expand_as(final.attn)] > 0).all())
 
 
 def test_expected_attention_refuses_a_rotary_it_cannot_undo():
@@ -435,6 +482,21 @@ class Spy:
         return self.score(stats)
 
 
+def prefilled_stats(model, prompt, policy, budget, chunk: int | None):
+    """The Stats ``policy`` was planned with when generate's prefill (in chunks of
+    ``chunk`` tokens) compressed ``prompt``."""
+    spy = Spy(policy)
+    with torch.no_grad(), kvpolicy.apply(model, policy, budget):
+        model.generate(prompt, max_new_tokens=1, do_sample=False, prefill_chunk_size=chunk)
+    return spy.seen[0]
+
+
+def test_kvzip_question_needs_the_whole_prompt_in_compress(tiny):
+    with pytest.raises(ValueError, match="question=.*compress without chunk_size"):
+        kvpolicy.compress(tiny, ids(40, 1), "kvzip", 0.3, tokenizer=CharTokenizer(), question=4,
+                          chunk_size=16)
+
+
 def compressed_stats(model, prompt, policy, budget, **compress_kwargs):
     """The Stats ``policy`` was planned with when ``kvpolicy.compress`` compressed ``prompt``."""
     spy = Spy(policy)
@@ -503,16 +565,16 @@ def prompt_window_reference(model, context, window: int) -> torch.Tensor:
                         for P in eager_attention(model, context)])
 
 
-@pytest.mark.parametrize("chunk_size, counted", [(None, 10), (16, 6)])  # whole; 5 chunks, the last of 6
-def test_kvzip_question_counts_the_prompts_last_tokens(tiny, chunk_size, counted):
+@pytest.mark.parametrize("chunk", [None, 16])  # whole; generate's prefill in 5 chunks, the last of 6
+def test_kvzip_question_counts_the_prompts_last_tokens(tiny, chunk):
     """question=Q: the first prompt's last Q queries (of its last chunk) are observed as a
     window policy's are, beside the passes' max; a key scores the larger of the two."""
     context = ids(70, 8)
     policy = get_policy("kvzip", tokenizer=CharTokenizer(), question=10)
-    stats = compressed_stats(tiny, context, policy, 0.3, chunk_size=chunk_size)
-    want = prompt_window_reference(tiny, context, counted)
+    stats = prefilled_stats(tiny, context, policy, 0.3, chunk)
+    want = prompt_window_reference(tiny, context, 10 if chunk is None else 6)
     torch.testing.assert_close(stats.prompt_attn[:, 0], want, rtol=1e-4, atol=1e-6)
     assert torch.equal(policy.score(stats), torch.maximum(stats.attn, stats.prompt_attn))
-    plain = compressed_stats(tiny, context, get_policy("kvzip", tokenizer=CharTokenizer()), 0.3,
-                             chunk_size=chunk_size)
+    plain = prefilled_stats(tiny, context, get_policy("kvzip", tokenizer=CharTokenizer()), 0.3,
+                            chunk)
     assert plain.prompt_attn is None and torch.equal(plain.attn, stats.attn)
