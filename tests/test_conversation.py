@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpolicy
+from tiny_lm import ids, llama
 
 pytestmark = pytest.mark.slow
 POLICIES = ["uniform", "snapkv", "pyramidkv", "prefixkv", "vlcache", "spankv", "h2o", "streamingllm"]
@@ -158,3 +159,19 @@ def test_document_chat_example_runs(smollm2):
         replies = example.run(*smollm2, budget=1.0, words=300, new_tokens=16)
     assert "582914" in replies[0] and "3307" in replies[1]
     assert len(replies) == 3
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "pyramidkv", "prefixkv"])
+def test_chunked_compress_plans_each_layer_on_the_tokens_it_holds(name):
+    """After a chunk the layers hold different counts (pyramidkv, prefixkv by design,
+    streamingllm's last chunk); the next chunk's plan sees each layer's own slots, not the
+    left padding of the narrower ones: every layer holds its planned count of real tokens
+    and the policy's sinks."""
+    model = llama()
+    with torch.no_grad():
+        cache = kvpolicy.compress(model, ids(150, 2), name, 0.2, chunk_size=32)
+    kvpolicy.detach(model)
+    sinks = cache.policy.sinks
+    for layer, kept in zip(cache.layers, cache.plan.kept):
+        held = sorted(int(p) for p in layer.pos[0, 0] if p >= 0)
+        assert len(held) == kept and held[:sinks] == list(range(sinks)), (kept, held)
