@@ -21,6 +21,18 @@ from .pipeline import Observation, ScoreTally
 BLOCK_ELEMENTS = 2 ** 21  # attention probabilities held at once (8 MiB in fp32)
 
 
+def column_runs(columns: Tensor) -> list[tuple[int, int]]:
+    """The [lo, hi) runs of True in bool [C] (the slots a pass scores: the sinks and its
+    chunk, so a few runs)."""
+    at = columns.nonzero()[:, 0]
+    if not len(at):
+        return []
+    gap = (at[1:] - at[:-1]) > 1
+    starts = torch.cat([at[:1], at[1:][gap]]).tolist()
+    stops = (torch.cat([at[:-1][gap], at[-1:]]) + 1).tolist()
+    return list(zip(starts, stops))
+
+
 def query_block(heads: int, keys: int) -> int:
     """Queries per block, so that a block's probabilities over ``keys`` keys in ``heads``
     query heads hold at most BLOCK_ELEMENTS elements."""
@@ -97,6 +109,7 @@ class PassObserver:
         held = (layer.pos[0, :, :C] if layer.is_split else layer.pos[0, :1, :C]) >= 0
         subset = None if torch.equal(scored, held) else torch.cat(  # None: every visible key
             [scored, scored.new_ones(scored.shape[0], q)], 1).float()[None, :, None, :, None]
+        runs = None if subset is None else column_runs(scored.any(0))  # the scored slots
         grouped = query.view(B, G, g, q, -1)
         out = value.new_empty(B, G, g, q, value.shape[-1])
         best = torch.zeros(B, G, C, device=key.device)
@@ -110,10 +123,13 @@ class PassObserver:
                                   softcap, None)  # [B, G, g, b - a, S]
             out[:, :, :, a:b] = torch.matmul(probs.view(B, G, g * (b - a), S),
                                              value[:, :, :S].float()).view(B, G, g, b - a, -1)
-            context = probs[..., :C]
-            if subset is not None:
-                context = context / torch.matmul(probs, subset[..., :S, :])
-            best = torch.maximum(best, context.amax(dim=(2, 3)))
+            if runs is None:
+                best = torch.maximum(best, probs[..., :C].amax(dim=(2, 3)))
+                continue
+            total = torch.matmul(probs, subset[..., :S, :])  # [B, G, g, b - a, 1]
+            for lo, hi in runs:
+                seen = (probs[..., lo:hi] / total).amax(dim=(2, 3))
+                best[..., lo:hi] = torch.maximum(best[..., lo:hi], seen)
         self.tally.add_max(layer_idx, Observation(best * scored))
         return out.view(B, H, q, -1).transpose(1, 2)
 
