@@ -19,6 +19,15 @@ from kvpolicy.tools.embedded import chat_prompt
 from kvpolicy.vllm.config import make_settings
 
 
+@pytest.fixture(autouse=True)
+def no_hooks_left(request):
+    """``compress`` leaves its hooks on the shared model: take them off after each test,
+    so that later modules find the model unpatched."""
+    yield
+    if "smollm2" in request.fixturenames:
+        kvpolicy.detach(request.getfixturevalue("smollm2")[0])
+
+
 @st.composite
 def head_scores(draw):
     """(scores [L, B, G, N], n [L], protected [B, N], valid [B, N], head_valid or None)."""
