@@ -370,6 +370,28 @@ def test_kvzip_with_chunk_size_scores_and_compacts_each_chunk(tiny, per_head, mo
     assert bool((final.attn[held.expand_as(final.attn)] > 0).all())
 
 
+def test_kvzip_chunks_score_the_same_through_the_fused_and_the_separate_softmax(tiny, monkeypatch):
+    """With chunk_size and per-head rows (each head holding its own earlier entries), the
+    scores from the pass's own softmax equal those computed apart from the attention
+    (the path of layers with sliding windows or sink logits), plan after plan."""
+    context, tok = ids(70, 5), CharTokenizer()
+    seen = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(reconstruction.PassObserver, "fuses", staticmethod(lambda *_: False))
+        policy = get_policy("kvzip", tokenizer=tok)
+        spy = Spy(policy)
+        with torch.no_grad():
+            cache = kvpolicy.compress(tiny, context, policy, 0.3, chunk_size=16)
+        kvpolicy.detach(tiny)
+        plans = list({id(s): s for s in spy.seen}.values())  # score runs twice a plan
+        seen.append(([s.attn for s in plans], [kept_entries(l, 70) for l in cache.layers]))
+    (fused_attn, fused_kept), (apart_attn, apart_kept) = seen
+    assert len(fused_attn) == 5 and fused_kept == apart_kept
+    for a, b in zip(fused_attn, apart_attn):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_expected_attention_refuses_a_rotary_it_cannot_undo():
     from transformers import GPT2Config, GPT2LMHeadModel
 
