@@ -61,17 +61,17 @@ def grouped_attention(query: Tensor, keys: Tensor, values: Tensor, visible: Tens
 def attend(module, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None,
            scaling: float, softcap: float | None, sinks: Tensor | None) -> Tensor:
     """Multi-token attention: query [B, H, q, D] over key/value [B, G, S, D] with
-    visible bool [B, 1, q, S] (None: causal, the queries being the last q keys), or [B, H,
-    q, S] where a per-head layer's KV heads hold different slots (the same within a KV
-    group: attended one KV head at a time, so that no [B, H, q, S] float mask is built).
-    SDPA (transformers' own call) unless softcapping or sinks need the explicit softmax.
-    Returns out [B, q, H, Dv]."""
+    visible bool [B, 1, q, S] (None: causal, the queries being the last q keys), or [B, G,
+    q, S] or [B, H, q, S] where a per-head layer's KV heads hold different slots (the same
+    within a KV group: attended one KV head at a time, so that no [B, H, q, S] float mask
+    is built). SDPA (transformers' own call) unless softcapping or sinks need the explicit
+    softmax. Returns out [B, q, H, Dv]."""
     G = key.shape[1]
     if visible is not None and visible.shape[1] > 1 and G > 1:
-        h = query.shape[1] // G
+        h, per = query.shape[1] // G, visible.shape[1] // G  # per: the mask's heads a group
         return torch.cat([attend(module, query[:, g * h:(g + 1) * h], key[:, g:g + 1],
-                                 value[:, g:g + 1], visible[:, g * h:g * h + 1], scaling, softcap,
-                                 None if sinks is None else sinks[g * h:(g + 1) * h])
+                                 value[:, g:g + 1], visible[:, g * per:g * per + 1], scaling,
+                                 softcap, None if sinks is None else sinks[g * h:(g + 1) * h])
                           for g in range(G)], 2)
     if not softcap and sinks is None:
         return sdpa_attention_forward(module, query, key, value, visible, scaling=scaling)[0]

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from . import models
-from .attention import attend, probabilities, prompt_mask
+from .attention import attend, causal, probabilities
+from .attention import visible as visible_
 from .layer import KVLayer
 from .pipeline import Observation, ScoreTally
 
@@ -64,8 +65,6 @@ class PassObserver:
         if layer.scored and self.fuses(layer, sinks):
             return self.attend_and_observe(layer_idx, layer, self.scored(layer, C), query, key,
                                            value, visible, scaling, softcap)
-        if visible.shape[1] > 1:  # one mask per query head, as ``attend`` takes them
-            visible = visible.repeat_interleave(query.shape[1] // visible.shape[1], 1)
         out = attend(module, query, key, value, visible, scaling, softcap, sinks)
         if not layer.scored:
             return out
@@ -79,8 +78,9 @@ class PassObserver:
         hold different slots (an earlier chunk's per-head compaction)."""
         pos = layer.pos[:, :, :C] if layer.is_split else layer.pos[:, :1, :C]  # [1, G', C]
         key_pos = torch.cat([pos, self.new_pos[:, None].expand(-1, pos.shape[1], -1)], 2)
-        return torch.stack([prompt_mask(k, self.new_pos, layer.attention_window)[:, 0]
-                            for k in key_pos.unbind(1)], 1)
+        q, S = self.new_pos.shape[1], key_pos.shape[2]
+        return visible_(key_pos[:, :, None, :], self.new_pos[:, None, :, None],
+                       layer.attention_window, order=causal(q, S, key_pos.device))
 
     @staticmethod
     def fuses(layer: KVLayer, sinks: Tensor | None) -> bool:
