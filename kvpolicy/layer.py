@@ -33,10 +33,11 @@ the plan's ``Stats.head_valid`` follow per head.
 With ``bits`` < 16 (append layers), ``close`` quantizes the first kept prompt rows
 (kvpolicy.quantized.QuantizedRows, ``quantized``); ``keys``/``values`` then hold only the
 slots after them (the policy's recent window, the rest of a packed byte, the decode
-region) in the model's dtype, while ``pos`` still covers every slot. A decode step
-dequantizes them in front of the buffers (eager: into the cache's shared ``scratch``), or on
-CUDA reads them in place (kvpolicy_kernels.quantized_attention, which dequantizes as it
-reads) when no probabilities are needed and no cache rotary re-rotates the keys; a
+region) in the model's dtype, while ``pos`` still covers every slot. A decode step reads
+them in place (kvpolicy_kernels.quantized_attention, which dequantizes as it reads: CUDA,
+and eager float32 on CPU) when no probabilities are needed and no cache rotary re-rotates
+the keys, else dequantizes them in front of the buffers (eager: into the cache's shared
+``scratch``; compiled: inside the graph); a
 multi-token step (``open``) or a compaction (``unquantize``) first puts them back in full
 precision. A per-head layer's flat rows are quantized the same way, as one KV head's rows
 (``close_flat``: the prompt rows head after head, so a token group spans two heads only at a
@@ -50,7 +51,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
-from kvpolicy_kernels import head_attention, quantized_attention
+from kvpolicy_kernels import head_attention, quantized_attention, quantized_cpu
 
 from .attention import grouped_attention, visible_slots
 from .policy import Policy
@@ -301,11 +302,12 @@ class KVLayer(CacheLayerMixin):
         return self.scratch.rows(self.quantized, self.keys, self.values)
 
     def _fused(self, query: Tensor, observe: bool) -> bool:
-        """Whether a decode step attends the quantized rows where they lie (CUDA:
-        kvpolicy_kernels.quantized_attention) rather than over ``_rows``: it returns no
-        probabilities, and takes the keys as stored (no cache rotary)."""
-        return (self.quantized is not None and query.is_cuda and self.rotary is None
-                and not observe and self.scores is None)
+        """Whether a decode step attends the quantized rows where they lie
+        (kvpolicy_kernels.quantized_attention: CUDA, and float32 eager CPU through its C
+        kernels) rather than over ``_rows``: it returns no probabilities, and takes the keys
+        as stored (no cache rotary)."""
+        return (self.quantized is not None and (query.is_cuda or quantized_cpu.usable(query))
+                and self.rotary is None and not observe and self.scores is None)
 
     # ---- the decode step -------------------------------------------------------------
     def _write(self, key_states: Tensor, value_states: Tensor) -> None:

@@ -11,8 +11,10 @@ block j in bits [j*bits, (j+1)*bits). Scales and zeros are in the rows' dtype.
 Decoding: compiled (and ``unquantize``), ``dequantize`` is one batched op per tensor and
 ``joined`` concatenates the full-precision rows after it, which inductor fuses into one
 fixed-shape graph. Eager, ``Scratch.rows`` writes both into one buffer shared by a cache's
-layers, with no allocation per step: the codes unpacked block by block with a shift and a
-mask, converted into the buffer, then scaled there (code * scale + zero).
+layers, with no allocation per step: float32 rows on CPU in one pass of
+kvpolicy_kernels.quantized_cpu (a C kernel built on first use), otherwise the codes
+unpacked block by block with a shift and a mask, converted into the buffer, then scaled
+there (code * scale + zero), the same rows.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvpolicy_kernels import quantized_cpu
 from kvpolicy_kernels.quantized_attention_ref import TOKEN_GROUP  # keys: tokens per (group, channel) scale
 
 BITS = (16, 8, 4, 2)  # 16: the model's dtype, not quantized
@@ -159,12 +162,23 @@ class QuantizedRows:
         values = v * self.value_scale[..., None] + self.value_zero[..., None]  # as dequantize_into rounds
         return keys.flatten(2, 3)[:, :, :self.rows], values.flatten(3, 4)
 
-    def dequantize_into(self, keys: Tensor, values: Tensor, codes: Tensor) -> None:
+    def dequantize_into(self, keys: Tensor, values: Tensor, codes: Tensor | None) -> None:
         """dequantize() written into keys [B, G, N, D] and values [B, G, N, Dv] (views in
-        the scales' dtype); codes: uint8 scratch of at least B * G * N * max(D, Dv). Each
-        tensor's codes are converted into it first, then scaled there in the scales' dtype:
-        a mixed-dtype ``addcmul`` casts in a temporary, and one whose scale broadcasts along
-        the innermost axis (values) runs ~3x slower on CPU than ``mul_`` then ``add_``."""
+        the scales' dtype). codes None: float32 CPU rows through kvpolicy_kernels.quantized_cpu
+        (one pass a tensor). Otherwise ATen, codes a uint8 scratch of at least B * G * N *
+        max(D, Dv): each tensor's codes are converted into it first, then scaled there in
+        the scales' dtype (a mixed-dtype ``addcmul`` casts in a temporary, and one whose
+        scale broadcasts along the innermost axis (values) runs ~3x slower on CPU than
+        ``mul_`` then ``add_``). Both give the same rows."""
+        if codes is None:
+            quantized_cpu.dequantize_rows(self.keys.contiguous(), self.key_scale.contiguous(),
+                                           self.key_zero.contiguous(), keys, bits=self.bits,
+                                           per_token=False, group=TOKEN_GROUP)
+            quantized_cpu.dequantize_rows(self.values.contiguous(), self.value_scale.contiguous(),
+                                           self.value_zero.contiguous(), values, bits=self.bits,
+                                           per_token=True,
+                                           group=values.shape[-1] // self.value_scale.shape[-1])
+            return
         k = self._codes_into(self.keys, keys, codes)
         whole = k.shape[2] // TOKEN_GROUP * TOKEN_GROUP  # rows in whole groups, then the last group's rest
         if whole:
@@ -203,7 +217,7 @@ class QuantizedRows:
 class Scratch:
     """Eager decode's buffers, shared by a cache's layers (a layer writes and reads them
     within its own attention): the layer's slots in the model's dtype (keys then values)
-    and uint8 codes, each a flat buffer grown to the largest layer. They hold one layer's
+    and, on the ATen path, uint8 codes, each a flat buffer grown to the largest layer. They hold one layer's
     rows at a time and are not counted by ``PolicyCache.nbytes`` (like the attention's own
     temporaries); a copy of the cache starts with none."""
 
@@ -226,10 +240,12 @@ class Scratch:
         Dv, N = values.shape[-1], rows.rows
         nk, nv = B * G * (N + n) * D, B * G * (N + n) * Dv
         self.floats = self._take(self.floats, nk + nv, keys.dtype, keys.device)
-        self.codes = self._take(self.codes, B * G * N * max(D, Dv), torch.uint8, keys.device)
         k = self.floats[:nk].view(B, G, N + n, D)
         v = self.floats[nk:nk + nv].view(B, G, N + n, Dv)
-        rows.dequantize_into(k[:, :, :N], v[:, :, :N], self.codes)
+        codes = None  # the C kernel needs no codes buffer
+        if not quantized_cpu.usable(k):
+            codes = self.codes = self._take(self.codes, B * G * N * max(D, Dv), torch.uint8, keys.device)
+        rows.dequantize_into(k[:, :, :N], v[:, :, :N], codes)
         k[:, :, N:].copy_(keys)
         v[:, :, N:].copy_(values)
         return k, v

@@ -5,13 +5,16 @@ sinks), the latter also returning the log-sum-exp the score ops can reuse;
 ``attention_and_scores``: the output and every key's score from one pass (CPU path);
 ``head_attention``: decode attention over flat per-head slots (per-head budgets, #27);
 ``quantized_attention``: decode attention over quantized prompt rows, dequantized as it reads
-them (#28)."""
+them (#28). Beside them, ``quantized_cpu``: eager CPU decode's dequantization of float32
+quantized rows in one pass, a C kernel built on first use (its twin: kvpolicy.quantized's
+ATen path)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from torch import Tensor
 
+from . import quantized_cpu
 from .attention_ref import attention, attention_and_scores, attention_with_lse
 from .backend import use_triton
 from .head_attention_ref import head_attention_ref
@@ -75,11 +78,15 @@ def quantized_attention(query: Tensor, rows: Sequence[Tensor], keys: Tensor, val
     ``bits`` (8, 4, 2; M = N * bits / 8), as ``kvpolicy.quantized.QuantizedRows.tensors()``
     lists them; keys [B, G, n, D], values [B, G, n, Dv]; visible bool [B, G, N + n]
     (quantized rows first). The model's softmax (softcap > 0: tanh cap; sinks float [H]).
-    See quantized_attention_ref and quantized_attention_triton. Where the reference runs
-    (CPU) it is called directly, as head_attention's."""
+    See quantized_attention_ref and quantized_attention_triton; float32 CPU tensors (eager)
+    take quantized_cpu's C kernels, anything else on CPU the reference, called directly,
+    as head_attention's."""
     rows = tuple(rows)
     if not use_triton(query.device, _quantized_attention_kernel):
         check_quantized_attention(query, rows, keys, values, visible, bits, sinks)
+        if quantized_cpu.usable(query) and quantized_cpu.fits(query, values):
+            return quantized_cpu.quantized_attention(query, rows, keys, values, visible, bits=bits,
+                                                     scaling=scaling, softcap=softcap, sinks=sinks)
         return quantized_attention_ref(query, *rows, keys, values, visible, bits=bits, scaling=scaling,
                                        softcap=softcap, sinks=sinks)
     return quantized_attention_op(query, *rows, keys, values, visible, bits, scaling, softcap, sinks)

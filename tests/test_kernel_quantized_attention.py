@@ -1,7 +1,8 @@
 """quantized_attention (decode attention over quantized prompt rows, #28): the reference
-against a float64 dequantize-then-attend loop per (batch row, query head), the Triton kernel
-(interpreted without a GPU) against the reference and the same loop, on random ragged shapes
-quantized by kvpolicy.quantized; misshapen inputs refused; compile without breaks."""
+and the CPU C kernels (float32, kvpolicy_kernels.quantized_cpu) against a float64
+dequantize-then-attend loop per (batch row, query head), the Triton kernel (interpreted
+without a GPU) against the reference and the same loop, on random ragged shapes quantized by
+kvpolicy.quantized; misshapen inputs refused; compile without breaks."""
 import math
 import os
 from unittest import mock
@@ -14,7 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from kvpolicy.quantized import TOKEN_GROUP, QuantizedRows, channel_group, unpack
-from kvpolicy_kernels import quantized_attention
+from kvpolicy_kernels import quantized_attention, quantized_cpu
 from kvpolicy_kernels.quantized_attention_ref import dequantize
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,6 +147,22 @@ def test_dequantize_is_the_storages_own():
 @example(MOSTLY_HIDDEN)
 def test_reference_matches_float64_loop(case):
     check("torch", case)
+
+
+@settings(max_examples=40, deadline=None)
+@given(quantized_cases())
+@example(ONE_GROUP)
+@example(dict(CAP_AND_SINKS, dtype=torch.float32))
+@example(MOSTLY_HIDDEN)
+@example(dict(CAP_AND_SINKS, dtype=torch.float32, D=80, bits=2))  # five value channel groups of 16
+@example(dict(ONE_GROUP, G=1, g=20, N=64, n=40, sinks=True))  # MQA
+def test_cpu_kernels_match_float64_loop(case):
+    """float32 on CPU (backend auto): the C kernels, whatever the shape, cap, sinks, hidden
+    slots or a KV head that sees nothing."""
+    case = dict(case, dtype=torch.float32)
+    query, _, _, values, *_ = make_inputs(**case)
+    assert quantized_cpu.usable(query) and quantized_cpu.fits(query, values)
+    check("auto", case)
 
 
 @settings(max_examples=20, deadline=None)

@@ -1,6 +1,7 @@
 """Quantized prompt rows (``bits`` 8/4/2): packing and the error bound against a float64
 reference, the cache's decode region and bytes on random tensors, and generate on the
 embedded SmolLM2 (same first tokens at 8 bits, exact at 16, refusals by name)."""
+import os
 from unittest import mock
 
 import pytest
@@ -45,21 +46,24 @@ def test_unpack_into_equals_unpack(bits, B, G, groups, D, seed):
 
 @settings(max_examples=30, deadline=None)
 @given(st.sampled_from(QUANTIZED), st.lists(st.tuples(st.integers(1, 40), st.integers(0, 40)), min_size=1,
-                                            max_size=3), st.sampled_from([8, 24, 64]), st.integers(0, 2**31 - 1))
-def test_scratch_rows_equal_the_joined_rows(bits, layers, D, seed):
+                                            max_size=3), st.sampled_from([8, 24, 64]),
+       st.sampled_from(["auto", "torch"]), st.integers(0, 2**31 - 1))
+def test_scratch_rows_equal_the_joined_rows(bits, layers, D, backend, seed):
     """Eager decode's shared scratch gives the same slots as concatenating the dequantized
     rows and the full-precision ones, layer after layer of different sizes (4 to 160 rows:
-    whole key groups, a partial last one, or only a partial one)."""
+    whole key groups, a partial last one, or only a partial one), through the C kernel
+    (auto) and through ATen (torch)."""
     gen = torch.Generator().manual_seed(seed)
     scratch = Scratch()
-    for quads, tail in layers:
-        k = torch.randn(1, 2, 4 * quads, D, generator=gen)
-        v = torch.randn(1, 2, 4 * quads, D, generator=gen) * 3
-        rows = QuantizedRows.quantize(k, v, bits)
-        k_tail, v_tail = torch.randn(1, 2, tail, D, generator=gen), torch.randn(1, 2, tail, D, generator=gen)
-        got = scratch.rows(rows, k_tail, v_tail)
-        want = rows.joined(k_tail, v_tail)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with mock.patch.dict(os.environ, {"KVPOLICY_BACKEND": backend}):
+        for quads, tail in layers:
+            k = torch.randn(1, 2, 4 * quads, D, generator=gen)
+            v = torch.randn(1, 2, 4 * quads, D, generator=gen) * 3
+            rows = QuantizedRows.quantize(k, v, bits)
+            k_tail, v_tail = torch.randn(1, 2, tail, D, generator=gen), torch.randn(1, 2, tail, D, generator=gen)
+            got = scratch.rows(rows, k_tail, v_tail)
+            want = rows.joined(k_tail, v_tail)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_a_copied_cache_has_its_own_scratch():
@@ -130,12 +134,14 @@ def test_decode_region_and_recent_rows_stay_exact(bits):
         assert torch.equal(keys[:, :, :n], expected[0]) and torch.equal(values[:, :, :n], expected[1])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
 @pytest.mark.parametrize("bits", QUANTIZED)
 def test_fused_decode_step_equals_the_dequantized_one(bits, backend, monkeypatch):
-    """The CUDA decode step (KVLayer._fused, forced here on CPU tensors: quantized_attention's
-    reference, or its kernel interpreted) gives the output of dequantizing the rows and
-    attending them, with quantized slots hidden (empty, as padding), softcap and sinks."""
+    """The decode step that reads the packed rows (KVLayer._fused: CUDA, forced here on CPU
+    tensors with quantized_attention's reference or its kernel interpreted; eager float32 CPU
+    by itself, through the C kernels) gives the output of dequantizing the rows and
+    attending them (KVPOLICY_BACKEND=torch), with quantized slots hidden (empty, as padding),
+    softcap and sinks."""
     cache, *_ = random_cache(bits)
     gen = torch.Generator().manual_seed(2)
     layer = cache.layers[0]
@@ -143,10 +149,14 @@ def test_fused_decode_step_equals_the_dequantized_one(bits, backend, monkeypatch
     layer.pos[:, :, 3:9] = EMPTY
     query = torch.randn(1, 4, 1, 16, generator=gen)
     for softcap, sinks in ((None, None), (5.0, torch.randn(4, generator=gen))):
-        want, _ = layer.attend(query, 0.5, None, softcap, sinks)
+        with monkeypatch.context() as patch:
+            patch.setenv("KVPOLICY_BACKEND", "torch")
+            assert not layer._fused(query, False)
+            want, _ = layer.attend(query, 0.5, None, softcap, sinks)
         with monkeypatch.context() as patch, mock.patch("kvpolicy.layer.quantized_attention",
                                                          wraps=quantized_attention) as op:
-            patch.setattr(KVLayer, "_fused", lambda self, query, observe: True)
+            if backend != "auto":
+                patch.setattr(KVLayer, "_fused", lambda self, query, observe: True)
             patch.setenv("KVPOLICY_BACKEND", backend)
             got, probs = layer.attend(query, 0.5, None, softcap, sinks)
         assert op.call_count == 1 and probs is None
