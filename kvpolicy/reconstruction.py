@@ -113,14 +113,19 @@ class PassObserver:
         grouped = query.view(B, G, g, q, -1)
         out = value.new_empty(B, G, g, q, value.shape[-1])
         best = torch.zeros(B, G, C, device=key.device)
+        lo = 0 if softcap or not bool(visible[..., :C].all()) else C  # masked columns start here
         step = query_block(H, C + q)
         for a in range(0, q, step):
             b = min(a + step, q)
             S = C + b  # the block's queries see no later pass token
-            rows = grouped[:, :, :, a:b].reshape(B, G, g * (b - a), -1).float()
-            logits = torch.matmul(rows, key[:, :, :S].float().transpose(-1, -2)).mul_(scaling)
-            probs = probabilities(logits.view(B, G, g, b - a, S), visible[:, :, None, a:b, :S],
-                                  softcap, None)  # [B, G, g, b - a, S]
+            rows = grouped[:, :, :, a:b].reshape(B, G, g * (b - a), -1).float() * scaling
+            logits = torch.matmul(rows, key[:, :, :S].float().transpose(-1, -2)).view(B, G, g, b - a, S)
+            if softcap:
+                probs = probabilities(logits, visible[:, :, None, a:b, :S], softcap, None)
+            else:  # every query sees its own token: no row is fully masked
+                hide = torch.where(visible[:, :, None, a:b, lo:S], 0.0, -torch.inf)  # [B, G', 1, b - a, S - lo]
+                logits[..., lo:].add_(hide)  # on CPU far cheaper than masked_fill_ broadcast over g
+                probs = torch.softmax(logits, -1)  # [B, G, g, b - a, S]
             out[:, :, :, a:b] = torch.matmul(probs.view(B, G, g * (b - a), S),
                                              value[:, :, :S].float()).view(B, G, g, b - a, -1)
             if runs is None:
