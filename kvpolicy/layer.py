@@ -306,7 +306,8 @@ class KVLayer(CacheLayerMixin):
         (kvpolicy_kernels.quantized_attention: CUDA, and float32 eager CPU through its C
         kernels) rather than over ``_rows``: it returns no probabilities, and takes the keys
         as stored (no cache rotary)."""
-        return (self.quantized is not None and (query.is_cuda or quantized_cpu.usable(query))
+        return (self.quantized is not None
+                and (query.is_cuda or quantized_cpu.serves(query, self.values))
                 and self.rotary is None and not observe and self.scores is None)
 
     # ---- the decode step -------------------------------------------------------------

@@ -5,9 +5,9 @@ sinks), the latter also returning the log-sum-exp the score ops can reuse;
 ``attention_and_scores``: the output and every key's score from one pass (CPU path);
 ``head_attention``: decode attention over flat per-head slots (per-head budgets, #27);
 ``quantized_attention``: decode attention over quantized prompt rows, dequantized as it reads
-them (#28). Beside them, ``quantized_cpu``: eager CPU decode's dequantization of float32
-quantized rows in one pass, a C kernel built on first use (its twin: kvpolicy.quantized's
-ATen path)."""
+them (#28). Beside them, ``quantized_cpu``: C kernels built on first use for eager CPU
+decode over float32 quantized rows: ``quantized_attention``'s CPU path (twin: its reference)
+and the rows dequantized in one pass (twin: kvpolicy.quantized's ATen path)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -84,7 +84,7 @@ def quantized_attention(query: Tensor, rows: Sequence[Tensor], keys: Tensor, val
     rows = tuple(rows)
     if not use_triton(query.device, _quantized_attention_kernel):
         check_quantized_attention(query, rows, keys, values, visible, bits, sinks)
-        if quantized_cpu.usable(query) and quantized_cpu.fits(query, values):
+        if quantized_cpu.serves(query, values):
             return quantized_cpu.quantized_attention(query, rows, keys, values, visible, bits=bits,
                                                      scaling=scaling, softcap=softcap, sinks=sinks)
         return quantized_attention_ref(query, *rows, keys, values, visible, bits=bits, scaling=scaling,

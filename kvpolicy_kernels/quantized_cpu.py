@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .backend import backend
+from .attention_ref import _probabilities
 from .quantized_attention_ref import TOKEN_GROUP
 
 SOURCE = Path(__file__).with_name("quantized_cpu.c")
@@ -156,13 +157,19 @@ def fits(query: Tensor, values: Tensor) -> bool:
     return max(D, Dv) <= MAX_DIM and H // G * Dv <= MAX_ACC
 
 
+def serves(query: Tensor, values: Tensor) -> bool:
+    """Whether kvpolicy_kernels.quantized_attention runs these kernels for a decode step of
+    ``query`` [B, H, 1, D] over ``values`` [B, G, n, Dv]: ``usable`` and ``fits``."""
+    return usable(query) and fits(query, values)
+
+
 def quantized_attention(query: Tensor, rows, keys: Tensor, values: Tensor, visible: Tensor, *,
                         bits: int, scaling: float, softcap: float = 0.0,
                         sinks: Tensor | None = None) -> Tensor:
     """out float32 [B, 1, H, Dv]: kvpolicy_kernels.quantized_attention (its shapes, checked
     there) for float32 CPU tensors that ``fits``. The logits come from the packed keys
     (quantized_logits_f32: each row dequantized once for its group's query heads), the
-    model's softmax is ATen's over the [B, H, N + n] logits (softcap, sinks), and the
+    model's softmax is attention_ref's over the [B, H, N + n] logits (softcap, sinks), and the
     output from the packed values (quantized_values_f32, in chunks of slots summed here).
     Each unit of work is a (batch row, KV head, chunk of the rows)."""
     key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = (t.contiguous() for t in rows)
@@ -185,15 +192,11 @@ def quantized_attention(query: Tensor, rows, keys: Tensor, values: Tensor, visib
                              key_zero.data_ptr(), keys.data_ptr(), keys.stride(0), keys.stride(1),
                              visible.data_ptr(), logits.data_ptr(), B, G, H, M, n, D, bits,
                              TOKEN_GROUP, scaling, chunks, threads)
-    grouped = logits.view(B, G, H // G, S)
-    if softcap:
+    if softcap:  # the cap turns the hidden slots' -inf into -softcap: hide them again
+        grouped = logits.view(B, G, H // G, S)
         grouped.div_(softcap).tanh_().mul_(softcap).masked_fill_(~visible[:, :, None], -torch.inf)
-    if sinks is None:
-        probs = torch.softmax(logits, -1)
-    else:
-        probs = torch.softmax(torch.cat([logits, sinks.float().view(1, H, 1).expand(B, H, 1)], -1), -1)
-        probs = probs[..., :-1].contiguous()
-    probs = probs.nan_to_num_(0.0)  # a head that sees nothing: 0
+    sink = None if sinks is None else sinks.float().expand(B, H)
+    probs, _ = _probabilities(logits, sink, False, torch.empty_like(logits), maybe_unseen=True)
     partial = q.new_empty(chunks, B, 1, H, Dv)
     lib.quantized_values_f32(probs.data_ptr(), value_codes.data_ptr(), value_scale.data_ptr(),
                              value_zero.data_ptr(), values.data_ptr(), values.stride(0),
