@@ -196,6 +196,8 @@ def validated(model: nn.Module, policy: str | Policy, budget: float | int | Memo
             raise ValueError(f"{pol.name}: its reconstruction passes repeat the prompt's ids, "
                              f"which cannot carry images; use it on text models")
         pol.reconstruction(torch.ones(1, 1, dtype=torch.long), 1)  # refuses what it lacks, by name
+        if pol.requirements().contribution:
+            models.output_projections(model)  # refuses a model without o_proj, by name
     return pol, b, cache_rotary(model, pol), bits
 
 

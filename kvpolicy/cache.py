@@ -291,7 +291,8 @@ class PolicyCache(Cache):
             self._expand()  # the rows the pass attends are the ones it gives back: no copy
             self._held = [layer.held() for layer in self.layers]
             self._pass = PassObserver(self.layers, new_valid.shape[1], start, stop,
-                                      self.policy.sinks, self._pass_tally)
+                                      self.policy.sinks, self._pass_tally,
+                                      self.policy.requirements().contribution)
             for layer in self.layers:
                 layer.open(self._pass.new_pos, transient=True)
             return
@@ -299,6 +300,12 @@ class PolicyCache(Cache):
                                         self._query_rotary)
         for layer in self.layers:
             layer.open(self._observer.new_pos)
+
+    def note_attention_input(self, layer_idx: int, hidden: Tensor) -> None:
+        """A reconstruction pass's attention input at layer ``layer_idx`` (hidden [B, q, d]),
+        for KVzip+'s weights (``Requirements.contribution``)."""
+        if self._pass is not None:
+            self._pass.note_input(layer_idx, hidden)
 
     def attend(self, module, query: Tensor, key: Tensor, value: Tensor, scaling: float,
                window: int | None, softcap: float | None, sinks: Tensor | None) -> Tensor:

@@ -138,6 +138,23 @@ def check_supported(model: nn.Module) -> None:
             f"supports attn_implementation='sdpa', or run it without kvpolicy.")
 
 
+def output_projections(model: nn.Module) -> dict[int, nn.Module]:
+    """Decoder layer index -> its attention module, for every layer, where each has a linear
+    ``o_proj`` over its heads' outputs (KVzip+'s W_O, ``Requirements.contribution``);
+    refuses by name a model whose attention has none."""
+    text = text_config(model)
+    found = {m.layer_idx: m for m in model.modules()
+             if isinstance(getattr(m, "layer_idx", None), int)
+             and isinstance(getattr(m, "o_proj", None), nn.Linear)}
+    heads = text.num_attention_heads
+    if (sorted(found) != list(range(text.num_hidden_layers))
+            or any(m.o_proj.in_features % heads for m in found.values())):
+        raise ValueError(f"{type(model).__name__}: KVzip+ (kvzip(plus=True)) weighs each key by "
+                         f"its attention's output projection, and this model's attention layers "
+                         f"have no linear o_proj over their {heads} heads; use kvzip without plus")
+    return found
+
+
 def is_multimodal(model: nn.Module) -> bool:
     """True when the language model has its own sub-config (VLMs)."""
     return text_config(model) is not model.config

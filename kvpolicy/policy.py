@@ -49,6 +49,10 @@ class Requirements:
         F positions after the prompt.
     per_head: plans may keep a different count per KV head (``Plan.counts``); the engine
         stores each head's rows on their own (kvpolicy.heads).
+    contribution: with ``reconstruct``, a pass query t's probability on key i in query head
+        h is weighted by ||W_O^(h) v_i|| / ||x_t|| before the max (KVzip+: the size of what
+        the key adds to the layer's output, over the size of the attention's input x_t;
+        W_O^(h) is head h's slice of the attention's ``o_proj``).
     """
 
     queries: QuerySet
@@ -62,6 +66,7 @@ class Requirements:
     query_stats: bool = False
     future_positions: int = 0
     per_head: bool = False
+    contribution: bool = False
 
     @property
     def sparsity(self) -> bool:
@@ -109,7 +114,7 @@ class Stats:
         them and the query heads of its KV group (what ``attn`` holds for other policies).
     For ``Requirements.reconstruct`` policies ``attn`` holds the max, over the
     reconstruction queries and the query heads of the KV group, of the probability each
-    key received (not a sum).
+    key received (not a sum), each weighted as ``Requirements.contribution`` says when set.
     """
 
     attn: Tensor

@@ -10,6 +10,8 @@ K/V as they were; the cache then plans with those scores and compacts once.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +36,15 @@ def column_runs(columns: Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, stops))
 
 
+def peak(probs: Tensor, rows: Tensor | None, columns: Tensor | None) -> Tensor:
+    """fp32 [B, G, s]: the max over a KV group's query heads and the queries of probs
+    [B, G, g, r, s]; with KVzip+'s weights (both or neither) each probability is first
+    multiplied by its query's rows [B, 1, 1, r, 1] and its head's columns [B, G, g, s]."""
+    if rows is None:
+        return probs.amax(dim=(2, 3))
+    return ((probs * rows).amax(3) * columns).amax(2)
+
+
 def query_block(heads: int, keys: int) -> int:
     """Queries per block, so that a block's probabilities over ``keys`` keys in ``heads``
     query heads hold at most BLOCK_ELEMENTS elements."""
@@ -47,11 +58,36 @@ class PassObserver:
     (KVzip's chunk-local softmax), and keeps each slot's max in ``tally``."""
 
     def __init__(self, layers: list[KVLayer], q: int, start: int, stop: int, sinks: int,
-                 tally: ScoreTally):
+                 tally: ScoreTally, contribution: bool = False):
         first = layers[0]
         self.new_pos = first.next_pos[:, None] + torch.arange(q, device=first.next_pos.device)
         self.start, self.stop, self.sinks, self.tally = start, stop, sinks, tally
         self.attended: set[int] = set()
+        self.contribution = contribution
+        self.input_norms: dict[int, Tensor] = {}  # layer -> fp32 [B, q]: ||x_t||, x the attention's input
+
+    def note_input(self, layer_idx: int, hidden: Tensor) -> None:
+        """The attention input of layer ``layer_idx`` (hidden [B, q, d], as its attention
+        module receives it), whose norms weight the scores (``contribution``)."""
+        self.input_norms[layer_idx] = hidden.float().norm(dim=-1)
+
+    def weights(self, layer_idx: int, module, value: Tensor, C: int, g: int
+                ) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        """KVzip+'s weights (``Requirements.contribution``), else (None, None): rows fp32
+        [B, q], 1 / ||x_t||; columns fp32 [B, G, g, C], ||W_O^(h) v_i|| for query head h =
+        G-index x g + j of the C context values (value [B, G, C + q, Dv]), W_O^(h) head h's
+        columns of ``module.o_proj`` ([d, H x Dv]); as a Gram form v^T (W_O^(h)^T W_O^(h)) v."""
+        if not self.contribution:
+            return None, None
+        if layer_idx not in self.input_norms:
+            raise RuntimeError(f"kvpolicy: layer {layer_idx}'s attention input was not seen; "
+                               f"KVzip+ weights need it (models.output_projections)")
+        B, G, _, Dv = value.shape
+        weight = module.o_proj.weight.float().view(-1, G, g, Dv)  # [d, G, g, Dv]
+        gram = torch.einsum("ogjd,ogje->gjde", weight, weight)  # [G, g, Dv, Dv]
+        v = value[:, :, :C].float()
+        squared = torch.einsum("bgcd,gjde,bgce->bgjc", v, gram, v)
+        return 1.0 / self.input_norms[layer_idx], squared.clamp_min(0).sqrt()
 
     def attend(self, layer_idx: int, layer: KVLayer, module, query: Tensor, key: Tensor,
                value: Tensor, scaling: float, softcap: float | None,
@@ -63,13 +99,13 @@ class PassObserver:
         C = key.shape[2] - query.shape[2]
         visible = self.mask(layer, C)
         if layer.scored and self.fuses(layer, sinks):
-            return self.attend_and_observe(layer_idx, layer, self.scored(layer, C), query, key,
-                                           value, visible, scaling, softcap)
+            return self.attend_and_observe(layer_idx, layer, module, self.scored(layer, C), query,
+                                           key, value, visible, scaling, softcap)
         out = attend(module, query, key, value, visible, scaling, softcap, sinks)
         if not layer.scored:
             return out
         scored = self.scored(layer, C)
-        self.observe(layer_idx, scored, query, key, scaling, softcap, sinks)
+        self.observe(layer_idx, module, scored, query, key, value, scaling, softcap, sinks)
         return out
 
     def mask(self, layer: KVLayer, C: int) -> Tensor:
@@ -94,9 +130,9 @@ class PassObserver:
         pos = layer.pos[0, :, :C] if layer.is_split else layer.pos[0, :1, :C]
         return (pos >= 0) & ((pos < self.sinks) | ((pos >= self.start) & (pos < self.stop)))
 
-    def attend_and_observe(self, layer_idx: int, layer: KVLayer, scored: Tensor, query: Tensor,
-                           key: Tensor, value: Tensor, visible: Tensor, scaling: float,
-                           softcap: float | None) -> Tensor:
+    def attend_and_observe(self, layer_idx: int, layer: KVLayer, module, scored: Tensor,
+                           query: Tensor, key: Tensor, value: Tensor, visible: Tensor,
+                           scaling: float, softcap: float | None) -> Tensor:
         """The pass's attention and its scores from one fp32 softmax per block of queries (a
         layer without sliding window or sink logits, whose queries all see every held
         context slot): a scored slot's probability under the softmax restricted to the
@@ -106,6 +142,7 @@ class PassObserver:
         B, H, q, _ = query.shape
         G, C = key.shape[1], key.shape[2] - q
         g = H // G
+        rows_w, columns_w = self.weights(layer_idx, module, value, C, g)
         held = (layer.pos[0, :, :C] if layer.is_split else layer.pos[0, :1, :C]) >= 0
         subset = None if torch.equal(scored, held) else torch.cat(  # None: every visible key
             [scored, scored.new_ones(scored.shape[0], q)], 1).float()[None, :, None, :, None]
@@ -128,36 +165,42 @@ class PassObserver:
                 probs = torch.softmax(logits, -1)  # [B, G, g, b - a, S]
             out[:, :, :, a:b] = torch.matmul(probs.view(B, G, g * (b - a), S),
                                              value[:, :, :S].float()).view(B, G, g, b - a, -1)
+            rows = None if rows_w is None else rows_w[:, None, None, a:b, None]
             if runs is None:
-                best = torch.maximum(best, probs[..., :C].amax(dim=(2, 3)))
+                best = torch.maximum(best, peak(probs[..., :C], rows, columns_w))
                 continue
             total = torch.matmul(probs, subset[..., :S, :])  # [B, G, g, b - a, 1]
             for lo, hi in runs:
-                seen = (probs[..., lo:hi] / total).amax(dim=(2, 3))
+                seen = peak(probs[..., lo:hi] / total, rows,
+                            None if columns_w is None else columns_w[..., lo:hi])
                 best[..., lo:hi] = torch.maximum(best[..., lo:hi], seen)
         self.tally.add_max(layer_idx, Observation(best * scored))
         return out.view(B, H, q, -1).transpose(1, 2)
 
-    def observe(self, layer_idx: int, scored: Tensor, query: Tensor, key: Tensor, scaling: float,
-                softcap: float | None, sinks: Tensor | None) -> None:
+    def observe(self, layer_idx: int, module, scored: Tensor, query: Tensor, key: Tensor,
+                value: Tensor, scaling: float, softcap: float | None, sinks: Tensor | None) -> None:
         """Score the ``scored`` context slots (bool [G', C], as ``scored`` gives them) with
         the softmax over them and the pass's own tokens, apart from the model's attention:
         per KV head where the heads hold different slots."""
+        G, g = key.shape[1], query.shape[1] // key.shape[1]
+        rows, columns = self.weights(layer_idx, module, value, key.shape[2] - query.shape[2], g)
         if scored.shape[0] == 1:
-            full = self.restricted(scored[0], query, key, scaling, softcap, sinks)
+            full = self.restricted(scored[0], query, key, scaling, softcap, sinks, rows, columns)
         else:
-            g = query.shape[1] // key.shape[1]
             full = torch.cat([self.restricted(
                 scored[h], query[:, h * g:(h + 1) * g], key[:, h:h + 1], scaling, softcap,
-                None if sinks is None else sinks[h * g:(h + 1) * g]) for h in range(key.shape[1])], 1)
+                None if sinks is None else sinks[h * g:(h + 1) * g], rows,
+                None if columns is None else columns[:, h:h + 1]) for h in range(G)], 1)
         self.tally.add_max(layer_idx, Observation(full))
 
     @staticmethod
     def restricted(scored: Tensor, query: Tensor, key: Tensor, scaling: float,
-                   softcap: float | None, sinks: Tensor | None) -> Tensor:
+                   softcap: float | None, sinks: Tensor | None, rows: Tensor | None = None,
+                   columns: Tensor | None = None) -> Tensor:
         """fp32 [B, G, C]: the max over the queries [B, H, q, D] and each KV head's query
         group of the probability of the ``scored`` slots (bool [C]) of key [B, G, C + q, D]
-        under the softmax over them and the pass's own tokens (0 elsewhere)."""
+        under the softmax over them and the pass's own tokens (0 elsewhere); weighted by
+        rows fp32 [B, q] and columns fp32 [B, G, H/G, C] when given (``weights``)."""
         B, H, q, _ = query.shape
         G, C = key.shape[1], key.shape[2] - q
         slots = scored.nonzero()[:, 0]
@@ -168,13 +211,16 @@ class PassObserver:
         group_sinks = None if sinks is None else sinks.view(G, H // G)
         best = torch.zeros(B, G, s, device=key.device)
         grouped = query.view(B, G, H // G, q, -1)  # query head g * H/G + j is KV head g's
+        slot_columns = None if columns is None else columns[..., slots]
         step = query_block(H, s + q)
         for a in range(0, q, step):
             block = grouped[:, :, :, a:a + step].float()
             logits = torch.einsum("bghtd,bgsd->btghs", block, sub) * scaling
             probs = probabilities(logits, own[a:a + step, None, None, :], softcap,
                                   group_sinks)
-            best = torch.maximum(best, probs[..., :s].amax(dim=(1, 3)))
+            block_rows = None if rows is None else rows[:, None, None, a:a + step, None]
+            best = torch.maximum(best, peak(probs.permute(0, 2, 3, 1, 4)[..., :s], block_rows,
+                                            slot_columns))
         full = best.new_zeros(B, G, C)
         full[:, :, slots] = best
         return full
@@ -183,12 +229,28 @@ class PassObserver:
 def reconstruct(model: nn.Module, cache) -> None:
     """Run the policy's reconstruction passes of the context ``cache`` holds (a PolicyCache
     whose first prompt, or with ``chunk_size`` its last chunk, is held uncompressed), then
-    let it plan and compact."""
+    let it plan and compact. With ``Requirements.contribution`` each attention module's
+    input reaches the pass (``PassObserver.note_input``) through a hook held for the passes."""
     n, passes = cache.reconstruction_passes()
-    with torch.no_grad():
-        for start, stop, ids in passes:
-            cache.begin_pass(start, stop)
-            positions = torch.arange(n, n + ids.shape[1], device=ids.device)[None]
-            model(input_ids=ids.to(model.device), position_ids=positions.to(model.device),
-                  use_cache=True, logits_to_keep=1, **{models.CACHE_ARG: cache})
+    hooks = []
+    if cache.policy.requirements().contribution:
+        hooks = [module.register_forward_pre_hook(functools.partial(note_input, cache),
+                                                  with_kwargs=True)
+                 for module in models.output_projections(model).values()]
+    try:
+        with torch.no_grad():
+            for start, stop, ids in passes:
+                cache.begin_pass(start, stop)
+                positions = torch.arange(n, n + ids.shape[1], device=ids.device)[None]
+                model(input_ids=ids.to(model.device), position_ids=positions.to(model.device),
+                      use_cache=True, logits_to_keep=1, **{models.CACHE_ARG: cache})
+    finally:
+        for hook in hooks:
+            hook.remove()
     cache.end_reconstruction()
+
+
+def note_input(cache, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on an attention module: hand its input to the open pass."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    cache.note_attention_input(module.layer_idx, hidden)

@@ -136,19 +136,26 @@ def test_tova_decode_is_the_original_fixed_size_cache(tiny):
         assert set(held) <= set(got) and len(got) == size
 
 
-def kvzip_reference(model, context, tok, chunk: int, sinks: int = 4) -> torch.Tensor:
+def kvzip_reference(model, context, tok, chunk: int, sinks: int = 4, plus: bool = False) -> torch.Tensor:
     """KVzip's scores from the rule (paper Algorithm 1, kvpress KVzipPress): after the
     context, each pass = repeat request + "\n" + a context chunk teacher-forced, at the
     positions after the context; a chunk key's score is the max, over the pass's queries
     and its group's heads, of its probability under the softmax restricted to the sinks,
     the chunk and the pass's own tokens. Here from the unpatched eager model's full
-    probabilities P, renormalised over that subset. Returns fp32 [L, G, n] (sinks 0)."""
+    probabilities P, renormalised over that subset. ``plus`` (KVzip+, kvpress's
+    ``kvzip_plus_normalization``): each probability times ||W_O^(h) v_i|| / ||x_t||, with x
+    the attention module's input, W_O^(h) query head h's columns of o_proj. Returns fp32
+    [L, G, n] (sinks 0)."""
     n, L = context.shape[1], model.config.num_hidden_layers
     G = model.config.num_key_value_heads
     heads = model.config.num_attention_heads // G
     encode = lambda text: torch.tensor(tok(text)["input_ids"])
     full = DynamicCache(config=model.config)
     scores = torch.zeros(L, G, n)
+    inputs = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda m, args, kwargs, l=l: inputs.__setitem__(l, kwargs["hidden_states"][0]), with_kwargs=True)
+        for l, layer in enumerate(model.model.layers)]
     implementation = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -161,18 +168,56 @@ def kvzip_reference(model, context, tok, chunk: int, sinks: int = 4) -> torch.Te
                      context[0, max(0, start - 8):start]])
                 ids_ = torch.cat([head, encode("\n"), context[0, start:stop]])[None]
                 pos = torch.arange(n, n + ids_.shape[1])[None]
+                pass_cache = copy.deepcopy(full)
                 out = model(ids_, position_ids=pos, use_cache=True, output_attentions=True,
-                            **{CACHE_ARG: copy.deepcopy(full)})
+                            **{CACHE_ARG: pass_cache})
                 subset = torch.cat([torch.arange(min(sinks, start)), torch.arange(start, stop)])
                 for l, P in enumerate(out.attentions):  # [1, H, q, n + q]
                     kept = torch.cat([P[0][..., subset], P[0][..., n:]], -1)
                     p = kept[..., :len(subset)] / kept.sum(-1, keepdim=True)  # [H, q, s]
+                    if plus:
+                        attn = model.model.layers[l].self_attn
+                        values = pass_cache.layers[l].values[0][:, subset]  # [G, s, Dv]
+                        Dv = values.shape[-1]
+                        Wo = attn.o_proj.weight.T.reshape(G, heads, Dv, -1)  # [G, g, Dv, d]
+                        out_norm = torch.einsum("gjde,gsd->gjse", Wo, values).norm(dim=-1)  # [G, g, s]
+                        p = p / inputs[l].norm(dim=-1)[None, :, None] * out_norm.reshape(G * heads, 1, -1)
                     best = p.view(G, heads, *p.shape[1:]).amax(dim=(1, 2))  # [G, s]
                     scores[l][:, subset] = torch.maximum(scores[l][:, subset], best)
     finally:
         model.set_attn_implementation(implementation)
+        for hook in hooks:
+            hook.remove()
     scores[..., :sinks] = 0
     return scores
+
+
+@pytest.mark.parametrize("fused", [True, False])  # scores from the attention's softmax or apart
+@pytest.mark.parametrize("chunk", [32, 128])  # three passes; one
+def test_kvzip_plus_scores_are_kvpress_rule(tiny, chunk, fused, monkeypatch):
+    """KVzip+ (``kvzip(plus=True)``): the passes' probabilities weighted by each key's
+    output norm through its query head's o_proj columns over the query's input norm."""
+    monkeypatch.setattr(reconstruction, "BLOCK_ELEMENTS", 4 * 24 * 160)
+    if not fused:
+        monkeypatch.setattr(reconstruction.PassObserver, "fuses", staticmethod(lambda *_: False))
+    context = ids(70, 9)
+    policy = get_policy("kvzip", tokenizer=CharTokenizer(), chunk=chunk, plus=True)
+    got = compressed_stats(tiny, context, policy, 0.3).attn[:, 0, :, 4:70]
+    want = kvzip_reference(tiny, context, CharTokenizer(), chunk, plus=True)[..., 4:]
+    plain = kvzip_reference(tiny, context, CharTokenizer(), chunk)[..., 4:]
+    assert want.min() > 0 and not torch.allclose(want, plain, rtol=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_kvzip_plus_refuses_a_model_without_o_proj(tiny):
+    model = copy.deepcopy(tiny)
+    attn = model.model.layers[1].self_attn
+    attn.out_proj = attn.o_proj
+    del attn.o_proj
+    with pytest.raises(ValueError, match=r"kvzip\(plus=True\).*no linear o_proj"):
+        kvpolicy.compress(model, ids(20, 1), "kvzip", 0.5, tokenizer=CharTokenizer(), plus=True)
+    with pytest.raises(TypeError, match="plus must be a bool"):
+        get_policy("kvzip", tokenizer=CharTokenizer(), plus=1)
 
 
 @pytest.mark.parametrize("fused", [True, False])  # scores from the attention's softmax or apart

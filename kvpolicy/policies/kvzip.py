@@ -2,12 +2,14 @@
 (Kim et al., 2025), query-agnostic."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
 from ..allocation import take_cheapest
 from ..heads import global_heads, head_valid_or
-from ..policy import Policy, QuerySet, Stats, check_int, check_share
+from ..policy import Policy, QuerySet, Requirements, Stats, check_int, check_share
 from ..registry import register_policy
 from ..selection import edge_tokens
 
@@ -25,9 +27,10 @@ class KVzip(Policy):
     protects = "the first `sinks` tokens"
 
     def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, layerwise: bool = False,
-                 question: int = 0, min_share: float = 0.0):
-        if not isinstance(layerwise, bool):
-            raise TypeError(f"layerwise must be a bool, got {layerwise!r}")
+                 question: int = 0, min_share: float = 0.0, plus: bool = False):
+        for name, flag in (("layerwise", layerwise), ("plus", plus)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         self.tokenizer = tokenizer
         self.sinks = check_int("sinks", sinks, 0)
         self.chunk = check_int("chunk", chunk, 1)
@@ -35,6 +38,12 @@ class KVzip(Policy):
         self.per_head = not layerwise  # the paper's head-level selection, unless equal layers
         self.question = check_int("question", question, 0)
         self.min_share = check_share("min_share", min_share)
+        self.plus = plus
+
+    def requirements(self) -> Requirements:
+        """With ``plus`` (KVzip+): each pass probability weighted by the key's contribution
+        to the attention's output (Requirements.contribution)."""
+        return dataclasses.replace(super().requirements(), contribution=self.plus)
 
     @property
     def queries(self) -> QuerySet:
@@ -116,5 +125,5 @@ class KVzipFloor(KVzip):
     # the rule: its card, registry/cards/kvzip_floor.toml (also its __doc__)
 
     def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, question: int = 0,
-                 min_share: float = 0.75):
-        super().__init__(tokenizer, sinks, chunk, False, question, min_share)
+                 min_share: float = 0.75, plus: bool = False):
+        super().__init__(tokenizer, sinks, chunk, False, question, min_share, plus)
