@@ -161,7 +161,7 @@ def test_document_chat_example_runs(smollm2):
     assert len(replies) == 3
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "pyramidkv", "prefixkv"])
+@pytest.mark.parametrize("name", ["streamingllm", "pyramidkv", "prefixkv", "spankv", "h2o"])
 def test_chunked_compress_plans_each_layer_on_the_tokens_it_holds(name):
     """After a chunk the layers hold different counts (pyramidkv, prefixkv by design,
     streamingllm's last chunk); the next chunk's plan sees each layer's own slots, not the

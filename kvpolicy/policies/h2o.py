@@ -28,8 +28,9 @@ class H2O(FixedSizePolicy):
     def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
         keep = []
         for l, size in enumerate(n.tolist()):
-            recent = edge_tokens(stats.valid, 0, self.recent(size))
-            keep.append(select_keep(scores[l], min(size, stats.num_tokens), recent, stats.valid))
+            layer = stats.of_layer(l)  # the slots layer l holds (a continued cache's may differ)
+            recent = edge_tokens(layer.valid, 0, self.recent(size))
+            keep.append(select_keep(scores[l], min(size, layer.num_tokens), recent, layer.valid))
         return keep
 
     def victim_priority(self, scores: Tensor, positions: Tensor, step_pos: Tensor, size: Tensor):

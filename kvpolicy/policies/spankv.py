@@ -40,14 +40,27 @@ class SpanKV(Policy):
         return max_pool_keys(share.mean(dim=(0, 2)), self.span)
 
     def evict(self, scores: Tensor, n: Tensor, stats: Stats) -> list[Tensor]:
-        protected = self.protected(stats)
-        consensus = self.consensus(stats).masked_fill(protected | ~stats.valid, float("-inf"))
-        order = torch.sort(consensus, dim=-1, descending=True, stable=True).indices
-        held = int(protected.sum(-1).max())
-        free = int(stats.valid.sum(-1).min()) - held
+        """Per layer: its protected tokens, the consensus's top ``shared`` x n_l, then its
+        own top scores, over the slots the layer holds (``Stats.of_layer``: a continued
+        cache's narrower layers are left-padded)."""
+        consensus = self.consensus(stats)
+        common = self.agreement(consensus, stats)
         keep = []
         for l, n_l in enumerate(n.tolist()):
+            layer = stats.of_layer(l)
+            protected, order, free = common if layer is stats else self.agreement(consensus, layer)
+            held = int(protected.sum(-1).max())
             k = max(0, min(round(self.shared * n_l), n_l - held, free))
-            agreed = torch.zeros_like(protected).scatter_(1, order[:, :k], True) & stats.valid
-            keep.append(select_keep(scores[l], n_l, protected | agreed, stats.valid))
+            agreed = torch.zeros_like(protected).scatter_(1, order[:, :k], True) & layer.valid
+            keep.append(select_keep(scores[l], n_l, protected | agreed, layer.valid))
         return keep
+
+    def agreement(self, consensus: Tensor, stats: Stats) -> tuple[Tensor, Tensor, int]:
+        """For the slots ``stats.valid`` holds: the protected tokens bool [B, N], the
+        unprotected slots by consensus (float32 [B, N]), best first (int64 [B, N]), and how
+        many unprotected slots every row holds."""
+        protected = self.protected(stats)
+        masked = consensus.masked_fill(protected | ~stats.valid, float("-inf"))
+        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+        free = int(stats.valid.sum(-1).min()) - int(protected.sum(-1).max())
+        return protected, order, free
