@@ -150,7 +150,7 @@ class PassObserver:
         grouped = query.view(B, G, g, q, -1)
         out = value.new_empty(B, G, g, q, value.shape[-1])
         best = torch.zeros(B, G, C, device=key.device)
-        lo = 0 if softcap or not bool(visible[..., :C].all()) else C  # masked columns start here
+        hidden_from = 0 if softcap or not bool(visible[..., :C].all()) else C  # masked columns start here
         step = query_block(H, C + q)
         for a in range(0, q, step):
             b = min(a + step, q)
@@ -160,8 +160,8 @@ class PassObserver:
             if softcap:
                 probs = probabilities(logits, visible[:, :, None, a:b, :S], softcap, None)
             else:  # every query sees its own token: no row is fully masked
-                hide = torch.where(visible[:, :, None, a:b, lo:S], 0.0, -torch.inf)  # [B, G', 1, b - a, S - lo]
-                logits[..., lo:].add_(hide)  # on CPU far cheaper than masked_fill_ broadcast over g
+                hide = torch.where(visible[:, :, None, a:b, hidden_from:S], 0.0, -torch.inf)
+                logits[..., hidden_from:].add_(hide)  # on CPU far cheaper than masked_fill_ broadcast over g
                 probs = torch.softmax(logits, -1)  # [B, G, g, b - a, S]
             out[:, :, :, a:b] = torch.matmul(probs.view(B, G, g * (b - a), S),
                                              value[:, :, :S].float()).view(B, G, g, b - a, -1)

@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpolicy
-from kvpolicy import Budget, Stats, get_policy, reconstruction
+from kvpolicy import Budget, Stats, attention, get_policy, reconstruction
 from kvpolicy import cache as cache_module
 from kvpolicy.heads import global_heads, with_per_head
 from kvpolicy.models import CACHE_ARG
@@ -418,7 +418,9 @@ def test_kvzip_with_chunk_size_scores_and_compacts_each_chunk(tiny, per_head, mo
 def test_kvzip_chunks_score_the_same_through_the_fused_and_the_separate_softmax(tiny, monkeypatch):
     """With chunk_size and per-head rows (each head holding its own earlier entries), the
     scores from the pass's own softmax equal those computed apart from the attention
-    (the path of layers with sliding windows or sink logits), plan after plan."""
+    (the path of layers with sliding windows or sink logits), plan after plan; in
+    several blocks of queries."""
+    monkeypatch.setattr(reconstruction, "BLOCK_ELEMENTS", 4 * 8 * 60)  # blocks of ~8 queries
     context, tok = ids(70, 5), CharTokenizer()
     seen = []
     for fused in (True, False):
@@ -435,6 +437,29 @@ def test_kvzip_chunks_score_the_same_through_the_fused_and_the_separate_softmax(
     assert len(fused_attn) == 5 and fused_kept == apart_kept
     for a, b in zip(fused_attn, apart_attn):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_kvzip_pass_attention_is_the_models_in_every_block(tiny, monkeypatch):
+    """The fused pass's attention output (what the pass's later layers read) equals the
+    model's attention over the same keys, in every block of queries, where per-head rows
+    leave masked slots between the sinks and the chunk (chunk_size, per head)."""
+    monkeypatch.setattr(reconstruction, "BLOCK_ELEMENTS", 4 * 8 * 60)  # blocks of ~8 queries
+    fused, calls = reconstruction.PassObserver.attend_and_observe, []
+
+    def checked(self, layer_idx, layer, module, scored, query, key, value, visible, scaling, softcap):
+        out = fused(self, layer_idx, layer, module, scored, query, key, value, visible, scaling, softcap)
+        masked = not bool(visible[..., :key.shape[2] - query.shape[2]].all())
+        calls.append((masked, (out - attention.attend(module, query, key, value, visible, scaling,
+                                                      softcap, None)).abs().max()))
+        return out
+
+    monkeypatch.setattr(reconstruction.PassObserver, "attend_and_observe", checked)
+    with torch.no_grad():
+        kvpolicy.compress(tiny, ids(70, 5), get_policy("kvzip", tokenizer=CharTokenizer()), 0.3,
+                          chunk_size=16)
+    kvpolicy.detach(tiny)
+    assert any(masked for masked, _ in calls)
+    assert max(float(err) for _, err in calls) < 1e-5
 
 
 def test_expected_attention_refuses_a_rotary_it_cannot_undo():
