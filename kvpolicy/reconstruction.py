@@ -39,10 +39,10 @@ def column_runs(columns: Tensor) -> list[tuple[int, int]]:
 def peak(probs: Tensor, rows: Tensor | None, columns: Tensor | None) -> Tensor:
     """fp32 [B, G, s]: the max over a KV group's query heads and the queries of probs
     [B, G, g, r, s]; with KVzip+'s weights (both or neither) each probability is first
-    multiplied by its query's rows [B, 1, 1, r, 1] and its head's columns [B, G, g, s]."""
+    multiplied by its query's rows [B, r] and its head's columns [B, G, g, s]."""
     if rows is None:
         return probs.amax(dim=(2, 3))
-    return ((probs * rows).amax(3) * columns).amax(2)
+    return ((probs * rows[:, None, None, :, None]).amax(3) * columns).amax(2)
 
 
 def query_block(heads: int, keys: int) -> int:
@@ -165,7 +165,7 @@ class PassObserver:
                 probs = torch.softmax(logits, -1)  # [B, G, g, b - a, S]
             out[:, :, :, a:b] = torch.matmul(probs.view(B, G, g * (b - a), S),
                                              value[:, :, :S].float()).view(B, G, g, b - a, -1)
-            rows = None if rows_w is None else rows_w[:, None, None, a:b, None]
+            rows = None if rows_w is None else rows_w[:, a:b]
             if runs is None:
                 best = torch.maximum(best, peak(probs[..., :C], rows, columns_w))
                 continue
@@ -218,8 +218,8 @@ class PassObserver:
             logits = torch.einsum("bghtd,bgsd->btghs", block, sub) * scaling
             probs = probabilities(logits, own[a:a + step, None, None, :], softcap,
                                   group_sinks)
-            block_rows = None if rows is None else rows[:, None, None, a:a + step, None]
-            best = torch.maximum(best, peak(probs.permute(0, 2, 3, 1, 4)[..., :s], block_rows,
+            best = torch.maximum(best, peak(probs.permute(0, 2, 3, 1, 4)[..., :s],
+                                            None if rows is None else rows[:, a:a + step],
                                             slot_columns))
         full = best.new_zeros(B, G, C)
         full[:, :, slots] = best
