@@ -48,19 +48,19 @@ class SpanKV(Policy):
         keep = []
         for l, n_l in enumerate(n.tolist()):
             layer = stats.of_layer(l)
-            protected, order, free = common if layer is stats else self.agreement(consensus, layer)
-            held = int(protected.sum(-1).max())
+            own = common if layer is stats else self.agreement(consensus, layer)
+            protected, order, held, free = own
             k = max(0, min(round(self.shared * n_l), n_l - held, free))
             agreed = torch.zeros_like(protected).scatter_(1, order[:, :k], True) & layer.valid
             keep.append(select_keep(scores[l], n_l, protected | agreed, layer.valid))
         return keep
 
-    def agreement(self, consensus: Tensor, stats: Stats) -> tuple[Tensor, Tensor, int]:
+    def agreement(self, consensus: Tensor, stats: Stats) -> tuple[Tensor, Tensor, int, int]:
         """For the slots ``stats.valid`` holds: the protected tokens bool [B, N], the
-        unprotected slots by consensus (float32 [B, N]), best first (int64 [B, N]), and how
-        many unprotected slots every row holds."""
+        unprotected slots by consensus (float32 [B, N]), best first (int64 [B, N]), the most
+        protected tokens of a row, and how many unprotected slots every row holds."""
         protected = self.protected(stats)
         masked = consensus.masked_fill(protected | ~stats.valid, float("-inf"))
         order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-        free = int(stats.valid.sum(-1).min()) - int(protected.sum(-1).max())
-        return protected, order, free
+        held = int(protected.sum(-1).max())
+        return protected, order, held, int(stats.valid.sum(-1).min()) - held
