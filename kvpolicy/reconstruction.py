@@ -15,25 +15,16 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from kvpolicy_kernels import attention_with_lse
+from kvpolicy_kernels.score_ref import capped
+
 from . import models
 from .attention import attend, causal, probabilities
 from .attention import visible as visible_
 from .layer import KVLayer
 from .pipeline import Observation, ScoreTally
 
-BLOCK_ELEMENTS = 2 ** 21  # attention probabilities held at once (8 MiB in fp32)
-
-
-def column_runs(columns: Tensor) -> list[tuple[int, int]]:
-    """The [lo, hi) runs of True in bool [C] (the slots a pass scores: the sinks and its
-    chunk, so a few runs)."""
-    at = columns.nonzero()[:, 0]
-    if not len(at):
-        return []
-    gap = (at[1:] - at[:-1]) > 1
-    starts = torch.cat([at[:1], at[1:][gap]]).tolist()
-    stops = (torch.cat([at[:-1][gap], at[-1:]]) + 1).tolist()
-    return list(zip(starts, stops))
+BLOCK_ELEMENTS = 2 ** 21  # score logits held at once (8 MiB in fp32)
 
 
 def peak(probs: Tensor, rows: Tensor | None, columns: Tensor | None) -> Tensor:
@@ -49,6 +40,71 @@ def query_block(heads: int, keys: int) -> int:
     """Queries per block, so that a block's probabilities over ``keys`` keys in ``heads``
     query heads hold at most BLOCK_ELEMENTS elements."""
     return max(1, BLOCK_ELEMENTS // (heads * keys))
+
+
+def scored_attention(query: Tensor, key: Tensor, value: Tensor, held: Tensor, scored: Tensor,
+                     scaling: float, softcap: float | None, rows: Tensor | None,
+                     columns: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A pass's attention and its KVzip scores. ``attention_with_lse`` (flash on CPU, its
+    reference elsewhere) attends three key sets apart: the pass's own tokens (causal), the
+    scored context slots, and the held slots the pass does not score (an earlier chunk's
+    kept tokens), each masked only where the KV heads hold different slots of it; the three
+    outputs merge through their log-sum-exps. The first two sets' joint log-sum-exp is
+    KVzip's chunk-local softmax denominator, so a scored slot's probability is
+    exp(logit - lse), maxed over the queries in the log domain (exp is monotone): no
+    probability matrix is built.
+
+    query [B, H, q, D]; key/value [B, G, C + q, D] (C context slots, then the pass's q
+    tokens); held, scored bool [G', C], scored within held (G' = 1, or G where the KV heads
+    hold different slots; every query sees its head's held slots); rows fp32 [B, q] and
+    columns fp32 [B, G, H/G, C]: KVzip+'s weights, or None. Returns (out [B, H, q, Dv] in
+    the query's dtype, best fp32 [B, G, C], 0 where not scored)."""
+    B, H, q, D = query.shape
+    G, C = key.shape[1], key.shape[2] - q
+    g, cap = H // G, softcap or 0.0
+    slots = scored.any(0).nonzero()[:, 0]
+    others = (held & ~scored).any(0).nonzero()[:, 0]
+    scored_keys = key[:, :, slots]  # [B, G, s, D]
+    parts = [attention_with_lse(query, key[:, :, C:], value[:, :, C:], scaling=scaling,
+                                is_causal=True, softcap=cap)]  # (out [B, H, q, Dv], lse fp32 [B, H, q])
+    for subset, seen in ((slots, scored), (others, held & ~scored)):
+        if subset.shape[0]:
+            parts.append(attention_with_lse(query, key[:, :, subset], value[:, :, subset],
+                                            scaling=scaling, mask=head_mask(seen[:, subset], H),
+                                            softcap=cap))
+    local = torch.logsumexp(torch.stack([lse for _, lse in parts[:2 if slots.shape[0] else 1]]), 0)
+    if rows is not None:  # KVzip+: p x rows = exp(logit - (local - log rows))
+        local = local - rows[:, None].log()
+    local = local.view(B, G, g, q, 1)
+    grouped = query.float().reshape(B, G, g, q, D) * scaling  # query head G-index x g + j
+    keys = scored_keys.float().transpose(-1, -2).contiguous()  # [B, G, D, s]: a faster q k^T
+    peak = torch.zeros(B, G, g, slots.shape[0], device=query.device)
+    step = query_block(H, max(slots.shape[0], 1))
+    for a in range(0, q, step):
+        b = min(a + step, q)
+        logits = capped(grouped[:, :, :, a:b].reshape(B, G, g * (b - a), D) @ keys, cap)
+        logits = logits.view(B, G, g, b - a, -1).sub_(local[:, :, :, a:b])
+        peak = torch.maximum(peak, logits.amax(3).exp_())
+    if columns is not None:
+        peak = peak * columns[..., slots]
+    best = torch.zeros(B, G, C, device=query.device)
+    best[..., slots] = peak.amax(2)
+    return merged(parts).to(query.dtype), best * scored
+
+
+def head_mask(seen: Tensor, H: int) -> Tensor | None:
+    """bool [1, H, 1, n] from seen bool [G', n] (each query head its KV head's row), or None
+    when every head sees every slot."""
+    return None if bool(seen.all()) else seen.repeat_interleave(H // seen.shape[0], 0)[None, :, None]
+
+
+def merged(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """fp32 [B, H, q, Dv]: the attention over the union of disjoint key sets from each set's
+    (out [B, H, q, Dv], lse fp32 [B, H, q])."""
+    if len(parts) == 1:
+        return parts[0][0].float()
+    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), 0)
+    return sum(out.float() * (lse - total).exp()[..., None] for out, lse in parts)
 
 
 class PassObserver:
@@ -97,10 +153,10 @@ class PassObserver:
         layer's context slots."""
         self.attended.add(layer_idx)
         C = key.shape[2] - query.shape[2]
-        visible = self.mask(layer, C)
         if layer.scored and self.fuses(layer, sinks):
             return self.attend_and_observe(layer_idx, layer, module, self.scored(layer, C), query,
-                                           key, value, visible, scaling, softcap)
+                                           key, value, scaling, softcap)
+        visible = self.mask(layer, C)
         out = attend(module, query, key, value, visible, scaling, softcap, sinks)
         if not layer.scored:
             return out
@@ -124,6 +180,11 @@ class PassObserver:
         (``attend_and_observe``): no sliding window, no sink logits."""
         return layer.attention_window is None and sinks is None
 
+    @staticmethod
+    def held(layer: KVLayer, C: int) -> Tensor:
+        """bool [G', C]: the context slots that hold a token; G' as in ``mask``."""
+        return (layer.pos[0, :, :C] if layer.is_split else layer.pos[0, :1, :C]) >= 0
+
     def scored(self, layer: KVLayer, C: int) -> Tensor:
         """bool [G', C]: the context slots this pass scores (a token below ``sinks`` or in
         [start, stop)); G' as in ``mask``."""
@@ -131,51 +192,18 @@ class PassObserver:
         return (pos >= 0) & ((pos < self.sinks) | ((pos >= self.start) & (pos < self.stop)))
 
     def attend_and_observe(self, layer_idx: int, layer: KVLayer, module, scored: Tensor,
-                           query: Tensor, key: Tensor, value: Tensor, visible: Tensor,
-                           scaling: float, softcap: float | None) -> Tensor:
-        """The pass's attention and its scores from one fp32 softmax per block of queries (a
-        layer without sliding window or sink logits, whose queries all see every held
-        context slot): a scored slot's probability under the softmax restricted to the
-        scored slots and the pass's own tokens is its attention probability over their sum.
-        query [1, H, q, D], key/value [1, G, C + q, D], scored bool [G', C], visible bool
-        [1, G', q, C + q] (``mask``). Returns out [1, q, H, Dv]."""
-        B, H, q, _ = query.shape
-        G, C = key.shape[1], key.shape[2] - q
-        g = H // G
-        rows_w, columns_w = self.weights(layer_idx, module, value, C, g)
-        held = (layer.pos[0, :, :C] if layer.is_split else layer.pos[0, :1, :C]) >= 0
-        subset = None if torch.equal(scored, held) else torch.cat(  # None: every visible key
-            [scored, scored.new_ones(scored.shape[0], q)], 1).float()[None, :, None, :, None]
-        runs = None if subset is None else column_runs(scored.any(0))  # the scored slots
-        grouped = query.view(B, G, g, q, -1)
-        out = value.new_empty(B, G, g, q, value.shape[-1])
-        best = torch.zeros(B, G, C, device=key.device)
-        hidden_from = 0 if softcap or not bool(visible[..., :C].all()) else C  # masked columns start here
-        step = query_block(H, C + q)
-        for a in range(0, q, step):
-            b = min(a + step, q)
-            S = C + b  # the block's queries see no later pass token
-            rows = grouped[:, :, :, a:b].reshape(B, G, g * (b - a), -1).float() * scaling
-            logits = torch.matmul(rows, key[:, :, :S].float().transpose(-1, -2)).view(B, G, g, b - a, S)
-            if softcap:
-                probs = probabilities(logits, visible[:, :, None, a:b, :S], softcap, None)
-            else:  # every query sees its own token: no row is fully masked
-                hide = torch.where(visible[:, :, None, a:b, hidden_from:S], 0.0, -torch.inf)
-                logits[..., hidden_from:].add_(hide)  # on CPU far cheaper than masked_fill_ broadcast over g
-                probs = torch.softmax(logits, -1)  # [B, G, g, b - a, S]
-            out[:, :, :, a:b] = torch.matmul(probs.view(B, G, g * (b - a), S),
-                                             value[:, :, :S].float()).view(B, G, g, b - a, -1)
-            rows = None if rows_w is None else rows_w[:, a:b]
-            if runs is None:
-                best = torch.maximum(best, peak(probs[..., :C], rows, columns_w))
-                continue
-            total = torch.matmul(probs, subset[..., :S, :])  # [B, G, g, b - a, 1]
-            for lo, hi in runs:
-                seen = peak(probs[..., lo:hi] / total, rows,
-                            None if columns_w is None else columns_w[..., lo:hi])
-                best[..., lo:hi] = torch.maximum(best[..., lo:hi], seen)
-        self.tally.add_max(layer_idx, Observation(best * scored))
-        return out.view(B, H, q, -1).transpose(1, 2)
+                           query: Tensor, key: Tensor, value: Tensor, scaling: float,
+                           softcap: float | None) -> Tensor:
+        """The pass's attention and its scores (a layer without sliding window or sink
+        logits, whose queries all see every held context slot): ``scored_attention``. query
+        [1, H, q, D], key/value [1, G, C + q, D], scored bool [G', C] (G' as in ``mask``).
+        Returns out [1, q, H, Dv]."""
+        C = key.shape[2] - query.shape[2]
+        rows, columns = self.weights(layer_idx, module, value, C, query.shape[1] // key.shape[1])
+        out, best = scored_attention(query, key, value, self.held(layer, C), scored, scaling,
+                                     softcap, rows, columns)
+        self.tally.add_max(layer_idx, Observation(best))
+        return out.transpose(1, 2)
 
     def observe(self, layer_idx: int, module, scored: Tensor, query: Tensor, key: Tensor,
                 value: Tensor, scaling: float, softcap: float | None, sinks: Tensor | None) -> None:

@@ -446,8 +446,9 @@ def test_kvzip_pass_attention_is_the_models_in_every_block(tiny, monkeypatch):
     monkeypatch.setattr(reconstruction, "BLOCK_ELEMENTS", 4 * 8 * 60)  # blocks of ~8 queries
     fused, calls = reconstruction.PassObserver.attend_and_observe, []
 
-    def checked(self, layer_idx, layer, module, scored, query, key, value, visible, scaling, softcap):
-        out = fused(self, layer_idx, layer, module, scored, query, key, value, visible, scaling, softcap)
+    def checked(self, layer_idx, layer, module, scored, query, key, value, scaling, softcap):
+        out = fused(self, layer_idx, layer, module, scored, query, key, value, scaling, softcap)
+        visible = self.mask(layer, key.shape[2] - query.shape[2])
         masked = not bool(visible[..., :key.shape[2] - query.shape[2]].all())
         calls.append((masked, (out - attention.attend(module, query, key, value, visible, scaling,
                                                       softcap, None)).abs().max()))
