@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import kvpolicy
@@ -76,6 +78,54 @@ def test_keydiff_scores_are_permutation_equivariant():
                      keys=s.keys[..., perm, :])
     policy = get_policy("keydiff")
     torch.testing.assert_close(policy.score(permuted), policy.score(s)[..., perm])
+
+
+def ragged_query_free_stats(data, heads_per_group: int = 2) -> Stats:
+    """Stats of a continued cache whose layers and KV heads hold different slots
+    (``head_valid``: at least 6 random slots each), with random keys (garbage in the slots
+    a head does not hold), query moments, value norms and rotary."""
+    L, B, G, N, D, F_ = 2, 1, 2, 14, 8, 3
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16), label="seed"))
+    head_valid = torch.zeros(L, B, G, N, dtype=torch.bool)
+    for l in range(L):
+        for g in range(G):
+            held = data.draw(st.sets(st.integers(0, N - 1), min_size=6), label=f"held {l} {g}")
+            head_valid[l, 0, g, sorted(held)] = True
+    H = G * heads_per_group
+    half = torch.randn(L, B, H, D, D, generator=gen)
+    angles = torch.rand(B, F_, D, generator=gen) * 6
+    return Stats(attn=torch.zeros(L, B, G, N), queries=head_valid.any(2).any(0),
+                 valid=head_valid.any(2).any(0), heads_per_group=heads_per_group,
+                 keys=torch.randn(L, B, G, N, D, generator=gen),
+                 query_mean=torch.randn(L, B, H, D, generator=gen),
+                 query_cov=half @ half.transpose(-1, -2) / D,
+                 value_norms=torch.rand(L, B, G, N, generator=gen) + 0.5,
+                 future_rotary=torch.stack([angles.cos(), angles.sin()], 1), head_valid=head_valid)
+
+
+@pytest.mark.parametrize("name", ["keydiff", "expected_attention"])
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_query_free_scores_of_a_ragged_cache_are_each_heads_held_slots_scored_alone(name, data):
+    """In a continued cache whose layers and heads hold different slots, each (layer, KV
+    head)'s scores are those of the slots it holds scored on their own: what the other
+    heads hold, and what sits in the slots it does not hold, change nothing."""
+    s, g_ = ragged_query_free_stats(data), 2
+    policy = get_policy(name)
+    got = policy.score(s)
+    for l in range(s.num_layers):
+        for g in range(s.keys.shape[2]):
+            idx = s.head_valid[l, 0, g].nonzero()[:, 0]
+            n = idx.shape[0]
+            alone = Stats(attn=torch.zeros(1, 1, 1, n), queries=torch.ones(1, n, dtype=torch.bool),
+                          valid=torch.ones(1, n, dtype=torch.bool), heads_per_group=g_,
+                          keys=s.keys[l:l + 1, :, g:g + 1, idx], query_mean=s.query_mean[l:l + 1, :, g * g_:(g + 1) * g_],
+                          query_cov=s.query_cov[l:l + 1, :, g * g_:(g + 1) * g_],
+                          value_norms=s.value_norms[l:l + 1, :, g:g + 1, idx],
+                          future_rotary=s.future_rotary)
+            torch.testing.assert_close(got[l, :, g, idx], policy.score(alone)[0, :, 0],
+                                       rtol=1e-5, atol=1e-6)
+            assert not got[l, 0, g][~s.head_valid[l, 0, g]].any()
 
 
 def test_tova_score_is_the_last_rows_head_mean(tiny):

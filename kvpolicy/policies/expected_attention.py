@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..heads import head_valid_or
 from ..policy import Policy, Stats, check_int
 from ..registry import register_policy
 from ..selection import edge_tokens
@@ -33,7 +34,8 @@ class ExpectedAttention(Policy):
         self.use_covariance, self.use_vnorm, self.epsilon = use_covariance, use_vnorm, epsilon
 
     def score(self, stats: Stats) -> Tensor:
-        """float32 [L, B, G, N]: softmax over the non-sink keys of z = mu'.k / sqrt(D) +
+        """float32 [L, B, G, N]: softmax over the non-sink keys (the first ``sinks`` each head
+        of each layer holds excluded) of z = mu'.k / sqrt(D) +
         k.S'.k / (2 D) per query head (mu', S' the query mean and covariance under the
         rotary averaged over the future positions), mean over the group, x ||v||."""
         L, B, G, N, D = stats.keys.shape
@@ -42,8 +44,9 @@ class ExpectedAttention(Policy):
         z = torch.einsum("lbhnd,lbhd->lbhn", keys, mean) / math.sqrt(D)
         if self.use_covariance:
             z = z + torch.einsum("lbhnd,lbhde,lbhne->lbhn", keys, cov, keys) / (2 * D)
-        scored = stats.valid & ~edge_tokens(stats.valid, self.sinks, 0)
-        z = z.masked_fill(~scored[None, :, None], -torch.inf)
+        held = head_valid_or(stats.valid, stats.head_valid, (L, B, G, N))  # each layer's, each head's
+        scored = (held & ~edge_tokens(held, self.sinks, 0)).repeat_interleave(stats.heads_per_group, 2)
+        z = z.masked_fill(~scored, -torch.inf)
         probs = torch.softmax(z, dim=-1).nan_to_num(0.0)
         probs = probs.view(L, B, G, stats.heads_per_group, N).mean(3)
         if self.use_vnorm:
