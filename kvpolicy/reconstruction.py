@@ -78,17 +78,17 @@ def scored_attention(query: Tensor, key: Tensor, value: Tensor, held: Tensor, sc
     local = local.view(B, G, g, q, 1)
     grouped = query.float().reshape(B, G, g, q, D) * scaling  # query head G-index x g + j
     keys = scored_keys.float().transpose(-1, -2).contiguous()  # [B, G, D, s]: a faster q k^T
-    peak = torch.zeros(B, G, g, slots.shape[0], device=query.device)
+    highest = torch.zeros(B, G, g, slots.shape[0], device=query.device)
     step = query_block(H, max(slots.shape[0], 1))
     for a in range(0, q, step):
         b = min(a + step, q)
         logits = capped(grouped[:, :, :, a:b].reshape(B, G, g * (b - a), D) @ keys, cap)
         logits = logits.view(B, G, g, b - a, -1).sub_(local[:, :, :, a:b])
-        peak = torch.maximum(peak, logits.amax(3).exp_())
+        highest = torch.maximum(highest, logits.amax(3).exp_())
     if columns is not None:
-        peak = peak * columns[..., slots]
+        highest = highest * columns[..., slots]
     best = torch.zeros(B, G, C, device=query.device)
-    best[..., slots] = peak.amax(2)
+    best[..., slots] = highest.amax(2)
     return merged(parts).to(query.dtype), best * scored
 
 
