@@ -62,16 +62,15 @@ def scored_attention(query: Tensor, key: Tensor, value: Tensor, held: Tensor, sc
     B, H, q, D = query.shape
     G, C = key.shape[1], key.shape[2] - q
     g, cap = H // G, softcap or 0.0
-    slots = scored.any(0).nonzero()[:, 0]
-    others = (held & ~scored).any(0).nonzero()[:, 0]
+    unscored = held & ~scored
+    slots, others = scored.any(0).nonzero()[:, 0], unscored.any(0).nonzero()[:, 0]
     scored_keys = key[:, :, slots]  # [B, G, s, D]
     parts = [attention_with_lse(query, key[:, :, C:], value[:, :, C:], scaling=scaling,
                                 is_causal=True, softcap=cap)]  # (out [B, H, q, Dv], lse fp32 [B, H, q])
-    for subset, seen in ((slots, scored), (others, held & ~scored)):
+    for subset, subset_keys, seen in ((slots, scored_keys, scored), (others, key[:, :, others], unscored)):
         if subset.shape[0]:
-            parts.append(attention_with_lse(query, key[:, :, subset], value[:, :, subset],
-                                            scaling=scaling, mask=head_mask(seen[:, subset], H),
-                                            softcap=cap))
+            parts.append(attention_with_lse(query, subset_keys, value[:, :, subset], scaling=scaling,
+                                            mask=head_mask(seen[:, subset], H), softcap=cap))
     local = torch.logsumexp(torch.stack([lse for _, lse in parts[:2 if slots.shape[0] else 1]]), 0)
     if rows is not None:  # KVzip+: p x rows = exp(logit - (local - log rows))
         local = local - rows[:, None].log()
@@ -181,14 +180,18 @@ class PassObserver:
         return layer.attention_window is None and sinks is None
 
     @staticmethod
-    def held(layer: KVLayer, C: int) -> Tensor:
-        """bool [G', C]: the context slots that hold a token; G' as in ``mask``."""
-        return (layer.pos[0, :, :C] if layer.is_split else layer.pos[0, :1, :C]) >= 0
+    def context_pos(layer: KVLayer, C: int) -> Tensor:
+        """int64 [G', C]: the position each context slot holds (-1: none); G' as in ``mask``."""
+        return layer.pos[0, :, :C] if layer.is_split else layer.pos[0, :1, :C]
+
+    def held(self, layer: KVLayer, C: int) -> Tensor:
+        """bool [G', C]: the context slots that hold a token."""
+        return self.context_pos(layer, C) >= 0
 
     def scored(self, layer: KVLayer, C: int) -> Tensor:
         """bool [G', C]: the context slots this pass scores (a token below ``sinks`` or in
-        [start, stop)); G' as in ``mask``."""
-        pos = layer.pos[0, :, :C] if layer.is_split else layer.pos[0, :1, :C]
+        [start, stop))."""
+        pos = self.context_pos(layer, C)
         return (pos >= 0) & ((pos < self.sinks) | ((pos >= self.start) & (pos < self.stop)))
 
     def attend_and_observe(self, layer_idx: int, layer: KVLayer, module, scored: Tensor,

@@ -110,7 +110,8 @@ def test_query_free_scores_of_a_ragged_cache_are_each_heads_held_slots_scored_al
     """In a continued cache whose layers and heads hold different slots, each (layer, KV
     head)'s scores are those of the slots it holds scored on their own: what the other
     heads hold, and what sits in the slots it does not hold, change nothing."""
-    s, g_ = ragged_query_free_stats(data), 2
+    s = ragged_query_free_stats(data)
+    g_ = s.heads_per_group
     policy = get_policy(name)
     got = policy.score(s)
     for l in range(s.num_layers):
