@@ -43,20 +43,21 @@ def query_block(heads: int, keys: int) -> int:
 
 
 def scored_attention(query: Tensor, key: Tensor, value: Tensor, held: Tensor, scored: Tensor,
-                     scaling: float, softcap: float | None, rows: Tensor | None,
-                     columns: Tensor | None) -> tuple[Tensor, Tensor]:
+                     scaling: float, softcap: float | None, sinks: Tensor | None,
+                     rows: Tensor | None, columns: Tensor | None) -> tuple[Tensor, Tensor]:
     """A pass's attention and its KVzip scores. ``attention_with_lse`` (flash on CPU, its
     reference elsewhere) attends three key sets apart: the pass's own tokens (causal), the
     scored context slots, and the held slots the pass does not score (an earlier chunk's
     kept tokens), each masked only where the KV heads hold different slots of it; the three
-    outputs merge through their log-sum-exps. The first two sets' joint log-sum-exp is
-    KVzip's chunk-local softmax denominator, so a scored slot's probability is
+    outputs merge through their log-sum-exps. Sink logits (GPT-OSS) join the first set's
+    log-sum-exp, so they count in the model's denominator and in KVzip's. The first two
+    sets' joint log-sum-exp is KVzip's chunk-local softmax denominator, so a scored slot's probability is
     exp(logit - lse), maxed over the queries in the log domain (exp is monotone): no
     probability matrix is built.
 
     query [B, H, q, D]; key/value [B, G, C + q, D] (C context slots, then the pass's q
     tokens); held, scored bool [G', C], scored within held (G' = 1, or G where the KV heads
-    hold different slots; every query sees its head's held slots); rows fp32 [B, q] and
+    hold different slots; every query sees its head's held slots); sinks [H] or None; rows fp32 [B, q] and
     columns fp32 [B, G, H/G, C]: KVzip+'s weights, or None. Returns (out [B, H, q, Dv] in
     the query's dtype, best fp32 [B, G, C], 0 where not scored)."""
     B, H, q, D = query.shape
@@ -66,7 +67,7 @@ def scored_attention(query: Tensor, key: Tensor, value: Tensor, held: Tensor, sc
     slots, others = scored.any(0).nonzero()[:, 0], unscored.any(0).nonzero()[:, 0]
     scored_keys = key[:, :, slots]  # [B, G, s, D]
     parts = [attention_with_lse(query, key[:, :, C:], value[:, :, C:], scaling=scaling,
-                                is_causal=True, softcap=cap)]  # (out [B, H, q, Dv], lse fp32 [B, H, q])
+                                is_causal=True, softcap=cap, sinks=sinks)]  # (out [B, H, q, Dv], lse fp32 [B, H, q])
     for subset, subset_keys, seen in ((slots, scored_keys, scored), (others, key[:, :, others], unscored)):
         if subset.shape[0]:
             parts.append(attention_with_lse(query, subset_keys, value[:, :, subset], scaling=scaling,
@@ -152,9 +153,9 @@ class PassObserver:
         layer's context slots."""
         self.attended.add(layer_idx)
         C = key.shape[2] - query.shape[2]
-        if layer.scored and self.fuses(layer, sinks):
+        if layer.scored and self.fuses(layer):
             return self.attend_and_observe(layer_idx, layer, module, self.scored(layer, C), query,
-                                           key, value, scaling, softcap)
+                                           key, value, scaling, softcap, sinks)
         visible = self.mask(layer, C)
         out = attend(module, query, key, value, visible, scaling, softcap, sinks)
         if not layer.scored:
@@ -167,17 +168,18 @@ class PassObserver:
         """bool [1, G', q, C + q]: what the pass's tokens see (every held context slot in
         the window, causal among themselves); G' = 1, or G for a per-head layer whose heads
         hold different slots (an earlier chunk's per-head compaction)."""
-        pos = layer.pos[:, :, :C] if layer.is_split else layer.pos[:, :1, :C]  # [1, G', C]
+        pos = self.context_pos(layer, C)[None]  # [1, G', C]
         key_pos = torch.cat([pos, self.new_pos[:, None].expand(-1, pos.shape[1], -1)], 2)
         q, S = self.new_pos.shape[1], key_pos.shape[2]
         return visible_(key_pos[:, :, None, :], self.new_pos[:, None, :, None],
                        layer.attention_window, order=causal(q, S, key_pos.device))
 
     @staticmethod
-    def fuses(layer: KVLayer, sinks: Tensor | None) -> bool:
-        """Whether the layer's attention and scores come from one softmax
-        (``attend_and_observe``): no sliding window, no sink logits."""
-        return layer.attention_window is None and sinks is None
+    def fuses(layer: KVLayer) -> bool:
+        """Whether the layer's attention and scores come from the same attentions
+        (``attend_and_observe``): no sliding window (whose scores, as the paper's, ignore
+        the window its output keeps)."""
+        return layer.attention_window is None
 
     @staticmethod
     def context_pos(layer: KVLayer, C: int) -> Tensor:
@@ -196,15 +198,15 @@ class PassObserver:
 
     def attend_and_observe(self, layer_idx: int, layer: KVLayer, module, scored: Tensor,
                            query: Tensor, key: Tensor, value: Tensor, scaling: float,
-                           softcap: float | None) -> Tensor:
-        """The pass's attention and its scores (a layer without sliding window or sink
-        logits, whose queries all see every held context slot): ``scored_attention``. query
-        [1, H, q, D], key/value [1, G, C + q, D], scored bool [G', C] (G' as in ``mask``).
-        Returns out [1, q, H, Dv]."""
+                           softcap: float | None, sinks: Tensor | None) -> Tensor:
+        """The pass's attention and its scores (a layer without sliding window, whose
+        queries all see every held context slot): ``scored_attention``. query [1, H, q, D],
+        key/value [1, G, C + q, D], scored bool [G', C] (G' as in ``mask``), sinks [H] or
+        None. Returns out [1, q, H, Dv]."""
         C = key.shape[2] - query.shape[2]
         rows, columns = self.weights(layer_idx, module, value, C, query.shape[1] // key.shape[1])
         out, best = scored_attention(query, key, value, self.held(layer, C), scored, scaling,
-                                     softcap, rows, columns)
+                                     softcap, sinks, rows, columns)
         self.tally.add_max(layer_idx, Observation(best))
         return out.transpose(1, 2)
 

@@ -466,13 +466,27 @@ def test_kvzip_with_chunk_size_scores_and_compacts_each_chunk(tiny, per_head, mo
     assert bool((final.attn[held.expand_as(final.attn)] > 0).all())
 
 
-def test_kvzip_chunks_score_the_same_through_the_fused_and_the_separate_softmax(tiny, monkeypatch):
+@pytest.fixture(scope="module", params=["llama", "gpt_oss"])
+def with_sinks_or_not(request, tiny):
+    """The tiny llama, and a tiny GPT-OSS whose full-attention layers add sink logits to
+    the softmax (random sinks, so that they weigh)."""
+    if request.param == "llama":
+        return tiny
+    model = build("gpt_oss")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def test_kvzip_chunks_score_the_same_through_the_fused_and_the_separate_softmax(
+        with_sinks_or_not, monkeypatch):
     """With chunk_size and per-head rows (each head holding its own earlier entries), the
-    scores from the pass's own softmax equal those computed apart from the attention
-    (the path of layers with sliding windows or sink logits), plan after plan; in
-    several blocks of queries."""
+    scores from the pass's own attentions equal those computed apart from the attention
+    (the path of layers with sliding windows), plan after plan; in several blocks of
+    queries; with and without sink logits."""
     monkeypatch.setattr(reconstruction, "BLOCK_ELEMENTS", 4 * 8 * 60)  # blocks of ~8 queries
-    context, tok = ids(70, 5), CharTokenizer()
+    tiny, context, tok = with_sinks_or_not, ids(70, 5), CharTokenizer()
     seen = []
     for fused in (True, False):
         if not fused:
@@ -490,19 +504,22 @@ def test_kvzip_chunks_score_the_same_through_the_fused_and_the_separate_softmax(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_kvzip_pass_attention_is_the_models_in_every_block(tiny, monkeypatch):
+def test_kvzip_pass_attention_is_the_models_in_every_block(with_sinks_or_not, monkeypatch):
     """The fused pass's attention output (what the pass's later layers read) equals the
-    model's attention over the same keys, in every block of queries, where per-head rows
-    leave masked slots between the sinks and the chunk (chunk_size, per head)."""
+    model's attention over the same keys (with its sink logits, where it has them), in
+    every block of queries, where per-head rows leave masked slots between the sinks and
+    the chunk (chunk_size, per head)."""
     monkeypatch.setattr(reconstruction, "BLOCK_ELEMENTS", 4 * 8 * 60)  # blocks of ~8 queries
-    fused, calls = reconstruction.PassObserver.attend_and_observe, []
+    fused, calls, tiny = reconstruction.PassObserver.attend_and_observe, [], with_sinks_or_not
 
-    def checked(self, layer_idx, layer, module, scored, query, key, value, scaling, softcap):
-        out = fused(self, layer_idx, layer, module, scored, query, key, value, scaling, softcap)
+    def checked(self, layer_idx, layer, module, scored, query, key, value, scaling, softcap, sinks):
+        out = fused(self, layer_idx, layer, module, scored, query, key, value, scaling, softcap,
+                    sinks)
         visible = self.mask(layer, key.shape[2] - query.shape[2])
         masked = not bool(visible[..., :key.shape[2] - query.shape[2]].all())
-        calls.append((masked, (out - attention.attend(module, query, key, value, visible, scaling,
-                                                      softcap, None)).abs().max()))
+        calls.append((masked, sinks is not None,
+                      (out - attention.attend(module, query, key, value, visible, scaling,
+                                              softcap, sinks)).abs().max()))
         return out
 
     monkeypatch.setattr(reconstruction.PassObserver, "attend_and_observe", checked)
@@ -510,8 +527,9 @@ def test_kvzip_pass_attention_is_the_models_in_every_block(tiny, monkeypatch):
         kvpolicy.compress(tiny, ids(70, 5), get_policy("kvzip", tokenizer=CharTokenizer()), 0.3,
                           chunk_size=16)
     kvpolicy.detach(tiny)
-    assert any(masked for masked, _ in calls)
-    assert max(float(err) for _, err in calls) < 1e-5
+    assert any(masked for masked, _, _ in calls)
+    assert all(sinks == hasattr(tiny.model.layers[0].self_attn, "sinks") for _, sinks, _ in calls)
+    assert max(float(err) for _, _, err in calls) < 1e-5
 
 
 def test_expected_attention_refuses_a_rotary_it_cannot_undo():
