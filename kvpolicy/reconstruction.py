@@ -51,14 +51,14 @@ def scored_attention(query: Tensor, key: Tensor, value: Tensor, held: Tensor, sc
     kept tokens), each masked only where the KV heads hold different slots of it; the three
     outputs merge through their log-sum-exps. Sink logits (GPT-OSS) join the first set's
     log-sum-exp, so they count in the model's denominator and in KVzip's. The first two
-    sets' joint log-sum-exp is KVzip's chunk-local softmax denominator, so a scored slot's probability is
-    exp(logit - lse), maxed over the queries in the log domain (exp is monotone): no
-    probability matrix is built.
+    sets' joint log-sum-exp is KVzip's chunk-local softmax denominator, so a scored slot's
+    probability is exp(logit - lse), maxed over the queries in the log domain (exp is
+    monotone): no probability matrix is built.
 
     query [B, H, q, D]; key/value [B, G, C + q, D] (C context slots, then the pass's q
     tokens); held, scored bool [G', C], scored within held (G' = 1, or G where the KV heads
-    hold different slots; every query sees its head's held slots); sinks [H] or None; rows fp32 [B, q] and
-    columns fp32 [B, G, H/G, C]: KVzip+'s weights, or None. Returns (out [B, H, q, Dv] in
+    hold different slots; every query sees its head's held slots); sinks [H] or None; rows
+    fp32 [B, q] and columns fp32 [B, G, H/G, C]: KVzip+'s weights, or None. Returns (out [B, H, q, Dv] in
     the query's dtype, best fp32 [B, G, C], 0 where not scored)."""
     B, H, q, D = query.shape
     G, C = key.shape[1], key.shape[2] - q

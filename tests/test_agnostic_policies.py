@@ -472,10 +472,10 @@ def with_sinks_or_not(request, tiny):
     the softmax (random sinks, so that they weigh)."""
     if request.param == "llama":
         return tiny
-    model = build("gpt_oss")
+    model, gen = build("gpt_oss"), torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.sinks.normal_(generator=torch.Generator().manual_seed(3))
+            layer.self_attn.sinks.normal_(generator=gen)
     return model
 
 
