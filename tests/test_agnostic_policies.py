@@ -340,7 +340,7 @@ def test_kvzip_floor_gives_every_head_its_share_then_the_global_top_k(min_share)
         assert (got >= share).all()
         want = global_heads(policy.score(s), total, share, policy.protected(s), s.valid)
         assert torch.equal(got, want)
-        starved += int((paper.allocate(s, total, floor) < share).any())
+        starved += int((paper.allocate(s, total, paper.floor(s)) < share).any())
     assert starved  # without the floor some head keeps less than its share
 
 
@@ -368,6 +368,29 @@ def test_kvzip_plans_per_head_unless_told_otherwise(tiny, name):
             assert cache.policy.per_head is want, (params, per_head)
             assert (cache.plan.counts is not None) is want
             assert all(layer.flat is want for layer in cache.layers)
+    kvpolicy.detach(tiny)
+
+
+@pytest.mark.parametrize("name, default", [("kvzip", 0), ("kvzip_floor", 8)])
+def test_kvzip_window_keeps_the_contexts_last_tokens_in_every_head(tiny, name, default):
+    """``window=W`` protects the context's last W tokens as the sinks are protected: every
+    KV head of every layer keeps them, whole-context and per chunk's plan alike (then the
+    whole context's last W, the last chunk's plan being the last); kvzip's default is the
+    paper's 0, kvzip_floor's 8."""
+    context, tok, n = ids(60, 4), CharTokenizer(), 60
+    assert get_policy(name, tokenizer=tok).window == default
+    with torch.no_grad():
+        for chunk_size in (None, 16):
+            cache = kvpolicy.compress(tiny, context, name, 0.2, tokenizer=tok, window=6,
+                                      chunk_size=chunk_size)
+            for layer in cache.layers:
+                kept = kept_entries(layer, n)
+                for head in range(layer.kv_heads):
+                    assert {p for h, p in kept if h == head} >= {0, 1, 2, 3, *range(n - 6, n)}
+            zero = kvpolicy.compress(tiny, context, name, 0.2, tokenizer=tok, window=0,
+                                     chunk_size=chunk_size)
+            assert any(not {(h, n - 1) for h in range(layer.kv_heads)} <= set(kept_entries(layer, n))
+                       for layer in zero.layers)  # without the window some head drops the last
     kvpolicy.detach(tiny)
 
 

@@ -23,16 +23,16 @@ PLACEHOLDER = "@@kvzip@@"
 class KVzip(Policy):
     # the rule: its card, registry/cards/kvzip.toml (also its __doc__)
     reconstruct = True
-    window = 0
-    protects = "the first `sinks` tokens"
+    protects = "the first `sinks` and the last `window` tokens"
 
     def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, layerwise: bool = False,
-                 question: int = 0, min_share: float = 0.0, plus: bool = False):
+                 question: int = 0, min_share: float = 0.0, plus: bool = False, window: int = 0):
         for name, flag in (("layerwise", layerwise), ("plus", plus)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         self.tokenizer = tokenizer
         self.sinks = check_int("sinks", sinks, 0)
+        self.window = check_int("window", window, 0)
         self.chunk = check_int("chunk", chunk, 1)
         self.layerwise = layerwise
         self.per_head = not layerwise  # the paper's head-level selection, unless equal layers
@@ -125,5 +125,5 @@ class KVzipFloor(KVzip):
     # the rule: its card, registry/cards/kvzip_floor.toml (also its __doc__)
 
     def __init__(self, tokenizer=None, sinks: int = 4, chunk: int = 2048, question: int = 0,
-                 min_share: float = 0.75, plus: bool = False):
-        super().__init__(tokenizer, sinks, chunk, False, question, min_share, plus)
+                 min_share: float = 0.75, plus: bool = False, window: int = 8):
+        super().__init__(tokenizer, sinks, chunk, False, question, min_share, plus, window)
