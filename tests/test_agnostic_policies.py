@@ -374,9 +374,9 @@ def test_kvzip_plans_per_head_unless_told_otherwise(tiny, name):
 @pytest.mark.parametrize("name, default", [("kvzip", 0), ("kvzip_floor", 8)])
 def test_kvzip_window_keeps_the_contexts_last_tokens_in_every_head(tiny, name, default):
     """``window=W`` protects the context's last W tokens as the sinks are protected: every
-    KV head of every layer keeps them, whole-context and per chunk's plan alike (then the
-    whole context's last W, the last chunk's plan being the last); kvzip's default is the
-    paper's 0, kvzip_floor's 8."""
+    KV head of every layer keeps them, with the whole context compressed at once and under
+    ``chunk_size`` (the last chunk's plan protects the context's last W); without it some
+    head drops the last token. kvzip's default is the paper's 0, kvzip_floor's 8."""
     context, tok, n = ids(60, 4), CharTokenizer(), 60
     assert get_policy(name, tokenizer=tok).window == default
     with torch.no_grad():
