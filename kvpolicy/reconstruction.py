@@ -58,8 +58,8 @@ def scored_attention(query: Tensor, key: Tensor, value: Tensor, held: Tensor, sc
     query [B, H, q, D]; key/value [B, G, C + q, D] (C context slots, then the pass's q
     tokens); held, scored bool [G', C], scored within held (G' = 1, or G where the KV heads
     hold different slots; every query sees its head's held slots); sinks [H] or None; rows
-    fp32 [B, q] and columns fp32 [B, G, H/G, C]: KVzip+'s weights, or None. Returns (out [B, H, q, Dv] in
-    the query's dtype, best fp32 [B, G, C], 0 where not scored)."""
+    fp32 [B, q] and columns fp32 [B, G, H/G, C]: KVzip+'s weights, or None. Returns (out
+    [B, H, q, Dv] in the query's dtype, best fp32 [B, G, C], 0 where not scored)."""
     B, H, q, D = query.shape
     G, C = key.shape[1], key.shape[2] - q
     g, cap = H // G, softcap or 0.0
