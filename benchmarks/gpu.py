@@ -7,6 +7,9 @@
 - prefill: ``model.generate(max_new_tokens=1)`` plain vs under ``kvpolicy.apply`` (snapkv,
   pyramidkv: the last 32 queries; h2o: every query) at budget 0.1, rounds alternated, the
   median overhead; peak GPU memory of each;
+- compress: ``kvpolicy.compress`` with kvzip at budget 0.1 on an 8k-token context, whole
+  (the paper's rule) and with ``chunk_size=512``, against a plain prefill of the same
+  context (issue #26: at most 2.3x), rounds alternated, the median ratio; peak GPU memory;
 - decode ms/token: snapkv at budget 0.1 of 32k against the full cache at 32k and at 3.2k
   (the floor: what the kept size costs), eager (rounds alternated) and compiled
   (``apply(compile=True)``: CUDA graphs; the floor: transformers' static cache compiled the
@@ -41,20 +44,23 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 import triton  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList  # noqa: E402
+from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, StoppingCriteria,  # noqa: E402
+                          StoppingCriteriaList)
 
 import kvpolicy  # noqa: E402
 from kvpolicy.apply import compile_config  # noqa: E402
 from kvpolicy_kernels import accumulate_scores, compact_layers  # noqa: E402
 
 SIZES = dict(hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64, intermediate=8192,
-             vocab=32000, tokens=32768, steps=64, warmup=8, rounds=3, reps=10)
+             vocab=32000, tokens=32768, steps=64, warmup=8, rounds=3, reps=10,
+             compress_tokens=8192, compress_chunk=512)
 DRY_SIZES = dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
-                 vocab=1000, tokens=512, steps=4, warmup=2, rounds=1, reps=1)
+                 vocab=1000, tokens=512, steps=4, warmup=2, rounds=1, reps=1,
+                 compress_tokens=256, compress_chunk=64)
 BUDGET = 0.1
 WINDOW = 32  # the queries window policies score
 PREFILL_GOALS = {"snapkv": 0.03, "pyramidkv": 0.03, "h2o": 0.30}  # overhead at most
-GOALS = dict(score_rate=0.5, compaction=0.8, decode_floor=1.05)
+GOALS = dict(score_rate=0.5, compaction=0.8, decode_floor=1.05, compress=2.3)
 DEVICE = "cpu" if DRY_RUN else "cuda"
 DTYPE = torch.float32 if DRY_RUN else torch.bfloat16
 GIB = 2**30
@@ -267,6 +273,60 @@ def decodes(model, s: dict) -> dict:
     return out
 
 
+# ---- compress (kvzip) -----------------------------------------------------------------
+class StandInTokenizer:
+    """KVzip builds its repeat prompt with the model's tokenizer; the GPU machine downloads
+    none and the weights are random, so one id per character, no chat template (the
+    passes' lengths are what the timing needs)."""
+
+    chat_template = None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [3 + ord(c) % 890 for c in text]}
+
+
+def timed(run) -> tuple[float, float | None]:
+    """(seconds, peak GiB) of ``run()`` without grad, the device synchronized around it."""
+    reset_peak()
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        run()
+    sync()
+    return time.perf_counter() - start, peak_gib()
+
+
+def compress_costs(model, s: dict) -> dict:
+    """kvzip's ``kvpolicy.compress`` at BUDGET of s["compress_tokens"] tokens, whole and
+    with chunk_size=s["compress_chunk"], against a plain prefill of the same ids
+    (``model(ids, DynamicCache, logits_to_keep=1)``), rounds alternated after a warm-up
+    round: per configuration the median seconds and the peak GiB, per kvzip run the median
+    of its rounds' ratios to the plain prefill of the same round."""
+    ids, tok, chunk = prompt(s, s["compress_tokens"]), StandInTokenizer(), s["compress_chunk"]
+    runs = {"plain prefill": lambda: model(ids, past_key_values=DynamicCache(config=model.config),
+                                           use_cache=True, logits_to_keep=1),
+            "kvzip, whole context": lambda: kvpolicy.compress(model, ids, "kvzip", BUDGET, tokenizer=tok),
+            f"kvzip, chunk_size={chunk}": lambda: kvpolicy.compress(model, ids, "kvzip", BUDGET,
+                                                                     tokenizer=tok, chunk_size=chunk)}
+    times = {name: [] for name in runs}
+    try:
+        for run in runs.values():
+            timed(run)
+        for _ in range(s["rounds"]):
+            for name, run in runs.items():
+                times[name].append(timed(run))
+    finally:
+        kvpolicy.detach(model)
+    plain = times["plain prefill"]
+    out = {"tokens": s["compress_tokens"]}
+    for name, r in times.items():
+        out[name] = dict(seconds=statistics.median(t for t, _ in r), peak_gib=r[0][1])
+        if name != "plain prefill":
+            ratio = statistics.median(t / p for (t, _), (p, _) in zip(r, plain))
+            out[name].update(ratio=ratio, goal=GOALS["compress"], met=ratio <= GOALS["compress"])
+    return out
+
+
 # ---- report ---------------------------------------------------------------------------
 def table(header: list[str], rows: list[list]) -> list[str]:
     return [f"| {' | '.join(header)} |", "|" + "---|" * len(header),
@@ -317,6 +377,13 @@ def markdown(r: dict) -> str:
         lines += table(["snapkv at N, budget 0.1 / full cache at 0.1 N", "value", "goal"],
                        [[name[6:], f"{d[name]['value']:.3f}", goal(d[name], "≤")]
                         for name in ("ratio_eager", "ratio_compiled") if name in d])
+    c = r.get("compress", {})
+    if "tokens" in c:
+        lines += table([f"compress, {c['tokens']} tokens, budget {BUDGET}", "seconds", "x plain prefill",
+                        "peak GiB", "goal"],
+                       [[name, f"{x['seconds']:.3f}", f"{x['ratio']:.2f}" if "ratio" in x else "1.00",
+                         gib(x["peak_gib"]), goal(x, "≤") if "goal" in x else ""]
+                        for name, x in c.items() if isinstance(x, dict)])
     return "\n".join(lines)
 
 
@@ -337,7 +404,7 @@ def main() -> int:
     failed = False
     model = functools.cache(lambda: build_model(s))
     sections = dict(kernels=lambda: kernels(s), prefill=lambda: prefills(model(), s),
-                    decode=lambda: decodes(model(), s))
+                    compress=lambda: compress_costs(model(), s), decode=lambda: decodes(model(), s))
     for name, run in sections.items():
         start = time.perf_counter()
         try:
