@@ -11,6 +11,7 @@ from transformers.generation.configuration_utils import CompileConfig
 from . import interface, models
 from .budget import Budget
 from .cache import PolicyCache
+from .chunks import chunk_spans
 from .heads import with_per_head
 from .hooks import CacheHooks, attach, new_tokens, prompt_of
 from .policy import Policy
@@ -283,7 +284,9 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy,
     patched or not (``compress`` leaves hooks that act only on a PolicyCache;
     ``kvpolicy.detach(model)`` removes them).
     chunk_size: prefill this many tokens at a time, compressing after each chunk, so the
-    K/V held stays near ``budget x tokens seen + chunk_size`` per layer. A reconstructing
+    K/V held stays near ``budget x tokens seen + chunk_size`` per layer; a last piece
+    shorter than chunk_size / 8 is read with the chunk before it (``chunks.chunk_spans``).
+    A reconstructing
     policy (kvzip) scores each chunk with one reconstruction pass once it is read (the
     pass sees the chunk and what earlier chunks kept), then compresses; without
     ``chunk_size`` it holds the whole context until its passes (the paper's rule).
@@ -313,10 +316,8 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy,
     # an unpatched model's generate would pre-build 4-D masks for a compileable cache
     cache.begin_call(input_ids, max_new_tokens, defer=False,
                      compileable=getattr(model, "_kvpolicy_handle", None) is not None)
-    step = chunk_size or input_ids.shape[1]
     with torch.no_grad():
-        for start in range(0, input_ids.shape[1], step):
-            stop = start + step
+        for start, stop in chunk_spans(input_ids.shape[1], chunk_size or input_ids.shape[1]):
             extra = {}
             if attention_mask is not None:  # as generate: positions count real tokens only
                 extra = dict(attention_mask=attention_mask[:, :stop],

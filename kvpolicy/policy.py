@@ -333,9 +333,11 @@ class Policy:
 
     # ---- reconstruction (policies with Requirements.reconstruct) ----------------------
     def reconstruction(self, context: Tensor, chunk: int | None) -> list[tuple[int, int, Tensor]]:
-        """The reconstruction passes over context ids int64 [1, n], ``chunk`` context
-        tokens each (None: the policy's own): (start, stop, ids int64 [1, q]), each pass
-        scoring context positions [start, stop). Refuses, by name, what it lacks."""
+        """The reconstruction passes over context ids int64 [1, n]: (start, stop, ids int64
+        [1, q]), each pass scoring context positions [start, stop). ``chunk``: compress's
+        chunk_size, whose chunks (``kvpolicy.chunks.chunk_spans``) a pass per chunk
+        matches (other splits still run, as more passes); None: the policy's own. Refuses,
+        by name, what it lacks."""
         raise NotImplementedError(f"{self.name} runs no reconstruction passes")
 
     # ---- decode hook (policies with decode == "evict") -------------------------------

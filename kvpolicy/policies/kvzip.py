@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..allocation import take_cheapest
+from ..chunks import chunk_spans
 from ..heads import global_heads, head_valid_or
 from ..policy import Policy, QuerySet, Requirements, Stats, check_int, check_share
 from ..registry import register_policy
@@ -63,17 +64,20 @@ class KVzip(Policy):
         return torch.maximum(stats.attn, stats.prompt_attn)
 
     def reconstruction(self, context: Tensor, chunk: int | None) -> list[tuple[int, int, Tensor]]:
-        """The passes repeating context ids int64 [1, n], ``chunk`` (None: ``self.chunk``)
-        tokens each: (start, stop, ids [1, q]) with ids = the repeat request, the chat
-        template's end of the user turn, then context[start:stop] teacher-forced."""
+        """The passes repeating context ids int64 [1, n]: (start, stop, ids [1, q]) with ids
+        = the repeat request, the chat template's end of the user turn, then
+        context[start:stop] teacher-forced. ``chunk`` (compress's chunk_size): the chunks
+        compress reads (``chunk_spans``: a short last piece joins the chunk before it);
+        None: ``self.chunk`` tokens each, the last piece whatever is left, as the paper."""
         if self.tokenizer is None:
             raise ValueError("kvzip(tokenizer=...): pass the model's tokenizer; KVzip asks the model "
                              "to repeat the context with its own chat template")
-        step = chunk or self.chunk
+        n = context.shape[1]
+        spans = (chunk_spans(n, chunk) if chunk
+                 else [(a, min(a + self.chunk, n)) for a in range(0, n, self.chunk)])
         suffix = self.encode(self.turn_end())
         passes = []
-        for start in range(0, context.shape[1], step):
-            stop = min(start + step, context.shape[1])
+        for start, stop in spans:
             if start == 0:
                 head = self.encode(REPEAT)
             else:
