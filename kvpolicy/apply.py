@@ -286,10 +286,9 @@ def compress(model: nn.Module, input_ids: torch.Tensor, policy: str | Policy,
     chunk_size: prefill this many tokens at a time, compressing after each chunk, so the
     K/V held stays near ``budget x tokens seen + chunk_size`` per layer; a last piece
     shorter than chunk_size / 8 is read with the chunk before it (``chunks.chunk_spans``).
-    A reconstructing
-    policy (kvzip) scores each chunk with one reconstruction pass once it is read (the
-    pass sees the chunk and what earlier chunks kept), then compresses; without
-    ``chunk_size`` it holds the whole context until its passes (the paper's rule).
+    A reconstructing policy (kvzip) scores each chunk with one reconstruction pass once it
+    is read (the pass sees the chunk and what earlier chunks kept), then compresses;
+    without ``chunk_size`` it holds the whole context until its passes (the paper's rule).
     max_new_tokens: decode steps to size buffers (and fixed-size policies) for.
     budget, bits: as for ``apply`` (with ``chunk_size`` each chunk's
     compaction puts the rows back in full precision and quantizes them again).
