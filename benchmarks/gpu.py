@@ -83,6 +83,17 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / GIB if DEVICE == "cuda" else None
 
 
+def timed(run) -> tuple[float, float | None]:
+    """(seconds, peak GiB) of ``run()`` without grad, the device synchronized around it."""
+    reset_peak()
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        run()
+    sync()
+    return time.perf_counter() - start, peak_gib()
+
+
 def kernel_ms(fn, reps: int) -> float:
     """Mean ms per call of ``fn`` over ``reps`` back-to-back calls after one warm-up call:
     CUDA events on CUDA, wall time on CPU."""
@@ -183,15 +194,9 @@ def kernels(s: dict) -> dict:
 def prefill(model, ids: torch.Tensor, policy: str | None) -> tuple[float, float | None]:
     """(seconds, peak GiB) of generate(max_new_tokens=1): the prefill, its compaction under
     ``policy`` at BUDGET (None: plain, DynamicCache) and the first token."""
-    reset_peak()
     handle = None if policy is None else kvpolicy.apply(model, policy, BUDGET)
     try:
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=1, do_sample=False)
-        sync()
-        return time.perf_counter() - start, peak_gib()
+        return timed(lambda: model.generate(ids, max_new_tokens=1, do_sample=False))
     finally:
         if handle is not None:
             handle.remove()
@@ -283,17 +288,6 @@ class StandInTokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
         return {"input_ids": [3 + ord(c) % 890 for c in text]}
-
-
-def timed(run) -> tuple[float, float | None]:
-    """(seconds, peak GiB) of ``run()`` without grad, the device synchronized around it."""
-    reset_peak()
-    sync()
-    start = time.perf_counter()
-    with torch.no_grad():
-        run()
-    sync()
-    return time.perf_counter() - start, peak_gib()
 
 
 def compress_costs(model, s: dict) -> dict:

@@ -43,7 +43,8 @@ def test_a_short_last_piece_is_read_and_scored_with_the_chunk_before_it(monkeypa
     with torch.no_grad():
         for n, want in ((65, [(0, 16), (16, 32), (32, 48), (48, 65)]),
                         (70, [(0, 16), (16, 32), (32, 48), (48, 64), (64, 70)])):
-            forwards.clear(), passes.clear()
+            forwards.clear()
+            passes.clear()
             kvpolicy.compress(tiny, ids(n, 2), "snapkv", 0.3, chunk_size=16, window=4)
             assert forwards == [b - a for a, b in want]
             forwards.clear()
