@@ -1,8 +1,8 @@
 """Time of ``kvpolicy.compress`` against a plain prefill of the same context, the cost #26
 bounds for KVzip (its reconstruction passes repeat the context once more): the plain
-prefill (``model(ids, past_key_values=DynamicCache, logits_to_keep=1)``) and ``compress``
-under each policy alternate in one process, each ratio the median over rounds of the
-ratio within a round.
+prefill (``model(ids, cache=DynamicCache, logits_to_keep=1)``; ``past_key_values=``
+before transformers 5.25) and ``compress`` under each policy alternate in one process,
+each ratio the median over rounds of the ratio within a round.
 
     python benchmarks/compress_cost.py [--tokens 2000] [--policies kvzip,snapkv]
         [--budget 0.1] [--chunk 0] [--rounds 3]
@@ -22,6 +22,7 @@ from test_bench_ratios import alternate, median_ratio  # benchmarks/ is on sys.p
 from transformers import DynamicCache
 
 import kvpolicy
+from kvpolicy.models import CACHE_ARG
 from kvpolicy.tools.embedded import load_smollm2, needle_prompt
 from kvpolicy.tools.params import tokenizer_for
 
@@ -46,7 +47,7 @@ def main() -> None:
     a = parser.parse_args()
     model, tok = load_smollm2(threads=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ids = needle_prompt(tok, a.tokens, 0.5)["input_ids"]
-    runs = {"prefill": timed(lambda: model(ids, past_key_values=DynamicCache(config=model.config),
+    runs = {"prefill": timed(lambda: model(ids, **{CACHE_ARG: DynamicCache(config=model.config)},
                                            use_cache=True, logits_to_keep=1))}
     for policy in a.policies.split(","):
         runs[policy] = timed(lambda policy=policy: kvpolicy.compress(

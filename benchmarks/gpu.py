@@ -49,6 +49,7 @@ from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, StoppingC
 
 import kvpolicy  # noqa: E402
 from kvpolicy.apply import compile_config  # noqa: E402
+from kvpolicy.models import CACHE_ARG  # noqa: E402
 from kvpolicy_kernels import accumulate_scores, compact_layers  # noqa: E402
 
 SIZES = dict(hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64, intermediate=8192,
@@ -297,7 +298,7 @@ def compress_costs(model, s: dict) -> dict:
     round: per configuration the median seconds and the peak GiB, per kvzip run the median
     of its rounds' ratios to the plain prefill of the same round."""
     ids, tok, chunk = prompt(s, s["compress_tokens"]), StandInTokenizer(), s["compress_chunk"]
-    runs = {"plain prefill": lambda: model(ids, past_key_values=DynamicCache(config=model.config),
+    runs = {"plain prefill": lambda: model(ids, **{CACHE_ARG: DynamicCache(config=model.config)},
                                            use_cache=True, logits_to_keep=1),
             "kvzip, whole context": lambda: kvpolicy.compress(model, ids, "kvzip", BUDGET, tokenizer=tok),
             f"kvzip, chunk_size={chunk}": lambda: kvpolicy.compress(model, ids, "kvzip", BUDGET,

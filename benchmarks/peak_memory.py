@@ -33,13 +33,14 @@ def child(policy: str, tokens: int, chunk: int | None, budget: float) -> None:
     from transformers import DynamicCache
 
     import kvpolicy
+    from kvpolicy.models import CACHE_ARG
     from kvpolicy.tools.embedded import load_smollm2, needle_prompt
     from kvpolicy.tools.params import tokenizer_for
 
     model, tok = load_smollm2(threads=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ids = needle_prompt(tok, tokens, 0.5)["input_ids"]
     with torch.no_grad():  # warm-up on a short prompt: allocator and kernels
-        model(ids[:, :64], past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
+        model(ids[:, :64], **{CACHE_ARG: DynamicCache(config=model.config)}, logits_to_keep=1)
         kvpolicy.compress(model, ids[:, :64], "snapkv", budget=0.5)
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back before the baseline
     with open("/proc/self/clear_refs", "w") as f:
@@ -48,7 +49,7 @@ def child(policy: str, tokens: int, chunk: int | None, budget: float) -> None:
     with torch.no_grad():
         if policy == "full":
             cache = DynamicCache(config=model.config)
-            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids, **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
             kept = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         else:
             cache = kvpolicy.compress(model, ids, policy, budget=budget, chunk_size=chunk,

@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpolicy
+from kvpolicy.models import CACHE_ARG
 from kvpolicy.tools.embedded import docs_topics, load_smollm2
 
 
@@ -36,7 +37,7 @@ def token_losses(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
     with torch.no_grad():
         for start in range(0, ids.shape[1], chunk):
             part = ids[:, start:start + chunk]
-            logits = model(input_ids=part, past_key_values=cache, use_cache=True).logits[0].double()
+            logits = model(input_ids=part, **{CACHE_ARG: cache}, use_cache=True).logits[0].double()
             if last is not None:
                 logits = torch.cat([last, logits])
             targets = ids[0, max(start - 1, 0) + 1:start + part.shape[1]] if last is None else part[0]

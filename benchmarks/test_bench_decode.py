@@ -19,6 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 import kvpolicy
 from kvpolicy.apply import compile_config
+from kvpolicy.models import output_cache
 from kvpolicy.tools.demo import built_in
 from kvpolicy.tools.embedded import load_smollm2, needle_prompt
 
@@ -71,7 +72,7 @@ def generate(model, tok, inputs: dict, policy: str, **kwargs) -> dict:
         out = model.generate(**inputs, max_new_tokens=1 + WARMUP + STEPS, do_sample=False,
                              return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([stamps]),
                              **kwargs)
-    cache = out.past_key_values
+    cache = output_cache(out)
     if hasattr(cache, "nbytes"):
         kv_bytes = cache.nbytes()
     else:

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpolicy
+from kvpolicy.models import CACHE_ARG
 from kvpolicy.tools.embedded import load_smollm2, needle_prompt
 
 FAST = os.environ.get("KVPOLICY_BENCH_FAST") == "1"
@@ -33,7 +34,7 @@ def prefill(model, inputs, cache) -> float:
     """Seconds of one prompt forward into ``cache`` (only the last position's logits)."""
     start = time.perf_counter()
     with torch.no_grad():
-        model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(**inputs, **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
     return time.perf_counter() - start
 
 
