@@ -95,6 +95,16 @@ def timed(run) -> tuple[float, float | None]:
     return time.perf_counter() - start, peak_gib()
 
 
+def alternate(configs: dict, rounds: int) -> dict:
+    """{name: [result per round]}: every configuration called once per round, in order (as
+    benchmarks/test_bench_ratios.alternate, which ``python -P`` leaves unimportable)."""
+    results = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, run in configs.items():
+            results[name].append(run())
+    return results
+
+
 def kernel_ms(fn, reps: int) -> float:
     """Mean ms per call of ``fn`` over ``reps`` back-to-back calls after one warm-up call:
     CUDA events on CUDA, wall time on CPU."""
@@ -210,10 +220,7 @@ def prefills(model, s: dict) -> dict:
     configs = [None, *PREFILL_GOALS]
     for policy in configs:  # warm-up: kernels compiled, allocator grown
         prefill(model, ids[:, :1024], policy)
-    runs = {p: [] for p in configs}
-    for _ in range(s["rounds"]):
-        for policy in configs:
-            runs[policy].append(prefill(model, ids, policy))
+    runs = alternate({p: functools.partial(prefill, model, ids, p) for p in configs}, s["rounds"])
     out = {"plain": dict(seconds=statistics.median(t for t, _ in runs[None]), peak_gib=runs[None][0][1])}
     for policy, target in PREFILL_GOALS.items():
         overhead = statistics.median(t / plain[0] - 1 for (t, _), plain in zip(runs[policy], runs[None]))
@@ -263,10 +270,8 @@ def decodes(model, s: dict) -> dict:
     eager alternated over rounds (medians), then compiled once each."""
     long, short = prompt(s, s["tokens"]), prompt(s, round(BUDGET * s["tokens"]))
     configs = {"snapkv_N": (long, "snapkv"), "full_N": (long, None), "full_floor": (short, None)}
-    runs = {name: [] for name in configs}
-    for _ in range(s["rounds"]):
-        for name, (ids, policy) in configs.items():
-            runs[name].append(decode_ms(model, ids, s, policy, False))
+    runs = alternate({name: functools.partial(decode_ms, model, ids, s, policy, False)
+                      for name, (ids, policy) in configs.items()}, s["rounds"])
     out = {f"{name}_eager": dict(ms=statistics.median(m for m, _ in r), peak_gib=r[0][1])
            for name, r in runs.items()}
     ratio = statistics.median(a[0] / b[0] for a, b in zip(runs["snapkv_N"], runs["full_floor"]))
@@ -303,13 +308,11 @@ def compress_costs(model, s: dict) -> dict:
             "kvzip, whole context": lambda: kvpolicy.compress(model, ids, "kvzip", BUDGET, tokenizer=tok),
             f"kvzip, chunk_size={chunk}": lambda: kvpolicy.compress(model, ids, "kvzip", BUDGET,
                                                                      tokenizer=tok, chunk_size=chunk)}
-    times = {name: [] for name in runs}
     try:
         for run in runs.values():
             timed(run)
-        for _ in range(s["rounds"]):
-            for name, run in runs.items():
-                times[name].append(timed(run))
+        times = alternate({name: functools.partial(timed, run) for name, run in runs.items()},
+                          s["rounds"])
     finally:
         kvpolicy.detach(model)
     plain = times["plain prefill"]
